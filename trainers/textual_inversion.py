@@ -1,0 +1,209 @@
+"""Textual Inversion (Gal et al. 2022, arXiv 2208.01618): learn the input embedding of a new word
+from a few images, with the model frozen.
+
+    v* = argmin_v E_{x0, y, eps, t} || eps - eps_theta(x_t, t, c_theta(y; v)) ||^2        (eq. 2)
+
+measured in the model's own parameterisation (eps or v).  As in the paper's code and A1111, the
+trainable vectors are a small separate fp32 tensor per text encoder spliced into the token
+embeddings at the placeholder's positions; the vocabulary table is never touched, so there is no
+dense 49408-row gradient or optimizer state (algorithms.md §1.7) and no weight gradients at all.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from . import data as D
+from . import formats, loop
+from .sampling import image_grid, sample_euler
+from .seam import Host
+
+
+@dataclass
+class TIConfig:
+    name: str
+    output_dir: str | Path
+    init_text: str = ""  # "" -> "object" for object/caption templates, "painting" for style
+    num_vectors: int = 1
+    steps: int = 500
+    learning_rate: float = 5e-3
+    batch_size: int = 1
+    seed: int = 0
+    templates: str = "auto"  # auto | object | style | captions
+    resolution: int | None = None  # None: train at the images' own (shared) size
+    random_crop: bool = False
+    flip: bool = True
+    save_every: int = 100
+    preview_every: int = 50
+    preview_prompt: str = "a photo of {}"
+    preview_steps: int = 20
+    preview_cfg: float = 5.0
+    overwrite: bool = False
+    keep_snapshots: bool = False
+
+
+@dataclass
+class TIResult:
+    vectors: dict[str, torch.Tensor]
+    files: list[Path]
+    losses: list[float]
+    steps_done: int
+    skipped_steps: int
+    seconds: float
+    preview: torch.Tensor | None = None
+    data_summary: str = ""
+    template_kind: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def _check_config(cfg: TIConfig) -> None:
+    problems = []
+    if not 1 <= cfg.num_vectors <= 75:
+        problems.append(f"vectors per token must be 1..75 (a prompt holds 75 tokens), got {cfg.num_vectors}")
+    if cfg.steps < 1:
+        problems.append(f"steps must be at least 1, got {cfg.steps}")
+    if not 0 < cfg.learning_rate <= 1:
+        problems.append(f"learning rate must be in (0, 1], got {cfg.learning_rate}")
+    if cfg.batch_size < 1:
+        problems.append(f"batch size must be at least 1, got {cfg.batch_size}")
+    if cfg.save_every < 0 or cfg.preview_every < 0:
+        problems.append("save/preview intervals must be 0 (off) or positive")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def initial_vectors(host: Host, init_text: str, n: int) -> dict[str, torch.Tensor]:
+    """Vector i copies the embedding of init token i*k//n (A1111's rule), so a phrase of k tokens
+    spreads over n vectors and a single word is repeated."""
+    embs = host.token_embeddings(init_text)
+    out = {}
+    for key, e in embs.items():
+        k = e.shape[0]
+        if k == 0:
+            raise ValueError(f"init text {init_text!r} has no tokens; use a word such as 'object' or 'painting'")
+        out[key] = torch.stack([e[i * k // n] for i in range(n)]).float().clone()
+    return out
+
+
+class TextualInversion:
+    """The method the loop drives: one step = a batch of cached latents, fresh noise levels and
+    noise, a prompt per sample, and the native denoising loss."""
+
+    def __init__(self, host: Host, cache: D.LatentCache, kind: str, captions: list[str | None],
+                 name: str, vectors: dict[str, torch.Tensor], batch_size: int, seed: int):
+        self.host, self.cache, self.kind, self.captions = host, cache, kind, captions
+        self.name, self.batch_size = name, batch_size
+        self.vectors = {k: torch.nn.Parameter(v.to(host.device, torch.float32)) for k, v in vectors.items()}
+        self.rng = random.Random(seed)  # private: ComfyUI reseeds torch's global RNG when it samples
+        self.gen = torch.Generator("cpu").manual_seed(seed)
+        self.sigmas = host.training_sigmas().float()
+
+    def parameters(self):
+        return list(self.vectors.values())
+
+    def loss(self, step: int) -> torch.Tensor:
+        host = self.host
+        x0, idx, metas = self.cache.sample(self.batch_size, self.rng)
+        prompts = [D.prompt_for(self.kind, self.name, self.captions[i], self.rng) for i in idx]
+        t = torch.randint(0, len(self.sigmas), (x0.shape[0],), generator=self.gen)
+        sigma = self.sigmas[t.to(self.sigmas.device)]
+        noise = torch.randn(x0.shape, generator=self.gen).to(x0.device)
+        x = x0 + noise * sigma.view(-1, 1, 1, 1)
+        cond = host.encode_text(prompts, self.name, self.vectors, metas)
+        x0_hat = host.denoise(x, sigma, cond).float()
+        scale = host.output_scale(sigma).float().view(-1, 1, 1, 1)
+        return (((x0_hat - x0) / scale) ** 2).mean()
+
+
+def _metadata(cfg: TIConfig, init_text: str, kind: str) -> dict[str, str]:
+    return {
+        "steps": str(cfg.steps), "lr": str(cfg.learning_rate), "batch_size": str(cfg.batch_size),
+        "init_text": init_text, "templates": kind, "seed": str(cfg.seed),
+        "resolution": str(cfg.resolution or "native"),
+        "trained": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "trainer": "likeness textual inversion",
+    }
+
+
+def render_preview(host: Host, name: str, vectors: dict[str, torch.Tensor] | None, prompt: str,
+                   *, size_hw: tuple[int, int], steps: int, cfg: float, seed: int,
+                   count: int = 1) -> torch.Tensor:
+    """Images [count, H, W, 3] for ``prompt`` with the placeholder spliced in (or, with vectors
+    None, the prompt as the model reads it without them).  A fixed seed makes previews from
+    different steps comparable."""
+    text = prompt.format(name) if "{}" in prompt else prompt
+    f = host.latent_scale
+    shape = (count, host.latent_channels, size_hw[0] // f, size_hw[1] // f)
+    meta = [D.ImageMeta(size_hw, (0, 0), size_hw)] * count
+    with torch.no_grad():
+        vecs = {k: v.detach() for k, v in vectors.items()} if vectors else None
+        cond = host.encode_text([text] * count, name if vecs else None, vecs, meta)
+        uncond = host.encode_text([""] * count, None, None, meta)
+        lat = sample_euler(host, cond, uncond, shape=shape, steps=steps, cfg=cfg, seed=seed)
+        return host.decode_latents(lat)
+
+
+def prepare(host: Host, images: D.TrainingImages, cfg: TIConfig):
+    """Every check that can fail, before any model work: config, name, output files, images,
+    captions.  Returns (kind, captions, planned images, init text)."""
+    _check_config(cfg)
+    name = formats.validate_name(cfg.name)
+    host.check_placeholder(name)
+    if len(images) == 0:
+        raise D.DatasetError("no training images")
+    formats.check_can_write(cfg.output_dir, name, host.info.family, cfg.overwrite)
+    kind, captions = D.resolve_prompts(images, name, cfg.templates)
+    planned = D.plan_geometry(images, cfg.resolution, host.latent_scale)
+    init_text = cfg.init_text.strip() or ("painting" if kind == "style" else "object")
+    if name in init_text.split():
+        raise ValueError(f"the init text must describe the concept with existing words, not the new word {name!r}")
+    return name, kind, captions, planned, init_text
+
+
+def train_textual_inversion(host: Host, images: D.TrainingImages, cfg: TIConfig,
+                            progress: loop.ProgressFn | None = None) -> TIResult:
+    """Train, save ``<name>`` into ``cfg.output_dir`` (every ``save_every`` steps, at the end, and
+    on Cancel), and return the vectors, files and loss history."""
+    name, kind, captions, planned, init_text = prepare(host, images, cfg)
+    crop = min(min(im.shape[:2]) for im in planned) if cfg.resolution else None
+    crop_hw = (crop, crop) if crop else tuple(planned[0].shape[:2])
+    cache = D.LatentCache(host, planned, crop_hw=crop_hw, flip=cfg.flip, random_crop=cfg.random_crop)
+    vectors = initial_vectors(host, init_text, cfg.num_vectors)
+    method = TextualInversion(host, cache, kind, captions, name, vectors, cfg.batch_size, cfg.seed)
+    meta = _metadata(cfg, init_text, kind)
+    files: list[Path] = []
+
+    def save(step: int) -> None:
+        vecs = {k: v.detach().float().cpu() for k, v in method.vectors.items()}
+        files[:] = formats.save_embedding(cfg.output_dir, name, vecs, host.info, step=step,
+                                          metadata=dict(meta, steps_done=str(step)), overwrite=True)
+        if cfg.keep_snapshots and step < cfg.steps:
+            formats.save_embedding(Path(cfg.output_dir) / "snapshots", f"{name}-{step}", vecs, host.info,
+                                   step=step, metadata=meta, overwrite=True)
+
+    last_preview: list[torch.Tensor] = []
+
+    def preview(step: int) -> torch.Tensor:
+        img = render_preview(host, name, method.vectors, cfg.preview_prompt, size_hw=crop_hw,
+                             steps=cfg.preview_steps, cfg=cfg.preview_cfg, seed=cfg.seed)
+        last_preview[:] = [img[0]]
+        return img[0]
+
+    lcfg = loop.LoopConfig(steps=cfg.steps, learning_rate=cfg.learning_rate, save_every=cfg.save_every,
+                           preview_every=cfg.preview_every)
+    res = loop.run(method, lcfg, device=host.device, compute_dtype=host.compute_dtype, save=save,
+                   progress=progress, preview=preview if cfg.preview_every else None)
+    return TIResult(
+        vectors={k: v.detach().float().cpu() for k, v in method.vectors.items()}, files=list(files),
+        losses=res.losses, steps_done=res.steps_done, skipped_steps=res.skipped_steps, seconds=res.seconds,
+        preview=last_preview[0] if last_preview else None, data_summary=images.summary(), template_kind=kind,
+    )
+
+
+__all__ = ["TIConfig", "TIResult", "TextualInversion", "train_textual_inversion", "render_preview",
+           "initial_vectors", "prepare", "image_grid"]
