@@ -1,0 +1,167 @@
+"""Textual Inversion speed on the ComfyUI host: seconds per step and peak GPU memory, beside the
+anchors of ../shared/bench measured in the same run.
+
+Random-weight, full-size SD1.5 or SDXL checkpoints are built in memory and loaded through ComfyUI's
+own detection (weights change no timing; no pretrained weights can be had).  The anchors are the
+shared scripts, run as subprocesses right after ours on the same GPU:
+  comfy_anchor.py   ComfyUI's built-in TrainLoraNode and a lean UNet fwd+bwd (grads to the text
+                    conditioning only: the TI pattern, the floor a TI step can approach)
+  anchors.sh        the diffusers example scripts (only when DIFFUSERS_EXAMPLES is set)
+
+    python bench/ti_speed.py --comfy $COMFYUI_PATH --arch sd15 --batch 4 --res 512 [--steps 40]
+    python bench/ti_speed.py --comfy $COMFYUI_PATH --arch sdxl --batch 1 --res 1024
+Prints one RESULT line per measurement; `--markdown FILE` appends a dated table to FILE.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SHARED_BENCH = Path(os.environ.get("LIKENESS_SHARED_BENCH", HERE.parent.parent / "shared" / "bench"))
+
+
+def _import_comfy(comfy_dir: str):
+    sys.path.insert(0, os.path.abspath(comfy_dir))
+    os.chdir(comfy_dir)
+    import torch
+    import comfy.cli_args
+
+    if not torch.cuda.is_available():
+        comfy.cli_args.args.cpu = True
+
+
+def random_checkpoint(arch: str):
+    """A state dict with the real architecture in ComfyUI's checkpoint layout, random weights
+    (scaled like a trained network's so bf16 activations stay finite)."""
+    import torch
+    import comfy.ops
+    import comfy.supported_models as sm
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    common = dict(use_checkpoint=False, image_size=32, in_channels=4, out_channels=4, model_channels=320,
+                  use_spatial_transformer=True, legacy=False, use_temporal_attention=False,
+                  use_temporal_resblock=False)
+    if arch == "sd15":  # the real SD1.5 UNet (860 M parameters)
+        unet_cfg = dict(common, adm_in_channels=None, num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 2, 4, 4],
+                        transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_output=[1] * 9 + [0] * 3,
+                        transformer_depth_middle=1, use_linear_in_transformer=False, context_dim=768, num_heads=8)
+        model_cfg = sm.SD15(dict(unet_cfg))
+    else:  # the real SDXL base UNet (2.6 G parameters)
+        unet_cfg = dict(common, num_classes="sequential", adm_in_channels=2816, num_res_blocks=[2, 2, 2],
+                        channel_mult=[1, 2, 4], transformer_depth=[0, 0, 2, 2, 10, 10],
+                        transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10], transformer_depth_middle=10,
+                        use_linear_in_transformer=True, context_dim=2048, num_head_channels=64)
+        model_cfg = sm.SDXL(dict(unet_cfg))
+    unet = UNetModel(**dict(model_cfg.unet_config), device="meta", operations=comfy.ops.disable_weight_init)
+    clip = model_cfg.clip_target().clip(device="meta", dtype=torch.float16, model_options={})
+    dd = dict(double_z=True, z_channels=4, resolution=256, in_channels=3, out_ch=3, ch=128, ch_mult=[1, 2, 4, 4],
+              num_res_blocks=2, attn_resolutions=[], dropout=0.0)
+    with torch.device("meta"):
+        vae = AutoencoderKL(ddconfig=dd, embed_dim=4)
+    gen = torch.Generator().manual_seed(0)
+
+    def fill(module):
+        out = {}
+        for k, v in module.state_dict().items():
+            shape = tuple(v.shape)
+            if k.endswith("position_ids"):
+                out[k] = torch.arange(shape[-1]).expand(shape).clone()
+            elif len(shape) <= 1:
+                norm_weight = k.endswith("weight") and ("norm" in k.lower() or "ln" in k.lower())
+                out[k] = (torch.ones if norm_weight or not shape else torch.zeros)(shape).half()
+            else:
+                std = min(0.02, 1 / math.sqrt(max(1, math.prod(shape[1:]))))
+                out[k] = (torch.randn(shape, generator=gen) * std).half()
+        return out
+
+    sd = {}
+    sd.update(model_cfg.process_unet_state_dict_for_saving(fill(unet)))
+    sd.update(model_cfg.process_clip_state_dict_for_saving(fill(clip)))
+    sd.update(model_cfg.process_vae_state_dict_for_saving(fill(vae)))
+    return sd
+
+
+def time_likeness(arch: str, batch: int, res: int, steps: int, warmup: int) -> dict:
+    import torch
+    import comfy.sd
+
+    from likeness.hosts.comfy import ComfyHost
+    from likeness.trainers import data as D
+    from likeness.trainers.textual_inversion import TIConfig, train_textual_inversion
+
+    with torch.inference_mode():  # as ComfyUI runs every node
+        model, clip, vae = comfy.sd.load_state_dict_guess_config(random_checkpoint(arch))[:3]
+        images = D.images_from_batch(torch.rand(4, res, res, 3, generator=torch.Generator().manual_seed(0)))
+        host = ComfyHost(model, clip, vae, name=f"random-{arch}")
+        stamps: list[float] = []
+        cuda = torch.cuda.is_available()
+
+        def progress(step, total, loss, img):
+            if cuda:
+                torch.cuda.synchronize()
+            stamps.append(time.perf_counter())
+
+        out = Path(os.environ.get("TMPDIR", "/tmp")) / f"likeness-bench-{os.getpid()}"
+        cfg = TIConfig(name=f"bench-{arch}", output_dir=out, steps=warmup + steps, batch_size=batch,
+                       save_every=0, preview_every=0, overwrite=True)
+        with host.training():
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            train_textual_inversion(host, images, cfg, progress=progress)
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])][warmup:]
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    return {"s_per_step": statistics.median(gaps), "peak_GB": peak, "steps": len(stamps)}
+
+
+def run_anchor(cmd: list[str], env: dict | None = None) -> list[str]:
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [l for l in (proc.stdout + proc.stderr).splitlines() if l.startswith(("ANCHOR", "RESULT", "FLOOR"))]
+    return lines or [f"ANCHOR-FAILED {' '.join(cmd)} rc={proc.returncode}: {(proc.stderr or '')[-300:]}"]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--comfy", default=os.environ.get("COMFYUI_PATH"), required=not os.environ.get("COMFYUI_PATH"))
+    ap.add_argument("--arch", choices=["sd15", "sdxl"], default="sd15")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--res", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--no-anchors", action="store_true")
+    ap.add_argument("--markdown", default=None, help="append a dated results table to this file")
+    args = ap.parse_args()
+    comfy_dir = os.path.abspath(args.comfy)
+    _import_comfy(comfy_dir)
+    import torch
+
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    ours = time_likeness(args.arch, args.batch, args.res, args.steps, args.warmup)
+    lines = [f"RESULT likeness_ti {args.arch} bs={args.batch} res={args.res} "
+             f"s_per_step={ours['s_per_step']:.4f} peak_GB={ours['peak_GB']:.2f}"]
+    if not args.no_anchors:
+        lines += run_anchor([sys.executable, str(SHARED_BENCH / "comfy_anchor.py"), comfy_dir, args.arch,
+                             str(args.batch), str(args.res), "20"])
+        if os.environ.get("DIFFUSERS_EXAMPLES"):
+            lines += run_anchor(["bash", str(SHARED_BENCH / "anchors.sh"), args.arch],
+                                env=dict(os.environ, COMFYUI_PATH=comfy_dir))
+    for line in lines:
+        print(line, flush=True)
+    if args.markdown:
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        with open(args.markdown, "a", encoding="utf-8") as fh:
+            fh.write(f"\n### TI {args.arch} batch {args.batch} {args.res}px — {card}, {stamp}\n\n")
+            fh.write("`python bench/ti_speed.py " + " ".join(sys.argv[1:]) + "`\n\n```\n" + "\n".join(lines) + "\n```\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
