@@ -254,9 +254,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 # Saving embeddings
 # --------------------------------------------------------------------------------------------
 
-def _check_vectors(vectors: Mapping[str, torch.Tensor], family: str) -> int:
-    """Keys and shapes must be exactly the family's encoders, ``[n, width]`` with one ``n``."""
+def _check_vectors(vectors: Mapping[str, torch.Tensor], family: str,
+                   widths: Mapping[str, int] | None = None) -> int:
+    """Keys and shapes must be exactly the family's encoders, ``[n, width]`` with one ``n``.
+    ``widths`` overrides the standard widths (the tiny test models are narrower than real ones)."""
     encoders = _check_family(family)
+    if widths is not None:
+        encoders = tuple((key, int(widths.get(key, width))) for key, width in encoders)
     expected = {key for key, _ in encoders}
     if set(vectors) != expected:
         raise ValueError(f"A {family} embedding needs vectors for {sorted(expected)}, "
@@ -343,15 +347,16 @@ def _a1111_pt_bytes(name: str, vec: torch.Tensor, step: int, info: ModelInfo) ->
 
 def save_embedding(folder: str | os.PathLike, name: str, vectors: Mapping[str, torch.Tensor],
                    info: ModelInfo, *, step: int, metadata: Mapping[str, object] | None = None,
-                   overwrite: bool = False) -> list[Path]:
+                   overwrite: bool = False, widths: Mapping[str, int] | None = None) -> list[Path]:
     """Write an embedding in the family's formats (module docstring); return the paths written.
+    ``widths`` ({encoder key: width}, from the host) replaces the family's standard widths.
 
     ``vectors`` is keyed by encoder (``seam.TextEncoderInfo.key``): SD1 ``{"clip_l": [n,768]}``,
     SD2 ``{"clip_h": [n,1024]}``, SDXL ``{"clip_l": [n,768], "clip_g": [n,1280]}``.  All files
     are written atomically and together; an existing file is replaced only with ``overwrite``.
     """
     name = validate_name(name)
-    n = _check_vectors(vectors, info.family)
+    n = _check_vectors(vectors, info.family, widths)
     paths = check_can_write(folder, name, info.family, overwrite)  # again: files may have appeared
     tensors = {key: _cpu_fp32(vectors[key]) for key, _ in FAMILY_ENCODERS[info.family]}
     meta = _metadata(name, info, n, step, metadata)

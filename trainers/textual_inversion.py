@@ -176,15 +176,17 @@ def train_textual_inversion(host: Host, images: D.TrainingImages, cfg: TIConfig,
     vectors = initial_vectors(host, init_text, cfg.num_vectors)
     method = TextualInversion(host, cache, kind, captions, name, vectors, cfg.batch_size, cfg.seed)
     meta = _metadata(cfg, init_text, kind)
+    widths = {e.key: e.width for e in host.text_encoders()}
     files: list[Path] = []
 
     def save(step: int) -> None:
         vecs = {k: v.detach().float().cpu() for k, v in method.vectors.items()}
         files[:] = formats.save_embedding(cfg.output_dir, name, vecs, host.info, step=step,
-                                          metadata=dict(meta, steps_done=str(step)), overwrite=True)
+                                          metadata=dict(meta, steps_done=str(step)), overwrite=True,
+                                          widths=widths)
         if cfg.keep_snapshots and step < cfg.steps:
             formats.save_embedding(Path(cfg.output_dir) / "snapshots", f"{name}-{step}", vecs, host.info,
-                                   step=step, metadata=meta, overwrite=True)
+                                   step=step, metadata=meta, overwrite=True, widths=widths)
 
     last_preview: list[torch.Tensor] = []
 
