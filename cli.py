@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 import time
@@ -20,10 +21,9 @@ def _save_png(image, path: Path) -> None:
     from .trainers import formats
 
     arr = (image.clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
-    import io
-
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
+    path.parent.mkdir(parents=True, exist_ok=True)  # the first preview may come before the first save
     formats.atomic_write_bytes(path, buf.getvalue())
 
 
