@@ -8,6 +8,7 @@ the first ``models/embeddings`` folder, where ``embedding:<name>`` in any prompt
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 import torch
@@ -46,11 +47,10 @@ def _captions(text: str | None, count: int) -> list[str | None] | None:
 
 def _send_progress(node_id, step: int, total: int, loss: float | None) -> None:
     """The ``likeness.progress`` websocket event that web/likeness.js draws as a loss chart."""
-    try:
-        from server import PromptServer
-    except ImportError:  # not inside a ComfyUI server (tests, scripts)
-        return
-    srv = getattr(PromptServer, "instance", None)
+    # ComfyUI's main.py has imported its ``server`` module before any node runs; outside a server
+    # (tests, scripts) there is none, or no PromptServer instance, and nothing is sent.
+    module = sys.modules.get("server")
+    srv = getattr(getattr(module, "PromptServer", None), "instance", None)
     if srv is None or node_id is None:
         return
     value = loss if loss is not None and math.isfinite(loss) else None

@@ -194,6 +194,17 @@ def _resize_short_side(img: torch.Tensor, short: int) -> torch.Tensor:
     return x[0].permute(1, 2, 0).clamp(0, 1)
 
 
+def resize_center_crop(img: torch.Tensor, size: int) -> torch.Tensor:
+    """An [H, W, 3] image with its short side resized to ``size`` (bicubic, antialiased) and the
+    long side centre-cropped: a ``size`` x ``size`` square, as the image-folder node outputs it."""
+    if size < 1:
+        raise DatasetError(f"resolution must be a positive number of pixels, got {size}")
+    img = _resize_short_side(img, size)
+    h, w = img.shape[:2]
+    top, left = (h - size) // 2, (w - size) // 2
+    return img[top:top + size, left:left + size]
+
+
 def plan_geometry(data: TrainingImages, resolution: int | None, factor: int) -> list[torch.Tensor]:
     """Images ready to encode.  With a resolution, the short side is resized to it (the square
     crop happens per step in latent space); without one, every image must already share one size,

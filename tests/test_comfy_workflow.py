@@ -1,0 +1,328 @@
+"""The example workflow through a real ComfyUI server: ``python main.py --cpu`` on loopback, our
+repository linked into a temporary ``custom_nodes/``, the graph posted to ``/prompt`` and
+``/history`` polled, exactly as the browser would drive it.
+
+    COMFYUI_PATH=~/.cache/likeness/ComfyUI python -m pytest tests/test_comfy_workflow.py -q
+
+The server gets its own base directory (``--base-directory``: models, input, output, temp, user)
+with the tiny SD1 checkpoint linked in as the only checkpoint and four 64x64 training images, so
+nothing is written into the ComfyUI checkout.  The example workflow is converted from the UI
+format the template browser loads to the API format ``/prompt`` takes with the server's own
+``/object_info``; a tiny test-only output node ("probe") reports a digest of the positive
+CLIPTextEncode's conditioning so the tests can see whether it changed.
+
+The JavaScript test at the end needs only ``node`` (no ComfyUI).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+import comfy_env
+
+REPO = comfy_env.REPO
+EXAMPLE = REPO / "example_workflows" / "textual_inversion.json"
+FOLDER = "likeness_example"  # the example's image folder and embedding name
+TI = "LikenessTrainTextualInversion"
+STEPS = 2  # training steps of the first run; the third run uses STEPS + 1
+
+#: ComfyUI's messages when a prompt's embedding:NAME is missing or unusable (comfy/sd1_clip.py)
+EMBEDDING_WARNING = re.compile(r"(?i)embedding:\S+ does not exist|shape mismatch when trying to apply embedding"
+                               r"|error loading embedding|warning.*embedding")
+
+PROBE = '''
+import hashlib
+
+class LikenessTestCondProbe:
+    """Test-only output node: a digest of a CONDITIONING, shown in /history."""
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"conditioning": ("CONDITIONING",)}}
+    RETURN_TYPES = ()
+    FUNCTION = "probe"
+    OUTPUT_NODE = True
+    CATEGORY = "testing"
+
+    def probe(self, conditioning):
+        t = conditioning[0][0].detach().float().cpu().contiguous()
+        return {"ui": {"digest": [hashlib.sha256(t.numpy().tobytes()).hexdigest()],
+                       "shape": [list(t.shape)]}}
+
+NODE_CLASS_MAPPINGS = {"LikenessTestCondProbe": LikenessTestCondProbe}
+'''
+
+
+def _write_dataset(folder: Path, n: int = 4) -> None:
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:64, 0:64]
+    for i in range(n):  # a coloured disc on a noisy background, moving a little per image
+        img = rng.integers(0, 80, (64, 64, 3)).astype(np.uint8)
+        disc = (yy - 32 - 3 * i) ** 2 + (xx - 28 - 2 * i) ** 2 < 15 ** 2
+        img[disc] = (200, 60 + 20 * i, 40)
+        Image.fromarray(img, "RGB").save(folder / f"view{i}.png")
+        (folder / f"view{i}.txt").write_text(f"a photo of [name], view {i}\n", encoding="utf-8")
+
+
+def _link(src: Path, dst: Path) -> None:
+    try:
+        os.symlink(src, dst, target_is_directory=src.is_dir())
+    except OSError:  # no symlinks (Windows without privilege): copy
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".git", ".ci", "__pycache__", "*.egg-info"))
+        else:
+            shutil.copy2(src, dst)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = comfy_env.comfy_path()
+    if root is None:
+        pytest.skip("COMFYUI_PATH not set: these tests start a ComfyUI server from a checkout "
+                    "(e.g. COMFYUI_PATH=~/.cache/likeness/ComfyUI)")
+    ckpt = comfy_env.ensure_tiny_checkpoint("sd15", root)
+    base = tmp_path_factory.mktemp("comfy_base")
+    (base / "custom_nodes").mkdir()
+    (base / "models" / "checkpoints").mkdir(parents=True)
+    _link(REPO, base / "custom_nodes" / "likeness")
+    (base / "custom_nodes" / "likeness_test_probe.py").write_text(PROBE, encoding="utf-8")
+    _link(ckpt, base / "models" / "checkpoints" / ckpt.name)
+    _write_dataset(base / "input" / FOLDER)
+    srv = comfy_env.ComfyServer(root, base)
+    try:
+        srv.start()
+        srv.object_info = srv.get("/object_info")
+        yield srv
+    finally:
+        srv.stop()
+
+
+def _find(prompt: dict, class_type: str, where=lambda node: True) -> str:
+    ids = [k for k, v in prompt.items() if v["class_type"] == class_type and where(v)]
+    assert len(ids) == 1, f"expected one {class_type} in the example workflow, found {ids}"
+    return ids[0]
+
+
+def example_prompt(server, steps: int) -> tuple[dict, dict]:
+    """The example workflow in API format, made tiny: the tiny SD1 checkpoint, 64 px images, a few
+    training steps, one 1-step preview, a 1-step 64x64 sample; plus probes on the positive
+    conditioning and on the same prompt encoded without the new word.  Returns (prompt, ids)."""
+    wf = json.loads(EXAMPLE.read_text(encoding="utf-8"))
+    p = comfy_env.ui_to_api(wf, server.object_info)
+    ids = {
+        "ckpt": _find(p, "CheckpointLoaderSimple"),
+        "folder": _find(p, "LikenessLoadImageFolder"),
+        "ti": _find(p, TI),
+        "replace": _find(p, "StringReplace"),
+        "positive": _find(p, "CLIPTextEncode", lambda n: isinstance(n["inputs"]["text"], list)),
+        "latent": _find(p, "EmptyLatentImage"),
+        "sampler": _find(p, "KSampler"),
+        "save": _find(p, "SaveImage"),
+        "loss_graph": _find(p, "LossGraphNode"),
+    }
+    assert p[ids["ckpt"]]["inputs"]["ckpt_name"] == "v1-5-pruned-emaonly.safetensors"
+    assert p[ids["folder"]]["inputs"]["folder"] == FOLDER
+    assert p[ids["ti"]]["inputs"]["captions"] == [ids["folder"], 1]  # captions wired from the folder node
+    assert p[ids["replace"]]["inputs"]["replace"] == [ids["ti"], 1]  # the trigger wired into the prompt
+    assert p[ids["positive"]]["inputs"]["text"] == [ids["replace"], 0]
+    assert p[ids["sampler"]]["inputs"]["positive"] == [ids["positive"], 0]
+    assert p[ids["loss_graph"]]["inputs"]["loss"] == [ids["ti"], 3]
+
+    p[ids["ckpt"]]["inputs"]["ckpt_name"] = "tiny_sd15.safetensors"
+    p[ids["folder"]]["inputs"]["resolution"] = 64
+    p[ids["ti"]]["inputs"].update(steps=steps, batch_size=1, preview_every=steps, preview_steps=1)
+    p[ids["latent"]]["inputs"].update(width=64, height=64)
+    p[ids["sampler"]]["inputs"]["steps"] = 1
+    plain = p[ids["replace"]]["inputs"]["string"].replace(p[ids["replace"]]["inputs"]["find"], "").replace("  ", " ")
+    p["900"] = {"class_type": "LikenessTestCondProbe", "inputs": {"conditioning": [ids["positive"], 0]}}
+    p["901"] = {"class_type": "CLIPTextEncode", "inputs": {"text": plain, "clip": [ids["ckpt"], 1]}}
+    p["902"] = {"class_type": "LikenessTestCondProbe", "inputs": {"conditioning": ["901", 0]}}
+    ids.update(probe="900", probe_plain="902")
+    return p, ids
+
+
+def run(server, prompt: dict) -> tuple[dict, list[dict], float]:
+    """Queue and wait: (history entry, likeness.progress events, seconds)."""
+    client = f"likeness-test-{uuid.uuid4().hex[:8]}"
+    t0 = time.perf_counter()
+    with comfy_env.EventListener(server, client, ("likeness.progress",)) as events:
+        entry = server.wait(server.queue(prompt, client), timeout=1200)
+    seconds = time.perf_counter() - t0
+    errors = comfy_env.history_messages(entry, "execution_error")
+    assert entry["status"]["status_str"] == "success", f"{errors}\n{server.log_tail()}"
+    return entry, [e["data"] for e in events.events], seconds
+
+
+def _step_of(pt: Path) -> int:
+    import torch
+
+    return int(torch.load(pt, weights_only=True)["step"])
+
+
+def _embedding_warnings(server) -> list[str]:
+    return [ln for ln in server.log_text().splitlines() if EMBEDDING_WARNING.search(ln)]
+
+
+@pytest.mark.comfyui
+def test_web_extension_and_template_are_served(server):
+    listed = server.get("/extensions")
+    ours = [u for u in listed if u.endswith("/likeness.js")]
+    assert ours == ["/extensions/likeness/likeness.js"], listed
+    status, body = server.request("GET", ours[0])
+    assert status == 200 and b"likeness.progress" in body and b"registerExtension" in body
+    assert server.get("/workflow_templates").get("likeness") == ["textual_inversion"]
+    status, body = server.request("GET", "/api/workflow_templates/likeness/textual_inversion.json")
+    assert status == 200 and json.loads(body) == json.loads(EXAMPLE.read_text(encoding="utf-8"))
+    info = server.object_info
+    assert info["LikenessLoadImageFolder"]["display_name"] == "Load Training Images (Likeness)"
+    assert info[TI]["input"]["required"]["seed"][1]["control_after_generate"] == "fixed"
+
+
+@pytest.mark.comfyui
+def test_example_workflow_trains_and_samples(server):
+    import safetensors.torch
+
+    prompt, ids = example_prompt(server, STEPS)
+    entry, events, seconds = run(server, prompt)
+    print(f"\nexample workflow, first run ({STEPS} training steps): {seconds:.1f} s "
+          f"(server start-up {server.startup_seconds:.1f} s)")
+    emb = server.base / "models" / "embeddings"
+    st, pt = emb / f"{FOLDER}.safetensors", emb / f"{FOLDER}.pt"
+    assert st.is_file() and pt.is_file(), sorted(os.listdir(emb))
+    vec = safetensors.torch.load_file(str(st))["emb_params"]
+    assert tuple(vec.shape) == (2, 768) and bool(vec.isfinite().all())  # the example trains 2 vectors
+    assert _step_of(pt) == STEPS
+
+    out = entry["outputs"]
+    assert "4 images" in out[ids["folder"]]["text"][0] and "captions: 4 of 4" in out[ids["folder"]]["text"][0]
+    assert f"embedding:{FOLDER}" in out[ids["ti"]]["text"][0]
+    saved = out[ids["save"]]["images"][0]
+    assert (server.base / "output" / saved["subfolder"] / saved["filename"]).is_file()
+    assert out[ids["loss_graph"]]["images"]
+    # the trigger changes the conditioning the sampler gets, and ComfyUI found the file
+    assert out[ids["probe"]]["digest"] != out[ids["probe_plain"]]["digest"]
+    assert not _embedding_warnings(server), _embedding_warnings(server)
+    # live progress for the loss chart: one event per step, from the training node
+    assert [e["step"] for e in events] == list(range(1, STEPS + 1)), events
+    assert all(e["node"] == ids["ti"] and e["total"] == STEPS and math.isfinite(e["loss"]) for e in events)
+    server.first_run = (prompt, ids, entry)
+
+
+@pytest.mark.comfyui
+def test_requeue_is_cached_and_new_settings_retrain(server):
+    if not hasattr(server, "first_run"):
+        pytest.skip("needs test_example_workflow_trains_and_samples to have run first")
+    prompt, ids, first = server.first_run
+    pt = server.base / "models" / "embeddings" / f"{FOLDER}.pt"
+    mtime = pt.stat().st_mtime_ns
+
+    # the same graph again: nothing runs, the embedding is not retrained or rewritten
+    entry, events, seconds = run(server, prompt)
+    print(f"\nidentical re-queue: {seconds:.2f} s")
+    assert comfy_env.cached_nodes(entry) >= set(prompt), sorted(set(prompt) - comfy_env.cached_nodes(entry))
+    assert events == [] and pt.stat().st_mtime_ns == mtime
+    assert entry["outputs"][ids["probe"]]["digest"] == first["outputs"][ids["probe"]]["digest"]
+
+    # one more training step: the trainer re-runs, and so does everything downstream of it, so the
+    # CLIPTextEncode that uses the word gets the new embedding instead of a stale cached result
+    prompt3, ids3 = example_prompt(server, STEPS + 1)
+    entry, events, seconds = run(server, prompt3)
+    print(f"re-queue with {STEPS + 1} training steps: {seconds:.1f} s")
+    cached = comfy_env.cached_nodes(entry)
+    assert ids3["ti"] not in cached and ids3["positive"] not in cached and ids3["probe"] not in cached
+    assert ids3["ckpt"] in cached and ids3["folder"] in cached and "901" in cached  # unrelated nodes reused
+    assert [e["step"] for e in events] == list(range(1, STEPS + 2))
+    assert _step_of(pt) == STEPS + 1
+    assert entry["outputs"][ids3["probe"]]["digest"] != first["outputs"][ids["probe"]]["digest"]
+    assert entry["outputs"][ids3["probe"]]["digest"] != entry["outputs"][ids3["probe_plain"]]["digest"]
+    assert not _embedding_warnings(server), _embedding_warnings(server)
+
+
+# ---- the front-end extension, in node with stub ComfyUI modules (no browser, no server) ----------
+
+JS_HARNESS = r"""
+globalThis.window = globalThis;
+const registered = [], listeners = {}, nodes = {};
+globalThis.__app = { registerExtension: (e) => registered.push(e),
+                     graph: { getNodeById: (id) => nodes[id] ?? null } };
+globalThis.__api = { addEventListener: (t, f) => (listeners[t] ||= []).push(f) };
+await import("./extensions/likeness/likeness.js");
+await import("./extensions/likeness/likeness.js?second-copy");  // served twice: registers once
+const out = { registered: registered.length, names: registered.map((e) => e.name) };
+const ext = registered[0];
+ext.setup();
+out.listeners = Object.keys(listeners);
+function makeNode(id, cls) {
+  return { id, comfyClass: cls, size: [300, 400], widgets: [],
+           addCustomWidget(w) { this.widgets.push(w); return w; },
+           computeSize() { return [300, 400 + this.widgets.length * 94]; },
+           setSize(s) { this.size = s; }, setDirtyCanvas() { this.dirty = (this.dirty || 0) + 1; } };
+}
+const ti = makeNode(7, "LikenessTrainTextualInversion"), other = makeNode(8, "KSampler");
+const inner = makeNode(3, "LikenessTrainTextualInversion");
+nodes[7] = ti; nodes[8] = other; nodes[5] = { id: 5, subgraph: { getNodeById: (id) => (id === 3 ? inner : null) } };
+ext.nodeCreated(ti); ext.nodeCreated(ti); ext.nodeCreated(other);
+out.widgets = ti.widgets.map((w) => [w.name, w.serialize]);
+out.otherWidgets = other.widgets.length;
+out.size = ti.size;
+function ctx() {
+  const calls = [];
+  return new Proxy({ calls }, { get: (t, k) => (k in t ? t[k] : (...a) => calls.push([k, ...a])),
+                                set: (t, k, v) => { t[k] = v; return true; } });
+}
+const w = ti.widgets[0];
+out.height = w.computeSize(300)[1];
+let c = ctx(); w.draw(c, ti, 300, 100);
+out.emptyText = c.calls.filter((x) => x[0] === "fillText").map((x) => x[1]);
+const send = (d) => listeners["likeness.progress"].forEach((f) => f({ detail: d }));
+[0.9, 0.7, null, 0.5, 0.4].forEach((loss, i) => send({ node: "7", step: i + 1, total: 5, loss }));
+send({ node: "99", step: 1, total: 5, loss: 1.0 });   // a node that is not in the graph
+send({ node: "5:3", step: 1, total: 2, loss: 0.3 });  // a node inside a subgraph
+out.state = ti.likenessLoss;
+out.inner = inner.likenessLoss;
+c = ctx(); w.draw(c, ti, 300, 100);
+out.lines = c.calls.filter((x) => x[0] === "lineTo").length;
+out.text = c.calls.filter((x) => x[0] === "fillText").map((x) => x[1]);
+send({ node: "7", step: 1, total: 3, loss: 2.0 });    // a new run starts a new chart
+out.restarted = ti.likenessLoss;
+out.dirty = ti.dirty;
+console.log(JSON.stringify(out));
+"""
+
+
+def test_web_extension_draws_the_loss_chart(tmp_path):
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node (Node.js) not installed: the front-end extension is not exercised")
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "scripts" / "app.js").write_text("export const app = globalThis.__app;\n")
+    (tmp_path / "scripts" / "api.js").write_text("export const api = globalThis.__api;\n")
+    (tmp_path / "extensions" / "likeness").mkdir(parents=True)
+    shutil.copy(REPO / "web" / "likeness.js", tmp_path / "extensions" / "likeness" / "likeness.js")
+    (tmp_path / "harness.mjs").write_text(JS_HARNESS)
+    res = subprocess.run([node, "harness.mjs"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["registered"] == 1 and out["listeners"] == ["likeness.progress"]
+    assert out["widgets"] == [["likeness_loss_chart", False]] and out["otherWidgets"] == 0
+    assert out["size"][1] >= 494 and out["height"] > 0
+    assert any("appears while training" in t for t in out["emptyText"])
+    st = out["state"]
+    assert st["step"] == [1, 2, 3, 4, 5] and st["total"] == 5
+    assert st["loss"][:2] == [0.9, 0.7] and st["loss"][2] is None  # NaN for the skipped step
+    assert out["inner"]["step"] == [1]
+    assert out["lines"] >= 4 and any("step 5/5" in t for t in out["text"])
+    assert out["restarted"]["step"] == [1] and out["restarted"]["loss"] == [2.0]
+    assert out["dirty"] >= 6
