@@ -1,0 +1,150 @@
+"""The shapes world: renderer, captions, splits, classifier, metrics, training script, base model."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from likeness.world import render as R
+from likeness.world.render import Scene, caption, parse_caption, render, sample_scene
+
+
+def _scenes(n, seed=0, split="all"):
+    rng = np.random.default_rng(seed)
+    return [sample_scene(rng, split) for _ in range(n)]
+
+
+# ------------------------------------------------------------------------------------------ renderer
+def test_fixed_seed_renders_the_same_image():
+    a = [np.asarray(render(s)) for s in _scenes(20, seed=7)]
+    b = [np.asarray(render(s)) for s in _scenes(20, seed=7)]
+    c = [np.asarray(render(s)) for s in _scenes(20, seed=8)]
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+    assert a[0].shape == (64, 64, 3) and a[0].dtype == np.uint8
+
+
+def test_caption_parses_back_to_the_scene():
+    for s in _scenes(400, seed=1):
+        assert parse_caption(caption(s)) == s.as_dict(), caption(s)
+    text = caption(Scene("star", "red", "striped", "blue", "top left", "small", "two"))
+    assert text == "two small red striped stars on a blue background, top left"
+    assert caption(Scene("circle", "red", background="white"), drop={"size", "position"}) == \
+        "a red circle on a white background"
+
+
+def test_colour_at_the_shape_centre_matches_the_colour_word():
+    for s in _scenes(300, seed=2):
+        s = Scene(s.shape, s.colour, "solid", s.background, s.position, s.size, s.count)
+        img = np.asarray(render(s)).astype(int)
+        r = R._RADIUS[s.size]
+        for cx, cy in R.shape_centres(s):
+            if s.shape == "moon":                         # the bite takes the centre: probe the body
+                cx -= 0.7 * r
+            px = img[int(cy), int(cx)]
+            assert np.abs(px - np.array(R.COLOURS[s.colour])).max() <= 3, (caption(s), px)
+        corner = img[0, 0] if s.position != "top left" else img[63, 63]
+        assert np.abs(corner - np.array(R.BACKGROUNDS[s.background])).max() <= 3
+
+
+def test_position_and_count_are_where_the_caption_says():
+    for s in _scenes(200, seed=3):
+        img = np.asarray(render(s)).astype(int)
+        fg = np.abs(img - np.array(R.BACKGROUNDS[s.background])).sum(-1) > 30
+        ys, xs = np.nonzero(fg)
+        i = R.POSITIONS.index(s.position)
+        tol_x = 9 if s.shape == "moon" else 6               # the bite moves a moon's centroid left
+        assert abs(xs.mean() - R._CELL[i % 3]) < tol_x and abs(ys.mean() - R._CELL[i // 3]) < 6, caption(s)
+        if s.count == "two":     # two blobs: the column through the cell centre is (nearly) empty
+            cx = R._CELL[i % 3]
+            assert fg[:, cx - 8 - 2:cx - 8 + 3].sum() > fg[:, cx].sum()
+
+
+def test_train_split_never_has_new_concepts_and_rare_is_rare():
+    scenes = _scenes(5000, seed=4, split="train")
+    assert not any(s.shape == "moon" or s.pattern == "checked" for s in scenes)
+    rare = sum(s.shape == "diamond" for s in scenes) / len(scenes)
+    assert 0 < rare < 0.01
+    assert all(s.shape == "moon" for s in (sample_scene(np.random.default_rng(i), "new", "moon") for i in range(20)))
+    assert all(s.pattern == "checked" for s in (sample_scene(np.random.default_rng(i), "new", "checked") for i in range(20)))
+    assert all(s.shape == "diamond" for s in _scenes(20, seed=5, split="rare"))
+
+
+def test_concept_words_are_single_clip_tokens():
+    from likeness.world.model import load_tokenizer, tokenizer_dir
+    if not (tokenizer_dir() / "vocab.json").exists():
+        pytest.skip("CLIP tokenizer files not shipped")
+    tok = load_tokenizer()
+    words = (R.SHAPES + [R.PLURAL[s] for s in R.SHAPES if s != "triangle"] + list(R.COLOURS)
+             + R.PATTERNS + list(R.BACKGROUNDS) + R.SIZES + ["two", "top", "bottom", "left", "right", "center"])
+    for w in words:
+        assert len(tok.tokenize(w)) == 1, w
+
+
+# ------------------------------------------------------------------------------------------ classifier
+@pytest.fixture(scope="module")
+def held_out():
+    scenes = _scenes(400, seed=12345, split="all")            # the classifier trained on seeds 100/101
+    return scenes, [render(s) for s in scenes]
+
+
+def test_classifier_held_out_accuracy(held_out):
+    from likeness.world.classifier import CLASSIFIER_PATH, predict
+    if not CLASSIFIER_PATH.exists():
+        pytest.skip("world/classifier.safetensors not trained yet")
+    scenes, images = held_out
+    preds = predict(images)
+    for k in R.ATTRIBUTES:
+        acc = np.mean([p[k] == getattr(s, k) for p, s in zip(preds, scenes)])
+        assert acc >= 0.9, (k, acc)
+
+
+def test_metrics_behave(held_out):
+    from likeness.world import metrics
+    from likeness.world.classifier import CLASSIFIER_PATH
+    if not CLASSIFIER_PATH.exists():
+        pytest.skip("world/classifier.safetensors not trained yet")
+    scenes, images = held_out
+    moons = [render(sample_scene(np.random.default_rng(i), "new", "moon")) for i in range(16)]
+    assert metrics.concept_fidelity(moons, "moon") >= 0.9
+    assert metrics.concept_fidelity(images[:50], "moon") < 0.4
+    assert metrics.prompt_fidelity(images, [caption(s) for s in scenes]) >= 0.9
+    assert metrics.diversity([images[0]] * 4) == pytest.approx(0.0, abs=1e-5)
+    assert metrics.diversity(images[:32]) > 0.2
+    assert metrics.feature_similarity(images[:1], images[:1]) == pytest.approx(1.0, abs=1e-5)
+    assert metrics.feature_similarity(moons[:8], moons[8:]) > metrics.feature_similarity(moons[:8], images[:50])
+    acc = metrics.attribute_accuracy(images, [caption(s) for s in scenes])
+    assert set(acc) == set(R.ATTRIBUTES) and min(acc.values()) >= 0.9
+
+
+# ------------------------------------------------------------------------------------------ training script
+def test_training_script_runs_end_to_end(tmp_path, monkeypatch):
+    from likeness.world import train_base
+    from likeness.world.model import tokenizer_dir
+    if not (tokenizer_dir() / "vocab.json").exists():
+        pytest.skip("CLIP tokenizer files not shipped")
+    monkeypatch.setattr(train_base, "QUICK", dict(train_base.QUICK, vae_images=8, vae_steps=2, vae_batch=4,
+                                                  unet_images=8, unet_steps=2, unet_batch=4))
+    dest = tmp_path / "pipe"
+    train_base.main(["--stage", "all", "--out", str(tmp_path / "run"), "--dest", str(dest)])
+    for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert (dest / sub).is_dir()
+    assert "[unet] done" in (tmp_path / "run" / "train.log").read_text()
+    img = train_base.sample(dest, ["a red circle"], steps=2)[0]
+    assert img.size == (train_base.M.RESOLUTION,) * 2
+
+
+# ------------------------------------------------------------------------------------------ base model
+def test_base_model_loads_offline_and_samples(monkeypatch):
+    from likeness.world.model import BASE_MODEL_DIR, RESOLUTION
+    if not (BASE_MODEL_DIR / "model_index.json").exists():
+        pytest.skip("world/base_model not trained yet")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from diffusers import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline.from_pretrained(str(BASE_MODEL_DIR), safety_checker=None).to(torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    img = pipe("a red circle on a white background", num_inference_steps=4,
+               generator=torch.Generator().manual_seed(0)).images[0]
+    assert img.size == (RESOLUTION, RESOLUTION)       # the pipeline's default size is the model's
+    total = sum(f.stat().st_size for f in BASE_MODEL_DIR.rglob("*") if f.is_file())
+    assert total <= 20 * 1024 * 1024
