@@ -97,7 +97,7 @@ def run_demo(out: Path, steps: int | None = None, overwrite: bool = False) -> in
     data = D.images_from_batch(images, captions)
     print(f"base model: {BASE_MODEL_DIR} ({host.info.family}, {RESOLUTION}px); new word {WORD!r}, "
           f"init {INIT!r}; references:", *[f"  {c}" for c in captions], sep="\n", flush=True)
-    cfg = TIConfig(name=WORD, output_dir=out, init_text=INIT, steps=steps or 400, learning_rate=2e-2,
+    cfg = TIConfig(name=WORD, output_dir=out, init_text=INIT, steps=steps or 300, learning_rate=2e-2,
                    batch_size=8, templates="captions", resolution=RESOLUTION, flip=True, save_every=100,
                    preview_every=0, overwrite=overwrite, seed=0)
 
