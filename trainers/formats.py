@@ -155,7 +155,12 @@ def check_can_write(folder: str | os.PathLike, name: str, family: str,
     probed by creating and deleting a temp file: ``os.access`` says yes to root and ignores
     read-only mounts.  Returns the target paths.
     """
-    paths = embedding_paths(folder, name, family)
+    return check_paths_writable(folder, embedding_paths(folder, name, family), overwrite)
+
+
+def check_paths_writable(folder: str | os.PathLike, paths: list[Path], overwrite: bool) -> list[Path]:
+    """Refuse targets that exist (unless ``overwrite``) or a folder we cannot write to; shared by
+    every file kind we write (embeddings, LoRAs)."""
     for p in paths:
         if p.exists() and not p.is_file():
             raise FileExistsError(f"{p} exists and is not a file; choose another name.")

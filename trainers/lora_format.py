@@ -79,9 +79,8 @@ from .formats import (
     WIDTH_TO_KEY,
     _check_vectors,
     _cpu_fp32,
-    _nearest_existing,
-    _open_temp,
     atomic_write_files,
+    check_paths_writable,
     safe_path,
     validate_name,
 )
@@ -751,20 +750,7 @@ def lora_path(folder: str | os.PathLike, name: str) -> Path:
 def check_can_write_lora(folder: str | os.PathLike, name: str, overwrite: bool = False) -> Path:
     """Fail early, before training, if the LoRA file could not be written; returns its path."""
     path = lora_path(folder, name)
-    if path.exists() and not path.is_file():
-        raise FileExistsError(f"{path} exists and is not a file; choose another name.")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; choose another name or set overwrite.")
-    base = _nearest_existing(Path(folder).absolute())
-    if not base.is_dir():
-        raise NotADirectoryError(f"Cannot write to {folder}: {base} is not a folder.")
-    try:
-        fd, probe = _open_temp(base / ".likeness-write-test")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise PermissionError(f"Cannot write to {folder} ({e.strerror}); "
-                              "choose a folder you can write to.") from e
+    check_paths_writable(folder, [path], overwrite)
     return path
 
 
