@@ -77,7 +77,7 @@ def _ti_parser(sub) -> None:
 def _run_ti(args) -> int:
     from .hosts.diffusers import DiffusersHost
     from .trainers import data as D
-    from .trainers.textual_inversion import TIConfig, prepare, train_textual_inversion
+    from .trainers.textual_inversion import TIConfig, train_textual_inversion
 
     cfg = TIConfig(
         name=args.name, output_dir=args.out, init_text=args.init_text, num_vectors=args.vectors,
@@ -88,8 +88,7 @@ def _run_ti(args) -> int:
     )
     images = D.load_image_folder(args.images)  # image problems are reported before the model loads
     host = DiffusersHost.load(args.model, device=args.device, prediction=args.prediction)
-    prepare(host, images, cfg)  # every remaining check, before any work
-    print(images.summary(), flush=True)
+    print(images.summary(), flush=True)  # the trainer runs every remaining check before any work
     preview_path = Path(args.out) / f"{cfg.name}.preview.png"
     res = train_textual_inversion(host, images, cfg, progress=_Printer(preview_path if args.preview_every else None))
     print(f"done: {res.steps_done} steps in {res.seconds:.1f} s ({res.skipped_steps} non-finite steps skipped)")

@@ -437,3 +437,16 @@ if __name__ == "__main__":
         t = time.perf_counter()
         p = ensure_tiny_checkpoint(a, root)
         print(f"{a}: {p} ({p.stat().st_size / 2**20:.0f} MiB) {time.perf_counter() - t:.1f} s", flush=True)
+
+
+def require_comfy():
+    """The ComfyUI checkout, set up for in-process use; skips the calling module where there is
+    none (CI).  Test modules register it as their autouse ``comfy_root`` fixture."""
+    import pytest
+
+    root = comfy_path()
+    if root is None:
+        pytest.skip("COMFYUI_PATH not set: these tests run inside a ComfyUI checkout "
+                    "(e.g. COMFYUI_PATH=~/.cache/likeness/ComfyUI)", allow_module_level=True)
+    setup_comfy(root)
+    return root

@@ -26,14 +26,7 @@ pytestmark = pytest.mark.comfyui
 NAME = "lkxqz_node"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def comfy_root():
-    root = comfy_env.comfy_path()
-    if root is None:
-        pytest.skip("COMFYUI_PATH not set: these tests run inside a ComfyUI checkout "
-                    "(e.g. COMFYUI_PATH=~/.cache/likeness/ComfyUI)", allow_module_level=True)
-    comfy_env.setup_comfy(root)
-    return root
+comfy_root = pytest.fixture(scope="module", autouse=True, name="comfy_root")(comfy_env.require_comfy)
 
 
 @pytest.fixture(scope="module")

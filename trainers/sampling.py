@@ -36,15 +36,3 @@ def sample_euler(host: Host, cond, uncond, *, shape: tuple[int, ...], steps: int
         x = x + (x - den) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
     return x
 
-
-def image_grid(images: torch.Tensor, cols: int | None = None, pad: int = 2) -> torch.Tensor:
-    """[N, H, W, 3] -> one [H', W', 3] grid image (white padding)."""
-    n, h, w, c = images.shape
-    cols = cols or n
-    rows = (n + cols - 1) // cols
-    grid = torch.ones(rows * (h + pad) + pad, cols * (w + pad) + pad, c)
-    for k in range(n):
-        r, q = divmod(k, cols)
-        top, left = pad + r * (h + pad), pad + q * (w + pad)
-        grid[top:top + h, left:left + w] = images[k].cpu()
-    return grid

@@ -11,7 +11,7 @@ dense 49408-row gradient or optimizer state (algorithms.md §1.7) and no weight 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
@@ -20,7 +20,7 @@ import torch
 
 from . import data as D
 from . import formats, loop
-from .sampling import image_grid, sample_euler
+from .sampling import sample_euler
 from .seam import Host
 
 
@@ -58,7 +58,6 @@ class TIResult:
     preview: torch.Tensor | None = None
     data_summary: str = ""
     template_kind: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 def _check_config(cfg: TIConfig) -> None:
@@ -208,4 +207,4 @@ def train_textual_inversion(host: Host, images: D.TrainingImages, cfg: TIConfig,
 
 
 __all__ = ["TIConfig", "TIResult", "TextualInversion", "train_textual_inversion", "render_preview",
-           "initial_vectors", "prepare", "image_grid"]
+           "initial_vectors", "prepare"]
