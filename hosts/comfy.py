@@ -37,6 +37,7 @@ import contextlib
 import copy
 import os
 import uuid
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -59,7 +60,10 @@ ENCODERS = {"sd1": ("clip_l",), "sd2": ("clip_h",), "sdxl": ("clip_l", "clip_g")
 #: stands in for the placeholder while ComfyUI's tokenizer runs (resolved to the vectors)
 _MARKER = "likeness_placeholder_7f3a9c"
 
-SUPPORTED = "Likeness TI supports SD1.x, SD2.x and SDXL"
+SUPPORTED = "Likeness supports SD1.x, SD2.x and SDXL"
+
+#: layer types whose weights a fine-tune may patch (comfy ops subclass these)
+_TUNABLE = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.LayerNorm)
 
 
 @dataclass
@@ -79,22 +83,32 @@ class ComfyCond:
         return len(self.cross_attn)
 
 
-def _fresh_copy(t: torch.Tensor) -> torch.Tensor:
-    # Identity weight/bias wrapper that always returns a tensor of its own.  Installing any wrapper
-    # makes comfy ops copy the weight per forward (cast_bias_weight, copy=True), so autograd never
-    # saves the load-time inference tensors.  Under DynamicVRAM the cast weight can instead be a
-    # cached resident tensor made in inference mode, or a view into a cast buffer that the next
-    # layer overwrites; cloning (outside inference mode) gives autograd a stable, ordinary tensor.
-    return t.clone()
+class _Wrapper:
+    """Weight/bias wrapper that always returns a tensor of its own, patched when a trainer asks.
+
+    Installing any wrapper makes comfy ops copy the weight per forward (cast_bias_weight,
+    copy=True), so autograd never saves the load-time inference tensors.  Under DynamicVRAM the
+    cast weight can instead be a cached resident tensor made in inference mode, or a view into a
+    cast buffer that the next layer overwrites; cloning (outside inference mode) gives autograd a
+    stable, ordinary tensor.  ``patches`` is the host's live dict (``parameter_patches``): a
+    LoRA or a full fine-tune's delta enters here, on our clone only, never in the stored weight."""
+
+    def __init__(self, key: str, patches: dict):
+        self.key, self.patches = key, patches
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        fn = self.patches.get(self.key)
+        return fn(t) if fn is not None else t
 
 
-def _add_identity_wrappers(patcher) -> None:
+def _add_identity_wrappers(patcher, patches: dict) -> None:
     for name, m in patcher.model.named_modules():
         if hasattr(m, "weight_function"):
             if getattr(m, "weight", None) is not None:
-                patcher.add_weight_wrapper(f"{name}.weight", _fresh_copy)
+                patcher.add_weight_wrapper(f"{name}.weight", _Wrapper(f"{name}.weight", patches))
             if getattr(m, "bias", None) is not None:
-                patcher.add_weight_wrapper(f"{name}.bias", _fresh_copy)
+                patcher.add_weight_wrapper(f"{name}.bias", _Wrapper(f"{name}.bias", patches))
 
 
 def _clip_layer_forward_out_of_place(self, x, mask=None, optimized_attention=None):
@@ -193,10 +207,12 @@ class ComfyHost:
         self.latent_scale = int(model.model.latent_format.spacial_downscale_ratio)
 
         # Trainable clones: same weights, identity wrappers -> per-forward copies (see module doc).
+        self._input_model, self._input_clip = model, clip
+        self._patches: dict = {}
         self._model = model.clone()
-        _add_identity_wrappers(self._model)
+        _add_identity_wrappers(self._model, self._patches)
         self._clip = clip.clone()
-        _add_identity_wrappers(self._clip.patcher)
+        _add_identity_wrappers(self._clip.patcher, self._patches)
         self._vae = vae
         self._encoders = tuple(
             TextEncoderInfo(key, int(getattr(clip.tokenizer, key).embedding_size)) for key in ENCODERS[family]
@@ -447,6 +463,126 @@ class ComfyHost:
             s = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1)
             ones = torch.ones(s.shape[0], 1, device=s.device)
             return self._ms.calculate_denoised(s, ones, torch.zeros_like(ones)).reshape(-1).to(s.device)
+
+    # ------------------------------------------------------------------ weights (seam.Tunable)
+    def _part_root(self, part: str):
+        if part == "unet":
+            return self._model.model, "diffusion_model."
+        if part in (e.key for e in self._encoders):
+            return self._clip.cond_stage_model, f"{part}.transformer."
+        have = ", ".join(["unet"] + [e.key for e in self._encoders])
+        raise ValueError(f"no part {part!r} in this {self.info.family} model; have {have}")
+
+    def tunable_parameters(self, part: str) -> dict[str, torch.Tensor]:
+        root, prefix = self._part_root(part)
+        out = {}
+        for name, m in root.named_modules():
+            if name.startswith(prefix) and hasattr(m, "weight_function") and isinstance(m, _TUNABLE):
+                for pname in ("weight", "bias"):
+                    t = getattr(m, pname, None)
+                    if isinstance(t, torch.Tensor):
+                        out[f"{name}.{pname}"] = t.detach()
+        return out
+
+    @contextlib.contextmanager
+    def parameter_patches(self, fns: dict):
+        """The patches ride on the wrappers our clones already carry (``_Wrapper``): nothing is
+        added to the input MODEL/CLIP, and leaving the block removes every patch."""
+        known = set(self._model.weight_wrapper_patches) | set(self._clip.patcher.weight_wrapper_patches)
+        unknown = sorted(set(fns) - known)
+        if unknown:
+            raise ValueError(f"cannot patch {unknown[:3]}: not a weight or bias of this model's layers")
+        self._patches.update(fns)
+        try:
+            yield
+        finally:
+            for k in fns:
+                self._patches.pop(k, None)
+
+    def unet_layout(self):
+        from ..trainers.lora_format import UNetLayout
+
+        cfg = self._model.model.model_config.unet_config
+        nrb = cfg["num_res_blocks"]
+        levels = len(cfg["channel_mult"])
+        nrb = [nrb] * levels if isinstance(nrb, int) else list(nrb)
+        down_depth, up_depth = list(cfg["transformer_depth"]), list(cfg["transformer_depth_output"])
+        down, i = [], 0
+        for n in nrb:
+            down.append(any(d > 0 for d in down_depth[i:i + n]))
+            i += n
+        up, i = [], 0
+        for n in reversed(nrb):  # output blocks run from the deepest level up; n + 1 per level
+            up.append(any(d > 0 for d in up_depth[i:i + n + 1]))
+            i += n + 1
+        return UNetLayout(tuple(nrb), tuple(up), tuple(down))
+
+    @contextlib.contextmanager
+    def gradient_checkpointing(self):
+        """Recompute each UNet block in backward: the blocks of the shared diffusion model get a
+        checkpointing ``forward`` for the duration of the block (restored in ``finally``)."""
+        import torch.utils.checkpoint as ckpt
+
+        unet = self._model.model.diffusion_model
+        blocks = list(getattr(unet, "input_blocks", [])) + [getattr(unet, "middle_block", None)] \
+            + list(getattr(unet, "output_blocks", []))
+        blocks = [b for b in blocks if b is not None]
+        for b in blocks:
+            original = b.forward
+
+            def fwd(*args, _f=original, **kwargs):
+                if not torch.is_grad_enabled():
+                    return _f(*args, **kwargs)
+                return ckpt.checkpoint(_f, *args, use_reentrant=False, **kwargs)
+
+            b.forward = fwd
+        try:
+            yield
+        finally:
+            for b in blocks:
+                b.__dict__.pop("forward", None)
+
+    def lora_model(self, lora_state_dict: dict[str, torch.Tensor], strength_model: float = 1.0,
+                   strength_clip: float = 1.0):
+        """(MODEL, CLIP) clones of the *input* objects with a kohya LoRA applied exactly as
+        ``LoraLoader`` applies a file (``comfy.sd.load_lora_for_models``)."""
+        import comfy.sd
+
+        return comfy.sd.load_lora_for_models(self._input_model, self._input_clip, lora_state_dict,
+                                             strength_model, strength_clip)
+
+    def diff_model(self, deltas: dict[str, torch.Tensor]):
+        """(MODEL, CLIP) clones of the input objects with a full fine-tune's deltas as ComfyUI
+        ``diff`` patches (the weights themselves are never touched)."""
+        model, clip = self._input_model.clone(), self._input_clip.clone()
+        unet = {k: (d,) for k, d in deltas.items() if k.startswith("diffusion_model.")}
+        text = {k: (d,) for k, d in deltas.items() if not k.startswith("diffusion_model.")}
+        missing = len(unet) - len(model.add_patches(unet, 1.0)) if unet else 0
+        if text:
+            missing += len(text) - len(clip.add_patches(text, 1.0))
+        if missing:
+            raise ValueError(f"{missing} trained parameters have no place in this model; nothing applied")
+        return model, clip
+
+    def save_checkpoint(self, path, deltas: dict[str, torch.Tensor], metadata: dict | None = None):
+        """The model with ``deltas`` as one checkpoint file, written by ComfyUI's own
+        ``save_checkpoint`` (what its CheckpointSave node writes) to a temp name, then renamed."""
+        import comfy.sd
+
+        from ..trainers.formats import atomic_path
+
+        model, clip = self.diff_model({k: d.to(self.device) for k, d in deltas.items()})
+        meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with self._normal_mode(), atomic_path(path) as tmp:
+                comfy.sd.save_checkpoint(str(tmp), model, clip, self._vae, metadata=meta)
+        finally:
+            # Saving loaded the patched clones, which write their patches into the shared weights
+            # (backed up).  Loading our own clones again restores the originals.
+            self._load([self._model, self._clip.patcher])
+        return path
 
     # ------------------------------------------------------------------ tests
     def frozen_parameters(self) -> dict[str, torch.Tensor]:

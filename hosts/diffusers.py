@@ -437,6 +437,124 @@ class DiffusersHost:
             return -sigma
         return -sigma / (sigma**2 + 1).sqrt()
 
+    # -- weights (seam.Tunable) --------------------------------------------------------------
+
+    def _parts(self) -> dict[str, tuple[str, torch.nn.Module]]:
+        """part key -> (name prefix, module): "unet", and each encoder key."""
+        out = {"unet": ("unet", self.unet)}
+        for i, (key, te) in enumerate(zip(ENCODER_KEYS[self.family], self.text_encoder_modules)):
+            out[key] = ("text_encoder" if i == 0 else f"text_encoder_{i + 1}", te)
+        return out
+
+    def tunable_parameters(self, part: str) -> dict[str, torch.Tensor]:
+        parts = self._parts()
+        if part not in parts:
+            raise ValueError(f"no part {part!r} in this {self.family} model; have {', '.join(parts)}")
+        from torch.nn.utils import parametrize
+
+        prefix, root = parts[part]
+        out = {}
+        for mname, m in root.named_modules():
+            if isinstance(m, _TUNABLE_MODULES):
+                for pname in ("weight", "bias"):
+                    if parametrize.is_parametrized(m, pname):  # patched right now: the original
+                        prm = m.parametrizations[pname].original
+                    else:
+                        prm = m._parameters.get(pname)
+                    if prm is not None:
+                        out[f"{prefix}.{mname}.{pname}"] = prm.detach()
+        return out
+
+    @contextlib.contextmanager
+    def parameter_patches(self, fns: dict):
+        """Each patched parameter gets a ``torch.nn.utils.parametrize`` parametrization computing
+        ``fn(p)``; removing it (``leave_parametrized=False``) puts the original Parameter object
+        back, so the host's weights are the same tensors, bit for bit, afterwards."""
+        from torch.nn.utils import parametrize
+
+        owners = self._owners(fns)
+        done = []
+        try:
+            for name, (module, pname) in owners.items():
+                parametrize.register_parametrization(module, pname, _Patch(fns[name]), unsafe=True)
+                done.append((module, pname))
+            yield
+        finally:
+            for module, pname in reversed(done):
+                parametrize.remove_parametrizations(module, pname, leave_parametrized=False)
+
+    def _owners(self, names) -> dict[str, tuple[torch.nn.Module, str]]:
+        roots = {prefix: root for prefix, root in self._parts().values()}
+        out = {}
+        for name in names:
+            prefix, _, rest = name.partition(".")
+            mname, _, pname = rest.rpartition(".")
+            if prefix not in roots:
+                raise ValueError(f"cannot patch {name!r}: no component {prefix!r}")
+            module = roots[prefix].get_submodule(mname) if mname else roots[prefix]
+            if not isinstance(getattr(module, pname, None), torch.Tensor):
+                raise ValueError(f"cannot patch {name!r}: no such parameter")
+            out[name] = (module, pname)
+        return out
+
+    def unet_layout(self):
+        from ..trainers.lora_format import UNetLayout
+
+        return UNetLayout.from_config(self.unet.config)
+
+    @contextlib.contextmanager
+    def gradient_checkpointing(self):
+        was = bool(getattr(self.unet, "gradient_checkpointing", False))
+        self.unet.enable_gradient_checkpointing()
+        try:
+            yield
+        finally:
+            if not was:
+                self.unet.disable_gradient_checkpointing()
+
+    def save_checkpoint(self, path: str | os.PathLike, deltas: dict[str, torch.Tensor],
+                        metadata: dict[str, str] | None = None) -> Path:
+        """The model with ``deltas`` added (names as ``tunable_parameters``), as one single-file
+        checkpoint in the original layout (``hosts/ldm_export``), written atomically.  fp16 when
+        the model computes in half precision, else fp32 (exact)."""
+        import safetensors.torch
+
+        from ..trainers.formats import atomic_write_bytes
+        from .ldm_export import to_ldm_state_dict
+
+        half = self.compute_dtype in (torch.float16, torch.bfloat16)
+        params = {}
+        for part in self._parts():
+            params.update(self.tunable_parameters(part))
+        unknown = sorted(set(deltas) - set(params))
+        if unknown:
+            raise ValueError(f"deltas for parameters this model does not have: {unknown[:3]}")
+        replace = {n: (params[n].float() + d.to(params[n].device).float()) for n, d in deltas.items()}
+        parts = dict(unet=self.unet, vae=self.vae, text_encoders=self.text_encoder_modules, family=self.family)
+        sd = to_ldm_state_dict(parts, replace)
+        dtype = torch.float16 if half else torch.float32
+        sd = {k: (v.to(dtype) if v.is_floating_point() else v).cpu().contiguous() for k, v in sd.items()}
+        meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+        data = safetensors.torch.save(sd, metadata=meta)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, data)
+        return path
+
+
+_TUNABLE_MODULES = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.LayerNorm)
+
+
+class _Patch(torch.nn.Module):
+    """A parametrization that computes ``fn(original)``."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, original: torch.Tensor) -> torch.Tensor:
+        return self.fn(original)
+
 
 # ----------------------------------------------------------------------------------------------
 # inference of family / prediction from modules

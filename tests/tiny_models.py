@@ -31,6 +31,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from likeness.hosts.diffusers import DiffusersHost, clip_tokenizer
+from likeness.hosts.ldm_export import to_ldm_state_dict  # noqa: F401  (tests import it from here)
 
 FAMILIES = ("sd1", "sd2", "sdxl")
 IMAGE_SIZE = 64  # pixels; latents are 8x8
@@ -135,134 +136,6 @@ def save_diffusers_folder(parts: dict, folder: Path) -> Path:
         index["_class_name"] = "StableDiffusionXLPipeline"
     (folder / "model_index.json").write_text(json.dumps(index, indent=1))
     return folder
-
-
-_RESNET_TO_LDM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0",
-                  "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
-_UNET_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
-             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
-
-
-def _unet_key_to_ldm(key: str, per_level: int, up_has_attn: list[bool]) -> str:
-    """One diffusers UNet key -> the original (CompVis/SGM) name: blocks become a flat list,
-    ``per_level`` = layers_per_block + 1 entries per level (the inverse of diffusers'
-    ``convert_ldm_unet_checkpoint``)."""
-    for old, new in _UNET_TOP.items():
-        if key.startswith(old + "."):
-            return new + key[len(old):]
-    p = key.split(".")
-    if p[0] == "mid_block":
-        idx = 2 * int(p[2]) if p[1] == "resnets" else 1
-        rest = p[3:]
-    elif p[1] in ("down_blocks", "up_blocks") or p[0] in ("down_blocks", "up_blocks"):
-        b = int(p[1])
-        if p[0] == "down_blocks":
-            if p[2] == "downsamplers":
-                return f"input_blocks.{(b + 1) * per_level}.0.op." + ".".join(p[5:])
-            idx = b * per_level + int(p[3]) + 1
-        else:
-            if p[2] == "upsamplers":
-                slot = 2 if up_has_attn[b] else 1  # the upsampler follows the resnet (and attention)
-                return f"output_blocks.{(b + 1) * per_level - 1}.{slot}.conv." + ".".join(p[5:])
-            idx = b * per_level + int(p[3])
-        rest = p[4:]
-    else:
-        raise KeyError(key)
-    group = {"down_blocks": "input_blocks", "up_blocks": "output_blocks", "mid_block": "middle_block"}[p[0]]
-    if p[0] == "mid_block":
-        return f"{group}.{idx}." + ".".join(_resnet_rest(rest) if p[1] == "resnets" else rest)
-    kind = p[2]
-    slot = "0" if kind == "resnets" else "1"
-    return f"{group}.{idx}.{slot}." + ".".join(_resnet_rest(rest) if kind == "resnets" else rest)
-
-
-def _resnet_rest(rest: list[str]) -> list[str]:
-    return [_RESNET_TO_LDM.get(rest[0], rest[0]), *rest[1:]]
-
-
-def _vae_key_to_ldm(key: str, n_levels: int) -> str:
-    """One diffusers VAE key -> the original name (decoder levels are numbered bottom-up there)."""
-    p = key.split(".")
-    if p[0] in ("quant_conv", "post_quant_conv"):
-        return key
-    side, what = p[0], p[1]
-    if what in ("conv_in", "conv_out"):
-        return key
-    if what == "conv_norm_out":
-        return f"{side}.norm_out.{p[2]}"
-    if what == "mid_block":
-        if p[2] == "resnets":
-            return f"{side}.mid.block_{int(p[3]) + 1}." + ".".join(_vae_resnet_rest(p[4:]))
-        names = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out": "proj_out"}
-        tail = [x for x in p[5:] if x != "0"]
-        return f"{side}.mid.attn_1.{names[p[4]]}." + ".".join(tail)
-    level = int(p[2]) if side == "encoder" else n_levels - 1 - int(p[2])
-    node = "down" if side == "encoder" else "up"
-    if p[3] in ("downsamplers", "upsamplers"):
-        return f"{side}.{node}.{level}.{'downsample' if side == 'encoder' else 'upsample'}.conv.{p[-1]}"
-    return f"{side}.{node}.{level}.block.{p[4]}." + ".".join(_vae_resnet_rest(p[5:]))
-
-
-def _vae_resnet_rest(rest: list[str]) -> list[str]:
-    return ["nin_shortcut" if rest[0] == "conv_shortcut" else rest[0], *rest[1:]]
-
-
-def _clip_state(te) -> dict:
-    """The encoder's weights named as in transformers 4 (``text_model.`` prefix), as checkpoints have them."""
-    out = {}
-    for k, v in te.state_dict().items():
-        if k.startswith("text_projection"):
-            out[k] = v
-        else:
-            out[k if k.startswith("text_model.") else "text_model." + k] = v
-    return out
-
-
-def _openclip_state(te, prefix: str) -> dict:
-    """A CLIP text encoder in OpenCLIP's naming (fused q/k/v ``in_proj``, ``ln_final``, ...)."""
-    sd = {k.removeprefix("text_model."): v for k, v in _clip_state(te).items()}
-    out = {prefix + "token_embedding.weight": sd.pop("embeddings.token_embedding.weight"),
-           prefix + "positional_embedding": sd.pop("embeddings.position_embedding.weight"),
-           prefix + "ln_final.weight": sd.pop("final_layer_norm.weight"),
-           prefix + "ln_final.bias": sd.pop("final_layer_norm.bias")}
-    if "text_projection.weight" in sd:
-        out[prefix + "text_projection"] = sd.pop("text_projection.weight").T.contiguous()
-    for i in range(te.config.num_hidden_layers):
-        src, dst = f"encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
-        for kind in ("weight", "bias"):
-            qkv = [sd.pop(f"{src}self_attn.{x}_proj.{kind}") for x in "qkv"]
-            out[f"{dst}attn.in_proj_{kind}"] = torch.cat(qkv, 0)
-            for a, b in (("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"),
-                         ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
-                out[f"{dst}{b}.{kind}"] = sd.pop(f"{src}{a}.{kind}")
-    assert not sd, f"unconverted text encoder keys: {list(sd)}"
-    return out
-
-
-def to_ldm_state_dict(parts: dict) -> dict[str, torch.Tensor]:
-    """``parts`` as one single-file checkpoint in the original layout (what A1111 / ComfyUI save):
-    ``model.diffusion_model.*``, ``first_stage_model.*`` and ``cond_stage_model.*`` (SD1: OpenAI
-    CLIP under ``transformer.``; SD2: OpenCLIP under ``model.``) or SDXL's ``conditioner.embedders.0/1``."""
-    unet, vae, tes = parts["unet"], parts["vae"], parts["text_encoders"]
-    per_level = unet.config.layers_per_block + 1
-    up_attn = [t.startswith("CrossAttn") for t in unet.config.up_block_types]
-    out = {"model.diffusion_model." + _unet_key_to_ldm(k, per_level, up_attn): v
-           for k, v in unet.state_dict().items()}
-    n = len(vae.config.block_out_channels)
-    for k, v in vae.state_dict().items():
-        if ".mid_block.attentions." in k and k.endswith("weight") and v.ndim == 2:
-            v = v[:, :, None, None]  # the original attention uses 1x1 convs
-        out["first_stage_model." + _vae_key_to_ldm(k, n)] = v
-    family = parts["family"]
-    if family == "sd1":
-        out.update({"cond_stage_model.transformer." + k: v for k, v in _clip_state(tes[0]).items()})
-    elif family == "sd2":
-        out.update(_openclip_state(tes[0], "cond_stage_model.model."))
-    else:
-        out.update({"conditioner.embedders.0.transformer." + k: v for k, v in _clip_state(tes[0]).items()})
-        out.update(_openclip_state(tes[1], "conditioner.embedders.1.model."))
-    return {k: v.detach().contiguous().clone() for k, v in out.items()}
 
 
 # ----------------------------------------------------------------------------------------------

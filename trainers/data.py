@@ -240,6 +240,20 @@ class LatentCache:
             variants = [im, im.flip(1)] if flip else [im]
             self.latents.append([host.encode_images(v[None].to(host.device))[0] for v in variants])
 
+    @classmethod
+    def from_latents(cls, latents: torch.Tensor, factor: int) -> "LatentCache":
+        """Latents that need no encoding (e.g. class images the model itself sampled), used whole."""
+        self = cls.__new__(cls)
+        self.factor = factor
+        self.crop = tuple(latents.shape[-2:])
+        self.random_crop = False
+        self.sizes = [(latents.shape[-2] * factor, latents.shape[-1] * factor)] * latents.shape[0]
+        self.latents = [[lat] for lat in latents]
+        return self
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
     def sample(self, batch_size: int, rng: random.Random) -> tuple[torch.Tensor, list[int], list[ImageMeta]]:
         """A batch of latent crops, the source image index of each, and SDXL size conditioning."""
         xs, idx, metas = [], [], []

@@ -25,6 +25,10 @@ class Method(Protocol):
 
     def loss(self, step: int) -> torch.Tensor: ...
 
+    # Optional: ``param_groups()`` -> [{"params": [...], "lr": float, "until": int | None}, ...]
+    # for per-group learning rates; a group with ``until`` stops learning after that step (pivotal
+    # tuning trains the new word's vectors for the first part of the run only).
+
 
 @dataclass
 class LoopConfig:
@@ -40,6 +44,15 @@ class LoopConfig:
     max_bad_steps: int = 20
     #: constant learning rate after a short linear warm-up (steps)
     warmup_steps: int = 0
+    #: "adamw", or "adafactor" (factored second moment, no momentum: optimizer state of a few
+    #: vectors per weight instead of two full copies; for full fine-tuning on small cards)
+    optimizer: str = "adamw"
+    #: clip the global gradient norm to this (0: off)
+    max_grad_norm: float = 0.0
+    #: keep a copy of the last finite parameters to restore after a non-finite step.  Off for
+    #: full fine-tuning (a second copy of the model); then a step is only taken when the loss and
+    #: every gradient are finite, which is checked before the optimizer touches anything.
+    snapshot: bool = True
 
 
 @dataclass
@@ -63,7 +76,80 @@ def autocast_for(device: torch.device, compute_dtype: torch.dtype):
 
 
 def _grads_finite(params: list[torch.Tensor]) -> bool:
-    return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return True
+    # one reduction and one host sync for all gradients, not one per tensor
+    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+
+
+class Adafactor(torch.optim.Optimizer):
+    """Adafactor (Shazeer & Stern 2018) with an absolute learning rate, no first moment and update
+    clipping at RMS 1: the second moment of a matrix is kept as a row and a column average
+    (``[out] + [in]`` numbers instead of ``[out, in]``), so a full fine-tune's optimizer state is
+    ~0 instead of AdamW's two fp32 copies of the model.  Unlike ``torch.optim.Adafactor`` the step
+    is not relative to the parameter's RMS: we train weight *deltas* that start at zero."""
+
+    def __init__(self, params, lr: float, beta2: float = 0.999, eps: float = 1e-30,
+                 clip: float = 1.0, weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, beta2=beta2, eps=eps, clip=clip, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                self._update(p, group)
+
+    def _update(self, p: torch.Tensor, group: dict) -> None:
+        g, state = p.grad.float(), self.state[p]
+        state["step"] = state.get("step", 0) + 1
+        b2 = group["beta2"]
+        correction = 1 - b2 ** state["step"]
+        g2 = g * g + group["eps"]
+        if g.ndim >= 2:
+            g2m = g2.reshape(g.shape[0], -1)
+            row = state.setdefault("row", torch.zeros(g2m.shape[0], device=g.device))
+            col = state.setdefault("col", torch.zeros(g2m.shape[1], device=g.device))
+            row.lerp_(g2m.mean(1), 1 - b2)
+            col.lerp_(g2m.mean(0), 1 - b2)
+            v = (row[:, None] * col[None, :] / row.mean().clamp_min(1e-38)).reshape(g.shape)
+        else:
+            v = state.setdefault("v", torch.zeros_like(g))
+            v.lerp_(g2, 1 - b2)
+        u = g / (v / correction).sqrt()
+        u.div_((u.pow(2).mean().sqrt() / group["clip"]).clamp_min(1.0))
+        if group["weight_decay"]:
+            p.mul_(1 - group["lr"] * group["weight_decay"])
+        p.add_(u, alpha=-group["lr"])
+
+
+def _param_groups(method, cfg: "LoopConfig") -> list[dict]:
+    if hasattr(method, "param_groups"):
+        groups = [dict(g) for g in method.param_groups()]
+    else:
+        groups = [{"params": list(method.parameters()), "lr": cfg.learning_rate}]
+    for g in groups:
+        g["params"] = list(g["params"])
+        g["base_lr"] = g.get("lr", cfg.learning_rate)
+        g.setdefault("until", None)
+    return [g for g in groups if g["params"]]
+
+
+def _make_optimizer(groups: list[dict], cfg: "LoopConfig") -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adafactor":
+        return Adafactor(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    raise ValueError(f"optimizer must be 'adamw' or 'adafactor', not {cfg.optimizer!r}")
+
+
+def _set_lrs(opt: torch.optim.Optimizer, cfg: "LoopConfig", step: int) -> None:
+    warm = min(1.0, step / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    for g in opt.param_groups:
+        active = g["until"] is None or step <= g["until"]
+        g["lr"] = g["base_lr"] * warm if active else 0.0
 
 
 class _Snapshot:
@@ -98,13 +184,14 @@ def run(
     fp16 compute uses a GradScaler so small gradients survive; bf16 needs none.  A step whose loss
     or gradients are not finite is skipped (parameters and optimizer state untouched) and counted.
     """
-    params = [p for p in method.parameters()]
+    groups = _param_groups(method, cfg)
+    params = [p for g in groups for p in g["params"]]
     if any(p.dtype != torch.float32 for p in params):
         raise TypeError("trainable tensors must be fp32 (optimizer state follows their dtype)")
-    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    opt = _make_optimizer(groups, cfg)
     use_scaler = device.type == "cuda" and compute_dtype == torch.float16
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
-    snap = _Snapshot(params)
+    snap = _Snapshot(params) if cfg.snapshot else None
     result = LoopResult()
     t0 = time.perf_counter()
     bad_run = 0
@@ -121,9 +208,7 @@ def run(
 
     try:
         for step in range(1, cfg.steps + 1):
-            if cfg.warmup_steps:
-                for g in opt.param_groups:
-                    g["lr"] = cfg.learning_rate * min(1.0, step / cfg.warmup_steps)
+            _set_lrs(opt, cfg, step)
             opt.zero_grad(set_to_none=True)
             with autocast_for(device, compute_dtype):
                 loss = method.loss(step)
@@ -134,17 +219,21 @@ def run(
                 if scaler:
                     scaler.unscale_(opt)
                 ok = _grads_finite(params)
+            if ok and cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             if ok:
                 if scaler:
                     scaler.step(opt)
                     scaler.update()
                 else:
                     opt.step()
-                ok = all(bool(torch.isfinite(p).all()) for p in params)
-                if not ok:
-                    snap.restore()
+                if snap is not None:
+                    ok = all(bool(torch.isfinite(p).all()) for p in params)
+                    if not ok:
+                        snap.restore()
             if ok:
-                snap.take()
+                if snap is not None:
+                    snap.take()
                 last_good = step
                 bad_run = 0
                 result.losses.append(value)
@@ -167,7 +256,8 @@ def run(
     except BaseException:
         # Cancel, Ctrl-C, OOM or a bug: keep the last good state on disk, then let it propagate.
         result.cancelled = True
-        snap.restore()
+        if snap is not None:
+            snap.restore()
         if last_good > last_saved:
             save(last_good)
         result.seconds = time.perf_counter() - t0

@@ -110,3 +110,31 @@ class Host(Protocol):
 
     def frozen_parameters(self) -> dict[str, torch.Tensor]:
         """Read-only view of the host's weights, for tests that check nothing changed."""
+
+
+@runtime_checkable
+class Tunable(Protocol):
+    """What weight-training methods (DreamBooth: LoRA, full, pivotal) need beyond ``Host``.
+
+    Parameter names are the host's own state-dict names with a component prefix that
+    ``trainers.lora_format.normalize_layer_name`` understands: ``unet.<diffusers path>`` /
+    ``text_encoder[_2].<HF CLIP path>`` (diffusers host) or ``diffusion_model.<LDM path>`` /
+    ``clip_l|clip_h|clip_g.transformer.<HF CLIP path>`` (ComfyUI host), ending in ``.weight`` or
+    ``.bias``.  The host's tensors are never written: a method changes what the network *computes*
+    by patching parameters on the fly, so the loaded model stays bit-identical.
+    """
+
+    def tunable_parameters(self, part: str) -> dict[str, torch.Tensor]:
+        """Read-only parameters of ``part`` ("unet" or a text-encoder key) that can be patched:
+        the weights and biases of its Linear, Conv and norm layers (not token/position tables)."""
+
+    def parameter_patches(self, fns: dict[str, Any]) -> Any:
+        """Context manager: while active, every forward that reads parameter ``name`` uses
+        ``fns[name](p)`` instead (``p`` in the compute dtype; the result must keep its shape).
+        Gradients flow through ``fns`` to whatever tensors they close over."""
+
+    def unet_layout(self) -> Any:
+        """The UNet's block layout (``trainers.lora_format.UNetLayout``), to name LoRA keys."""
+
+    def gradient_checkpointing(self) -> Any:
+        """Context manager: recompute the UNet's block activations in backward (less memory)."""

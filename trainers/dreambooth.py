@@ -1,0 +1,549 @@
+"""DreamBooth (Ruiz et al. 2023, arXiv 2208.12242): bind an identifier to a subject by fine-tuning
+the denoiser on a few images, with the prior-preservation loss (eq. 2)
+
+    L = E[w_t ||x̂(x_t, c) - x||²] + λ · E[||x̂(x_pr,t', c_pr) - x_pr||²]
+
+in the model's own parameterisation (eps or v, through ``seam.Host.output_scale``), where ``x_pr``
+are samples the *frozen* model drew for the class prompt.  Three modes:
+
+* ``lora`` - low-rank adapters (``trainers/lora.py``) on the UNet and optionally the text
+  encoders; the file is kohya's format (``lora_format.save_lora``).
+* ``full`` - every UNet parameter (optionally the text encoders') gets an fp32 *delta*; the host's
+  weights stay untouched and the result is a single-file checkpoint (plus, optionally, the delta
+  distilled into a LoRA).
+* ``pivotal`` - Textual Inversion vectors for a new word and a LoRA trained together, the vectors
+  only for the first ``ti_fraction`` of the steps (the "pivot"), as diffusers' advanced scripts do.
+
+Instance and prior samples share one forward (one batch of 2B).  Min-SNR-γ weights (Hang et al.
+2023) are computed per sample from *that sample's own* noise level and applied to the instance half;
+the prior term is unweighted (algorithms.md §2.1: diffusers' basic scripts compute them from all 2B
+timesteps - a silent broadcast for B = 1, an error for B > 1).
+"""
+from __future__ import annotations
+
+import random
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import data as D
+from . import formats, lora_format, loop
+from .lora import PRESETS, LoraSet, extract_lora, target_weights
+from .sampling import sample_euler
+from .seam import Host, ImageMeta, Tunable
+from .textual_inversion import initial_vectors, render_preview
+
+MODES = ("lora", "full", "pivotal")
+PROMPT_SOURCES = ("auto", "instance", "captions")
+
+
+@dataclass
+class DreamBoothConfig:
+    name: str  # file name of the LoRA / checkpoint
+    output_dir: str | Path  # loras folder (lora, pivotal) or checkpoints folder (full)
+    instance_prompt: str  # "a photo of sks dog"; pivotal: contains ``token``
+    mode: str = "lora"
+    class_prompt: str = ""  # "a photo of a dog"; "" = no prior preservation
+    prior_weight: float = 1.0  # λ
+    num_class_images: int = 50  # sampled with the frozen model when no class images are given
+    class_sample_steps: int = 20
+    class_cfg: float = 7.0
+    prompts: str = "auto"  # auto | instance | captions (auto: captions when every image has one)
+    # LoRA
+    rank: int = 8
+    alpha: float | None = None  # None: = rank (scale 1, as diffusers)
+    targets: str = "attention"
+    train_text_encoder: bool = False
+    # optimisation
+    steps: int = 500
+    learning_rate: float = 1e-4
+    text_encoder_lr: float = 5e-5
+    batch_size: int = 1
+    min_snr_gamma: float = 0.0  # 0: off; 5 is the paper's value
+    noise_offset: float = 0.0
+    optimizer: str = "adamw"  # adamw | adafactor
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    # data
+    resolution: int | None = None
+    random_crop: bool = False
+    flip: bool = False  # DreamBooth default: subjects are often asymmetric
+    # pivotal
+    token: str = ""
+    embedding_dir: str | Path | None = None
+    init_text: str = ""  # "": the class prompt's last word, else "object"
+    num_vectors: int = 2
+    ti_learning_rate: float = 5e-3
+    ti_fraction: float = 0.5
+    bundle_embedding: bool = False
+    # full
+    extract_rank: int = 0  # full: also write the delta as a LoRA of this rank (0: no)
+    lora_dir: str | Path | None = None  # where the extracted LoRA goes (default: output_dir)
+    # files, previews
+    save_dtype: str = "fp16"
+    save_every: int = 100
+    preview_every: int = 50
+    preview_prompt: str = ""  # "": the instance prompt
+    preview_steps: int = 20
+    preview_cfg: float = 5.0
+    overwrite: bool = False
+
+
+@dataclass
+class DreamBoothResult:
+    files: list[Path]
+    losses: list[float]
+    steps_done: int
+    skipped_steps: int
+    seconds: float
+    mode: str
+    lora_layers: dict = field(default_factory=dict)  # module -> (down, up, alpha), fp32 CPU
+    deltas: dict = field(default_factory=dict)  # full: parameter -> delta, fp32 CPU
+    vectors: dict = field(default_factory=dict)  # pivotal: encoder key -> [n, width]
+    class_images: int = 0
+    preview: torch.Tensor | None = None
+    data_summary: str = ""
+
+
+# ------------------------------------------------------------------------------------------
+# checks: everything that can fail happens before any model work
+
+
+def _check_config(cfg: DreamBoothConfig) -> list[str]:
+    p = []
+    if cfg.mode not in MODES:
+        p.append(f"mode must be one of {', '.join(MODES)}, got {cfg.mode!r}")
+    if not cfg.instance_prompt.strip():
+        p.append("the instance prompt is empty: use e.g. 'a photo of sks dog' (identifier + class)")
+    if cfg.steps < 1:
+        p.append(f"steps must be at least 1, got {cfg.steps}")
+    if cfg.batch_size < 1:
+        p.append(f"batch size must be at least 1, got {cfg.batch_size}")
+    if not 0 < cfg.learning_rate <= 1:
+        p.append(f"learning rate must be in (0, 1], got {cfg.learning_rate}")
+    if cfg.mode != "full" and cfg.rank < 1:
+        p.append(f"LoRA rank must be at least 1, got {cfg.rank}")
+    if cfg.alpha is not None and not cfg.alpha > 0:
+        p.append(f"LoRA alpha must be positive, got {cfg.alpha}")
+    if cfg.targets not in PRESETS:
+        p.append(f"LoRA targets must be one of {', '.join(PRESETS)}, got {cfg.targets!r}")
+    if cfg.prior_weight < 0 or cfg.num_class_images < 0:
+        p.append("prior weight and class image count cannot be negative")
+    if cfg.min_snr_gamma < 0 or cfg.noise_offset < 0:
+        p.append("min-SNR gamma and noise offset cannot be negative")
+    if cfg.prompts not in PROMPT_SOURCES:
+        p.append(f"prompts must be one of {', '.join(PROMPT_SOURCES)}, got {cfg.prompts!r}")
+    if cfg.save_every < 0 or cfg.preview_every < 0:
+        p.append("save/preview intervals must be 0 (off) or positive")
+    if cfg.extract_rank < 0:
+        p.append(f"extract rank must be 0 (off) or positive, got {cfg.extract_rank}")
+    if cfg.mode == "pivotal":
+        if not cfg.token:
+            p.append("pivotal tuning needs the new word (token) it learns vectors for")
+        elif cfg.token not in cfg.instance_prompt:
+            p.append(f"the instance prompt must contain the new word {cfg.token!r}")
+        if not 1 <= cfg.num_vectors <= 75:
+            p.append(f"vectors per token must be 1..75, got {cfg.num_vectors}")
+        if not 0 < cfg.ti_fraction <= 1:
+            p.append(f"the Textual Inversion fraction must be in (0, 1], got {cfg.ti_fraction}")
+    return p
+
+
+@dataclass
+class _Plan:
+    images: list[torch.Tensor]
+    crop_hw: tuple[int, int]
+    captions: list[str | None]
+    class_images: list[torch.Tensor] | None
+    prior: bool
+    files: dict[str, Path]
+    init_text: str = ""
+
+
+def _prompts(images: D.TrainingImages, how: str, cfg: DreamBoothConfig) -> list[str | None]:
+    have = [c is not None for c in images.captions]
+    use = how == "captions" or (how == "auto" and have and all(have))
+    if how == "captions" and not all(have):
+        missing = [s for s, h in zip(images.sources, have) if not h]
+        raise D.DatasetError("prompts 'captions' but these images have no caption: " + ", ".join(missing))
+    if not use:
+        if any(have):
+            images.notes.append("captions present but not used: every image trains with the instance prompt")
+        return [None] * len(images)
+    caps = [c.replace(D.NAME_TAG, cfg.token or "") for c in images.captions]  # type: ignore[union-attr]
+    if cfg.mode == "pivotal":
+        lacking = [s for s, c in zip(images.sources, caps) if cfg.token not in c]
+        if lacking:
+            raise D.DatasetError(f"captions must contain the new word {cfg.token!r}; missing in: " + ", ".join(lacking))
+    return caps
+
+
+def _output_files(host: Host, cfg: DreamBoothConfig, name: str) -> dict[str, Path]:
+    files = {}
+    if cfg.mode == "full":
+        files["checkpoint"] = formats.safe_path(cfg.output_dir, name + ".safetensors")
+        formats.check_paths_writable(cfg.output_dir, [files["checkpoint"]], cfg.overwrite)
+        if cfg.extract_rank:
+            files["lora"] = lora_format.check_can_write_lora(cfg.lora_dir or cfg.output_dir, name + "_lora",
+                                                              cfg.overwrite)
+    else:
+        files["lora"] = lora_format.check_can_write_lora(cfg.output_dir, name, cfg.overwrite)
+    if cfg.mode == "pivotal":
+        formats.check_can_write(cfg.embedding_dir or cfg.output_dir, cfg.token, host.info.family, cfg.overwrite)
+    return files
+
+
+def prepare(host: Host, images: D.TrainingImages, cfg: DreamBoothConfig,
+            class_images: D.TrainingImages | None = None) -> _Plan:
+    """Every check that can fail, before any model work: config, model, names, files, images."""
+    problems = _check_config(cfg)
+    if problems:
+        raise ValueError("; ".join(problems))
+    if not isinstance(host, Tunable):
+        raise ValueError(f"this model ({type(host).__name__}) cannot be fine-tuned by Likeness: it does not "
+                         "expose its weights for patching (SD1.x, SD2.x and SDXL checkpoints do)")
+    name = formats.validate_name(cfg.name)
+    if cfg.mode == "pivotal":
+        formats.validate_name(cfg.token)
+        host.check_placeholder(cfg.token)
+    if len(images) == 0:
+        raise D.DatasetError("no instance images: connect 3-5 images of the subject")
+    files = _output_files(host, cfg, name)
+    captions = _prompts(images, cfg.prompts, cfg)
+    planned = D.plan_geometry(images, cfg.resolution, host.latent_scale)
+    crop = min(min(im.shape[:2]) for im in planned) if cfg.resolution else None
+    crop_hw = (crop, crop) if crop else tuple(planned[0].shape[:2])
+    prior = bool(cfg.class_prompt.strip()) and cfg.prior_weight > 0
+    cls_planned = None
+    if class_images is not None and len(class_images):
+        if not cfg.class_prompt.strip():
+            raise ValueError("class images were given but no class prompt (e.g. 'a photo of a dog'); "
+                             "the prior-preservation loss needs the prompt they show")
+        cls_planned = _plan_class_images(class_images, cfg, host, crop_hw)
+    elif prior and cfg.num_class_images < 1:
+        raise ValueError("prior preservation needs class images: connect some, or let the model "
+                         "sample them (class image count > 0)")
+    init = ""
+    if cfg.mode == "pivotal":
+        words = cfg.class_prompt.split()
+        init = cfg.init_text.strip() or (words[-1] if words else "object")
+        if cfg.token in init.split():
+            raise ValueError(f"the init text must describe the concept with existing words, not {cfg.token!r}")
+    return _Plan(planned, crop_hw, captions, cls_planned, prior, files, init)
+
+
+def _plan_class_images(class_images: D.TrainingImages, cfg: DreamBoothConfig, host: Host,
+                       crop_hw: tuple[int, int]) -> list[torch.Tensor]:
+    if cfg.resolution:
+        planned = [D.resize_center_crop(im, crop_hw[0]) for im in class_images.images]
+    else:
+        planned = class_images.images
+    wrong = [f"{s} {im.shape[1]}x{im.shape[0]}" for s, im in zip(class_images.sources, planned)
+             if tuple(im.shape[:2]) != tuple(crop_hw)]
+    if wrong:
+        raise D.DatasetError(
+            f"class images must match the training size {crop_hw[1]}x{crop_hw[0]}: " + ", ".join(wrong)
+            + "; generate them at that size or set a resolution to resize both")
+    return planned
+
+
+# ------------------------------------------------------------------------------------------
+# class images sampled by the frozen model
+
+
+def sample_class_latents(host: Host, prompt: str, count: int, size_hw: tuple[int, int], *, steps: int,
+                         cfg: float, seed: int, batch: int = 4,
+                         progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """``count`` latents the *frozen* model draws for ``prompt`` (Euler, CFG): the x_pr of eq. 2.
+    Kept as latents - no decode/re-encode round trip through the VAE."""
+    out = []
+    f = host.latent_scale
+    for start in range(0, count, batch):
+        n = min(batch, count - start)
+        meta = [ImageMeta(size_hw, (0, 0), size_hw)] * n
+        with torch.no_grad():
+            cond = host.encode_text([prompt] * n, meta=meta)
+            uncond = host.encode_text([""] * n, meta=meta)
+            shape = (n, host.latent_channels, size_hw[0] // f, size_hw[1] // f)
+            out.append(sample_euler(host, cond, uncond, shape=shape, steps=steps, cfg=cfg, seed=seed + start).float())
+        if progress is not None:
+            progress(start + n, count)
+    return torch.cat(out)
+
+
+# ------------------------------------------------------------------------------------------
+# the method the loop drives
+
+
+def min_snr_weights(sigma: torch.Tensor, gamma: float, prediction: str) -> torch.Tensor:
+    """Min-SNR-γ per sample; SNR = 1/σ² in k-diffusion's x = x0 + σ·noise.  eps loss:
+    min(snr, γ)/snr; v loss: min(snr, γ)/(snr + 1) (Hang et al. 2023, the paper's form)."""
+    snr = 1.0 / sigma.double() ** 2
+    w = snr.clamp(max=gamma) / (snr + 1 if prediction == "v" else snr)
+    return w.float()
+
+
+class _CondCache:
+    """Text conditioning per (prompts, sizes): computed once while the text encoders are frozen."""
+
+    def __init__(self, size: int = 64):
+        self.items: OrderedDict = OrderedDict()
+        self.size = size
+
+    def get(self, key, make):
+        if key in self.items:
+            self.items.move_to_end(key)
+            return self.items[key]
+        value = make()
+        self.items[key] = value
+        if len(self.items) > self.size:
+            self.items.popitem(last=False)
+        return value
+
+
+class DreamBooth:
+    def __init__(self, host: Host, cfg: DreamBoothConfig, inst: D.LatentCache, prompts: list[str],
+                 prior: D.LatentCache | None, groups: list[dict], vectors: dict | None):
+        self.host, self.cfg, self.inst, self.prior, self.groups = host, cfg, inst, prior, groups
+        self.prompts = prompts  # per instance image
+        self.vectors = vectors
+        self.rng = random.Random(cfg.seed)
+        self.gen = torch.Generator("cpu").manual_seed(cfg.seed)
+        self.sigmas = host.training_sigmas().float()
+        self.text_trains = cfg.train_text_encoder or vectors is not None
+        self.conds = _CondCache()
+
+    def param_groups(self) -> list[dict]:
+        return self.groups
+
+    def parameters(self):
+        return [p for g in self.groups for p in g["params"]]
+
+    def _encode(self, prompts: list[str], metas: list[ImageMeta]):
+        placeholder = self.cfg.token if self.vectors is not None else None
+        if self.text_trains:
+            return self.host.encode_text(prompts, placeholder, self.vectors, metas)
+        with torch.no_grad():
+            return self.conds.get((tuple(prompts), tuple(metas)),
+                                  lambda: self.host.encode_text(prompts, None, None, metas))
+
+    def loss(self, step: int) -> torch.Tensor:
+        host, b = self.host, self.cfg.batch_size
+        x0, idx, metas = self.inst.sample(b, self.rng)
+        prompts = [self.prompts[i] for i in idx]
+        if self.prior is not None:
+            xp, _, pmetas = self.prior.sample(b, self.rng)
+            x0 = torch.cat([x0, xp.to(x0.device)])
+            prompts += [self.cfg.class_prompt] * b
+            metas += pmetas
+        t = torch.randint(0, len(self.sigmas), (x0.shape[0],), generator=self.gen)
+        sigma = self.sigmas[t.to(self.sigmas.device)]
+        noise = torch.randn(x0.shape, generator=self.gen)
+        if self.cfg.noise_offset:  # a per-channel constant: lets the model learn overall brightness
+            noise = noise + self.cfg.noise_offset * torch.randn(x0.shape[:2] + (1, 1), generator=self.gen)
+        x = x0 + noise.to(x0.device) * sigma.view(-1, 1, 1, 1)
+        x0_hat = host.denoise(x, sigma, self._encode(prompts, metas)).float()
+        scale = host.output_scale(sigma).float().view(-1, 1, 1, 1)
+        err = (((x0_hat - x0) / scale) ** 2).mean(dim=(1, 2, 3))
+        inst = err[:b]
+        if self.cfg.min_snr_gamma:
+            inst = inst * min_snr_weights(sigma[:b], self.cfg.min_snr_gamma, host.info.prediction).to(inst.device)
+        loss = inst.mean()
+        if self.prior is not None:
+            loss = loss + self.cfg.prior_weight * err[b:].mean()
+        return loss
+
+
+# ------------------------------------------------------------------------------------------
+# training
+
+
+class _Trainables:
+    """What a mode trains: LoRA sets or full deltas (per part), and the pivotal vectors."""
+
+    def __init__(self, host, cfg: DreamBoothConfig, init_text: str):
+        self.host, self.cfg = host, cfg
+        self.loras: dict[str, LoraSet] = {}
+        self.deltas: dict[str, torch.Tensor] = {}
+        self.vectors: dict[str, torch.nn.Parameter] | None = None
+        parts = ["unet"] + ([e.key for e in host.text_encoders()] if cfg.train_text_encoder else [])
+        for part in parts:
+            params = host.tunable_parameters(part)
+            if cfg.mode == "full":
+                for n, w in params.items():
+                    self.deltas[n] = torch.nn.Parameter(torch.zeros(w.shape, device=host.device))
+            else:
+                names = target_weights(params, cfg.targets, text_encoder=part != "unet")
+                if not names:
+                    raise ValueError(f"this model has no {cfg.targets!r} layers in its {part} to adapt")
+                alpha = cfg.alpha if cfg.alpha is not None else float(cfg.rank)
+                self.loras[part] = LoraSet({n: params[n] for n in names}, cfg.rank, alpha,
+                                           device=host.device, seed=cfg.seed + len(self.loras))
+        if cfg.mode == "pivotal":
+            vecs = initial_vectors(host, init_text, cfg.num_vectors)
+            self.vectors = {k: torch.nn.Parameter(v.to(host.device, torch.float32)) for k, v in vecs.items()}
+
+    def groups(self) -> list[dict]:
+        cfg, out = self.cfg, []
+        for part, ls in self.loras.items():
+            out.append({"params": ls.parameters(), "lr": cfg.learning_rate if part == "unet" else cfg.text_encoder_lr})
+        if self.deltas:
+            unet = [p for n, p in self.deltas.items() if self._is_unet(n)]
+            text = [p for n, p in self.deltas.items() if not self._is_unet(n)]
+            out.append({"params": unet, "lr": cfg.learning_rate})
+            out.append({"params": text, "lr": cfg.text_encoder_lr})
+        if self.vectors is not None:
+            until = max(1, round(cfg.steps * cfg.ti_fraction))
+            out.append({"params": list(self.vectors.values()), "lr": cfg.ti_learning_rate, "until": until})
+        return out
+
+    @staticmethod
+    def _is_unet(name: str) -> bool:
+        return name.startswith(("unet.", "diffusion_model."))
+
+    def patches(self) -> dict:
+        fns = {}
+        for ls in self.loras.values():
+            fns.update(ls.patches())
+        for n, d in self.deltas.items():
+            fns[n] = lambda w, _d=d: w + _d.to(w.dtype)
+        return fns
+
+    def lora_layers(self) -> dict:
+        out = {}
+        for ls in self.loras.values():
+            out.update(ls.layers())
+        return out
+
+    def delta_tensors(self) -> dict[str, torch.Tensor]:
+        return {n: d.detach().float().cpu() for n, d in self.deltas.items()}
+
+    def vector_tensors(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().float().cpu() for k, v in (self.vectors or {}).items()}
+
+
+def _metadata(cfg: DreamBoothConfig, host: Host, n_images: int, n_class: int) -> dict[str, str]:
+    return {
+        "ss_output_name": cfg.name, "ss_training_comment": f"likeness dreambooth ({cfg.mode})",
+        "ss_max_train_steps": str(cfg.steps), "ss_learning_rate": str(cfg.learning_rate),
+        "ss_unet_lr": str(cfg.learning_rate),
+        "ss_text_encoder_lr": str(cfg.text_encoder_lr if cfg.train_text_encoder else 0),
+        "ss_batch_size_per_device": str(cfg.batch_size), "ss_num_train_images": str(n_images),
+        "ss_num_reg_images": str(n_class), "ss_prior_loss_weight": str(cfg.prior_weight),
+        "ss_min_snr_gamma": str(cfg.min_snr_gamma or None), "ss_noise_offset": str(cfg.noise_offset or None),
+        "ss_seed": str(cfg.seed), "ss_optimizer": cfg.optimizer, "ss_sd_model_name": host.info.name,
+        "ss_sd_model_hash": str(host.info.hash or ""), "ss_resolution": str(cfg.resolution or "native"),
+        "ss_gradient_checkpointing": str(cfg.gradient_checkpointing),
+        "ss_training_started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "likeness_mode": cfg.mode, "likeness_instance_prompt": cfg.instance_prompt,
+        "likeness_class_prompt": cfg.class_prompt, "likeness_targets": cfg.targets,
+    }
+
+
+class _Saver:
+    """Writes the mode's files (atomically, replacing our own earlier writes of this run)."""
+
+    def __init__(self, host, cfg: DreamBoothConfig, plan: _Plan, tr: _Trainables, meta: dict):
+        self.host, self.cfg, self.plan, self.tr, self.meta = host, cfg, plan, tr, meta
+        self.files: list[Path] = []
+        self.widths = {e.key: e.width for e in host.text_encoders()}
+
+    def __call__(self, step: int) -> None:
+        cfg, host, files = self.cfg, self.host, []
+        meta = dict(self.meta, ss_steps=str(step))
+        fam, pred = host.info.family, host.info.prediction
+        layout = host.unet_layout()
+        if cfg.mode == "full":
+            deltas = self.tr.delta_tensors()
+            host.save_checkpoint(self.plan.files["checkpoint"], deltas, meta)
+            files.append(self.plan.files["checkpoint"])
+            if cfg.extract_rank:
+                layers = extract_lora(deltas, cfg.extract_rank)
+                layers = {n: l for n, l in layers.items() if _loader_maps(n, fam, layout)}
+                if layers:
+                    p = self.plan.files["lora"]
+                    files.append(lora_format.save_lora(p.parent, p.stem, layers, family=fam, metadata=meta,
+                                                       dtype=cfg.save_dtype, prediction=pred, layout=layout,
+                                                       overwrite=True))
+        else:
+            p = self.plan.files["lora"]
+            vecs = self.tr.vector_tensors()
+            bundle = {cfg.token: vecs} if (cfg.mode == "pivotal" and cfg.bundle_embedding) else None
+            files.append(lora_format.save_lora(p.parent, p.stem, self.tr.lora_layers(), family=fam, metadata=meta,
+                                               dtype=cfg.save_dtype, prediction=pred, layout=layout,
+                                               bundle_emb=bundle, bundle_widths=self.widths, overwrite=True))
+            if cfg.mode == "pivotal":
+                files += formats.save_embedding(cfg.embedding_dir or cfg.output_dir, cfg.token, vecs, host.info,
+                                                step=step, metadata={"trainer": "likeness pivotal tuning",
+                                                                     "steps_done": str(step)},
+                                                overwrite=True, widths=self.widths)
+        self.files = files
+
+
+def _loader_maps(name: str, family: str, layout) -> bool:
+    try:
+        lora_format.normalize_layer_name(name, family, layout)
+        return True
+    except ValueError:
+        return False
+
+
+def train_dreambooth(host: Host, images: D.TrainingImages, cfg: DreamBoothConfig,
+                     class_images: D.TrainingImages | None = None,
+                     progress: loop.ProgressFn | None = None,
+                     class_progress: Callable[[int, int], None] | None = None) -> DreamBoothResult:
+    """Train, write the mode's files (every ``save_every`` steps, at the end and on Cancel) and
+    return the result.  The host's weights are never modified."""
+    plan = prepare(host, images, cfg, class_images)
+    inst = D.LatentCache(host, plan.images, crop_hw=plan.crop_hw, flip=cfg.flip, random_crop=cfg.random_crop)
+    prior, n_class = None, 0
+    if plan.prior:
+        if plan.class_images is not None:
+            prior = D.LatentCache(host, plan.class_images, crop_hw=plan.crop_hw, flip=False, random_crop=False)
+        else:
+            lat = sample_class_latents(host, cfg.class_prompt, cfg.num_class_images, plan.crop_hw,
+                                       steps=cfg.class_sample_steps, cfg=cfg.class_cfg, seed=cfg.seed + 1_000_003,
+                                       progress=class_progress)
+            prior = D.LatentCache.from_latents(lat, host.latent_scale)
+        n_class = len(prior)
+    prompts = [c if c is not None else cfg.instance_prompt for c in plan.captions]
+    tr = _Trainables(host, cfg, plan.init_text)
+    method = DreamBooth(host, cfg, inst, prompts, prior, tr.groups(), tr.vectors)
+    saver = _Saver(host, cfg, plan, tr, _metadata(cfg, host, len(images), n_class))
+    last_preview: list[torch.Tensor] = []
+
+    def preview(step: int) -> torch.Tensor:
+        prompt = cfg.preview_prompt or cfg.instance_prompt
+        img = render_preview(host, cfg.token, tr.vectors, prompt, size_hw=plan.crop_hw, steps=cfg.preview_steps,
+                             cfg=cfg.preview_cfg, seed=cfg.seed)
+        last_preview[:] = [img[0]]
+        return img[0]
+
+    lcfg = loop.LoopConfig(steps=cfg.steps, learning_rate=cfg.learning_rate, save_every=cfg.save_every,
+                           preview_every=cfg.preview_every, optimizer=cfg.optimizer,
+                           max_grad_norm=cfg.max_grad_norm, snapshot=cfg.mode != "full")
+    ckpt = host.gradient_checkpointing() if cfg.gradient_checkpointing else _null()
+    with host.parameter_patches(tr.patches()), ckpt:
+        res = loop.run(method, lcfg, device=host.device, compute_dtype=host.compute_dtype, save=saver,
+                       progress=progress, preview=preview if cfg.preview_every else None)
+    return DreamBoothResult(
+        files=list(saver.files), losses=res.losses, steps_done=res.steps_done, skipped_steps=res.skipped_steps,
+        seconds=res.seconds, mode=cfg.mode, lora_layers=tr.lora_layers(),
+        deltas=tr.delta_tensors() if cfg.mode == "full" else {}, vectors=tr.vector_tensors(),
+        class_images=n_class, preview=last_preview[0] if last_preview else None, data_summary=images.summary(),
+    )
+
+
+def _null():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+__all__ = ["DreamBoothConfig", "DreamBoothResult", "MODES", "train_dreambooth", "prepare",
+           "sample_class_latents", "min_snr_weights"]

@@ -1,0 +1,150 @@
+"""LoRA adapters trained through a host's parameter patches (``seam.Tunable``).
+
+A layer with weight ``W`` computes with ``W + (alpha / r) · up @ down`` (Hu et al. 2021, eq. 3,
+with kohya's alpha scaling; conv factors flattened as every loader rebuilds them), so what we
+train is exactly what ComfyUI, A1111/Forge and diffusers compute when they load the file.  The
+factors are fp32 tensors of our own; the host's weights are never written.
+
+Targets (which layers get an adapter), by preset - names are matched on the module path's tail,
+which is the same in diffusers and LDM naming inside a transformer block:
+
+* ``attention`` - diffusers' DreamBooth-LoRA: ``attn1/attn2 .to_q .to_k .to_v .to_out.0``.
+* ``transformer`` - kohya's default: every Linear and 1x1 conv of the transformer blocks
+  (those four, plus ``proj_in``, ``proj_out``, ``ff.net.0.proj``, ``ff.net.2``).
+* ``cross_kv`` - Custom Diffusion (Kumari et al. 2023): the cross-attention keys and values only.
+
+Text encoders: ``attention`` and ``cross_kv`` train ``q/k/v/out_proj``; ``transformer`` also the
+MLP (``fc1``, ``fc2``) - kohya's text-encoder set.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+
+PRESETS = ("attention", "transformer", "cross_kv")
+
+_UNET_TARGETS = {
+    "attention": re.compile(r"\.transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)\.weight$"),
+    "transformer": re.compile(r"(\.transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)"
+                              r"|ff\.net\.0\.proj|ff\.net\.2)|\.proj_in|\.proj_out)\.weight$"),
+    "cross_kv": re.compile(r"\.transformer_blocks\.\d+\.attn2\.(to_k|to_v)\.weight$"),
+}
+_TE_TARGETS = {
+    "attention": re.compile(r"\.encoder\.layers\.\d+\.self_attn\.(q|k|v|out)_proj\.weight$"),
+    "transformer": re.compile(r"\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])\.weight$"),
+    "cross_kv": re.compile(r"\.encoder\.layers\.\d+\.self_attn\.(q|k|v|out)_proj\.weight$"),
+}
+
+
+def target_weights(params: dict[str, torch.Tensor], preset: str, text_encoder: bool = False) -> list[str]:
+    """Names of the weights in ``params`` (a host's ``tunable_parameters``) that ``preset`` adapts:
+    2-D (Linear) or 4-D with a 1x1 kernel (the 1x1 convs some UNets use for ``proj_in/out``)."""
+    if preset not in PRESETS:
+        raise ValueError(f"LoRA targets must be one of {', '.join(PRESETS)}, not {preset!r}")
+    rx = (_TE_TARGETS if text_encoder else _UNET_TARGETS)[preset]
+    out = []
+    for name, w in params.items():
+        if rx.search(name) and (w.ndim == 2 or (w.ndim == 4 and tuple(w.shape[2:]) == (1, 1))):
+            out.append(name)
+    return sorted(out)
+
+
+@dataclass
+class LoraAdapter:
+    """One layer's factors: ``down [r, in(, 1, 1)]``, ``up [out, r(, 1, 1)]`` (fp32), scale alpha/r."""
+
+    down: torch.nn.Parameter
+    up: torch.nn.Parameter
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    def delta(self) -> torch.Tensor:
+        r = self.rank
+        d = self.up.reshape(self.up.shape[0], r) @ self.down.reshape(r, -1)
+        return (d * (self.alpha / r)).reshape(self.up.shape[0], *self.down.shape[1:])
+
+    def patch(self, w: torch.Tensor) -> torch.Tensor:
+        # the delta is computed in fp32 and enters in the weight's dtype: what a loader does
+        return w + self.delta().to(w.dtype)
+
+
+class LoraSet:
+    """Adapters for a set of a host's weights; ``patches()`` feeds ``host.parameter_patches``."""
+
+    def __init__(self, weights: dict[str, torch.Tensor], rank: int, alpha: float, *,
+                 device: torch.device, seed: int = 0):
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be at least 1, got {rank}")
+        if not alpha > 0:
+            raise ValueError(f"LoRA alpha must be positive, got {alpha}")
+        if not weights:
+            raise ValueError("no layers to adapt")
+        gen = torch.Generator("cpu").manual_seed(seed)
+        self.adapters: dict[str, LoraAdapter] = {}
+        for name, w in weights.items():
+            self.adapters[name] = self._new(w, rank, alpha, gen, device)
+
+    @staticmethod
+    def _new(w: torch.Tensor, rank: int, alpha: float, gen: torch.Generator,
+             device: torch.device) -> LoraAdapter:
+        out_f, in_f = w.shape[0], int(math.prod(w.shape[1:]))
+        r = min(rank, out_f, in_f)
+        # kohya / PEFT init: down ~ kaiming-uniform(a=sqrt 5) = U(-1/sqrt(in), 1/sqrt(in)), up = 0,
+        # so training starts exactly at the base model
+        bound = 1.0 / math.sqrt(in_f)
+        down = (torch.rand(r, in_f, generator=gen) * 2 - 1) * bound
+        up = torch.zeros(out_f, r)
+        extra = (1, 1) if w.ndim == 4 else ()
+        return LoraAdapter(
+            down=torch.nn.Parameter(down.reshape(r, *w.shape[1:]).to(device)),
+            up=torch.nn.Parameter(up.reshape(out_f, r, *extra).to(device)),
+            alpha=float(alpha),
+        )
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [t for a in self.adapters.values() for t in (a.down, a.up)]
+
+    def patches(self) -> dict:
+        return {name: a.patch for name, a in self.adapters.items()}
+
+    def layers(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+        """``{module name: (down, up, alpha)}`` on the CPU, fp32 - what ``lora_format.save_lora``
+        takes (module names: the weight names without ``.weight``)."""
+        return {name[: -len(".weight")]: (a.down.detach().float().cpu(), a.up.detach().float().cpu(), a.alpha)
+                for name, a in self.adapters.items()}
+
+    def __len__(self) -> int:
+        return len(self.adapters)
+
+
+def extract_lora(deltas: dict[str, torch.Tensor], rank: int, *, min_norm: float = 0.0) -> dict:
+    """Best rank-``rank`` approximation (truncated SVD) of each weight delta, as LoRA layers
+    ``{module: (down, up, alpha=r)}`` - a full fine-tune distilled into a small file.  Only the
+    Linear and conv weights LoRA loaders patch are taken; deltas with norm ≤ ``min_norm`` dropped."""
+    out = {}
+    for name, d in deltas.items():
+        if not name.endswith(".weight") or d.ndim not in (2, 4):
+            continue
+        m = d.detach().float().cpu().reshape(d.shape[0], -1)
+        if float(m.norm()) <= min_norm:
+            continue
+        r = min(rank, *m.shape)
+        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+        up = (u[:, :r] * s[:r]).reshape(d.shape[0], r, *((1, 1) if d.ndim == 4 else ()))
+        down = vh[:r].reshape(r, *d.shape[1:])
+        out[name[: -len(".weight")]] = (down.contiguous(), up.contiguous(), float(r))
+    return out
+
+
+def count_parameters(tensors: Iterable[torch.Tensor]) -> int:
+    return sum(t.numel() for t in tensors)
+
+
+__all__ = ["PRESETS", "target_weights", "LoraAdapter", "LoraSet", "extract_lora", "count_parameters"]
