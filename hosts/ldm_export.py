@@ -9,6 +9,8 @@ The inverse of what diffusers' single-file loader (and ``hosts/diffusers.load_si
 """
 from __future__ import annotations
 
+import re
+
 import torch
 
 _RESNET_TO_LDM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0",
@@ -82,9 +84,14 @@ def _vae_resnet_rest(rest: list[str]) -> list[str]:
     return ["nin_shortcut" if rest[0] == "conv_shortcut" else rest[0], *rest[1:]]
 
 
+_PARAMETRIZED = re.compile(r"\.parametrizations\.(\w+)\.original$")
+
+
 def _state(module, prefix: str, replace: dict | None) -> dict:
-    """``module.state_dict()`` with the tensors ``replace`` holds under ``prefix + key`` swapped in."""
-    sd = module.state_dict()
+    """``module.state_dict()`` with the tensors ``replace`` holds under ``prefix + key`` swapped in.
+    Parameters under a ``torch.nn.utils.parametrize`` patch (a fine-tune in progress) are read
+    under their own names, unpatched."""
+    sd = {_PARAMETRIZED.sub(r".\1", k): v for k, v in module.state_dict().items()}
     if not replace:
         return sd
     return {k: replace.get(prefix + k, v) for k, v in sd.items()}

@@ -114,7 +114,8 @@ class Adafactor(torch.optim.Optimizer):
             col = state.setdefault("col", torch.zeros(g2m.shape[1], device=g.device))
             row.lerp_(g2m.mean(1), 1 - b2)
             col.lerp_(g2m.mean(0), 1 - b2)
-            v = (row[:, None] * col[None, :] / row.mean().clamp_min(1e-38)).reshape(g.shape)
+            # (row / mean(row)) first: row * col of two tiny numbers would underflow fp32 to 0
+            v = ((row / row.mean().clamp_min(1e-38))[:, None] * col[None, :]).reshape(g.shape)
         else:
             v = state.setdefault("v", torch.zeros_like(g))
             v.lerp_(g2, 1 - b2)
