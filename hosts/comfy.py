@@ -111,9 +111,22 @@ def _add_identity_wrappers(patcher, patches: dict) -> None:
                 patcher.add_weight_wrapper(f"{name}.bias", _Wrapper(f"{name}.bias", patches))
 
 
-def _clip_layer_forward_out_of_place(self, x, mask=None, optimized_attention=None):
+def _clip_layer_body(self, x, mask=None, optimized_attention=None):
     x = x + self.self_attn(self.layer_norm1(x), mask, optimized_attention)
     return x + self.mlp(self.layer_norm2(x))
+
+
+#: set while a host trains with gradient checkpointing: text-encoder layers are recomputed in
+#: backward too (each forward otherwise keeps a copy of every patched weight it used)
+_CHECKPOINT_TEXT = {"on": False}
+
+
+def _clip_layer_forward_out_of_place(self, x, mask=None, optimized_attention=None):
+    if _CHECKPOINT_TEXT["on"] and torch.is_grad_enabled():
+        import torch.utils.checkpoint as ckpt
+
+        return ckpt.checkpoint(_clip_layer_body, self, x, mask, optimized_attention, use_reentrant=False)
+    return _clip_layer_body(self, x, mask, optimized_attention)
 
 
 @contextlib.contextmanager
@@ -394,7 +407,13 @@ class ComfyHost:
             saved = self._clip.tokenizer
             try:
                 self._clip.tokenizer = tokenizer  # our own clone's attribute; the input CLIP is untouched
+                done: dict[str, int] = {}  # a batch repeats prompts (DreamBooth: B x instance, B x class)
                 for p in prompts:
+                    if p in done:
+                        j = done[p]
+                        conds.append(conds[j]), pooled.append(pooled[j]), extra.append(dict(extra[j]))
+                        continue
+                    done[p] = len(conds)
                     text = p.replace(placeholder, f" embedding:{_MARKER} ") if splice else p
                     tokens = self._clip.tokenize(text)
                     out = self._clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
@@ -536,9 +555,11 @@ class ComfyHost:
                 return ckpt.checkpoint(_f, *args, use_reentrant=False, **kwargs)
 
             b.forward = fwd
+        _CHECKPOINT_TEXT["on"] = True
         try:
             yield
         finally:
+            _CHECKPOINT_TEXT["on"] = False
             for b in blocks:
                 b.__dict__.pop("forward", None)
 

@@ -6,11 +6,11 @@ from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import image_folder, textual_inversion
+from . import dreambooth, image_folder, seedselect, textual_inversion
 
 
 def node_list() -> list[type[io.ComfyNode]]:
-    return [*image_folder.NODES, *textual_inversion.NODES]
+    return [*image_folder.NODES, *textual_inversion.NODES, *dreambooth.NODES, *seedselect.NODES]
 
 
 class LikenessExtension(ComfyExtension):

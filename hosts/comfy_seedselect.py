@@ -1,0 +1,196 @@
+"""SeedSelect on ComfyUI's objects: the ``SeedModel`` over MODEL + CONDITIONING + VAE, the
+``ImageEncoder`` over CLIP_VISION, and the NOISE object ``SamplerCustomAdvanced`` takes.
+
+Importable only inside ComfyUI.  Why it looks the way it does (``shared/reference/
+comfyui-internals.md`` §4, §8):
+
+* **The denoiser is ComfyUI's own.**  ``run`` calls ``CFGGuider.sample`` - the very path
+  ``SamplerCustomAdvanced`` takes - with a ``Sampler`` whose ``sample`` runs our function instead
+  of a k-diffusion loop.  Inside, the model is loaded, the conditioning is processed for the
+  latent's size (SDXL's size embeddings, area/mask conds, ControlNets, model patches), and
+  ``KSamplerX0Inpaint(guider)`` is exactly the callable ComfyUI's samplers call every step.  So
+  the optimised noise reproduces through ``SamplerCustomAdvanced`` with the same sampler, sigmas
+  and cfg, bar floating-point noise.  The noise scaling ComfyUI applies before the first step
+  (``sqrt(1 + sigma^2)`` when the schedule starts at sigma_max, else ``sigma``) is applied by the
+  trainer (``diff_sampling.initial_latent``), differentiably.
+* **Autograd through inference tensors**: the MODEL, VAE and CLIP_VISION are used through patcher
+  clones with identity weight/bias wrappers (``hosts.comfy._add_identity_wrappers``), so every
+  weight is copied per forward and the shared modules are never touched; all work runs inside
+  ``inference_mode(False)`` with tensors made there.
+* ``VAE.decode`` and ``ClipVisionModel.encode_image`` are not differentiable (in-place output
+  buffer; 8-bit rounding in ``clip_preprocess``): ``decode`` calls the first-stage model directly,
+  ``embed`` does its own resize/normalise (``trainers.image_encoder.clip_pixels``) and runs the
+  vision tower with ComfyUI's CLIP layers swapped for an out-of-place forward.
+"""
+from __future__ import annotations
+
+import torch
+
+import comfy.model_management
+import comfy.samplers
+
+from ..trainers.image_encoder import CLIP_MEAN, CLIP_STD, clip_pixels
+from .comfy import _family, _prediction, out_of_place_clip_layers
+
+
+def _fresh_copy(t: torch.Tensor) -> torch.Tensor:
+    # Identity wrapper returning a tensor of its own: with any wrapper installed, comfy ops copy the
+    # weight per forward, so autograd never saves a load-time inference tensor (DynamicVRAM may
+    # hand out cached inference-mode tensors: the clone covers that too).
+    return t.clone()
+
+
+def _add_identity_wrappers(patcher) -> None:
+    """Identity weight *and* bias wrappers on every comfy-ops layer of a patcher clone (weights
+    alone are not enough: LayerNorm saves its bias).  Our own copy of the recipe, so changes to the
+    TI/DreamBooth host's helpers cannot break SeedSelect."""
+    for name, m in patcher.model.named_modules():
+        if hasattr(m, "weight_function"):
+            if getattr(m, "weight", None) is not None:
+                patcher.add_weight_wrapper(f"{name}.weight", _fresh_copy)
+            if getattr(m, "bias", None) is not None:
+                patcher.add_weight_wrapper(f"{name}.bias", _fresh_copy)
+
+
+class OptimizedNoise:
+    """ComfyUI's NOISE protocol (``.seed``, ``.generate_noise(latent)``) for a fixed noise tensor;
+    feeds ``SamplerCustomAdvanced`` like ``RandomNoise`` does."""
+
+    def __init__(self, noise: torch.Tensor, seed: int = 0):
+        self.noise = noise.detach().to("cpu", torch.float32).clone()
+        self.seed = int(seed)
+
+    def generate_noise(self, input_latent: dict) -> torch.Tensor:
+        samples = input_latent["samples"]
+        n = self.noise
+        if tuple(samples.shape[1:]) != tuple(n.shape[1:]):
+            raise ValueError(f"This optimised noise is for latents of shape {tuple(n.shape[1:])} (an image of "
+                             f"{n.shape[-1] * 8}x{n.shape[-2] * 8} px), but the latent is {tuple(samples.shape[1:])}. "
+                             "Use an Empty Latent Image of the size SeedSelect was run at.")
+        if samples.shape[0] != n.shape[0]:
+            if samples.shape[0] % n.shape[0]:
+                raise ValueError(f"The latent batch is {samples.shape[0]} but the noise holds {n.shape[0]} seed(s); "
+                                 "set the Empty Latent Image batch size to a multiple of it.")
+            n = n.repeat(samples.shape[0] // n.shape[0], 1, 1, 1)
+        return n.to(dtype=samples.dtype).clone()
+
+
+class _FunctionSampler(comfy.samplers.Sampler):
+    """A ComfyUI sampler whose ``sample`` hands the step denoiser to ``fn`` (the TrainLoraNode trick:
+    ComfyUI's machinery around, our loop inside).  Returns the latent unchanged; ``fn``'s result is
+    kept in ``result``."""
+
+    def __init__(self, fn):
+        self.fn, self.result = fn, None
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+               disable_pbar=False):
+        model_k = comfy.samplers.KSamplerX0Inpaint(model_wrap, sigmas)
+        model_k.latent_image, model_k.noise = latent_image, noise
+        extra = dict(extra_args, denoise_mask=None)
+
+        def denoiser(x, sigma):
+            return model_k(x, sigma, **extra)
+
+        self.result = self.fn(denoiser)
+        return latent_image
+
+
+def _unet_downsamplings(model) -> int:
+    cfg = getattr(model.model, "model_config", None)
+    mult = (getattr(cfg, "unet_config", None) or {}).get("channel_mult")
+    return len(mult) - 1 if mult else 3
+
+
+class ComfySeedModel:
+    """``trainers.seedselect.SeedModel`` over ComfyUI's MODEL, positive/negative CONDITIONING and
+    VAE (SD1.x, SD2.x, SDXL).  The inputs are never modified."""
+
+    def __init__(self, model, positive, negative, vae):
+        if model is None or vae is None:
+            raise ValueError("SeedSelect needs the MODEL and the VAE of the checkpoint.")
+        if not positive:
+            raise ValueError("SeedSelect needs the positive conditioning (the prompt that names the concept).")
+        self.family = _family(model)
+        self._ms = model.get_model_object("model_sampling")
+        self.prediction = _prediction(self._ms, type(model.model).__name__)
+        fmt = model.model.latent_format
+        if getattr(vae, "latent_channels", None) != fmt.latent_channels:
+            raise ValueError(f"This VAE makes {getattr(vae, 'latent_channels', '?')}-channel latents but the MODEL "
+                             f"expects {fmt.latent_channels}; connect the VAE of the same checkpoint.")
+        self.device = torch.device(model.load_device)
+        manual = model.get_model_object("manual_cast_dtype")
+        self.compute_dtype = manual if manual is not None else model.model_dtype()
+        self.latent_channels = int(fmt.latent_channels)
+        self.latent_scale = int(fmt.spacial_downscale_ratio)
+        self.latent_multiple = 2 ** _unet_downsamplings(model)
+        self.positive, self.negative = positive, negative if negative is not None else []
+        self._model = model.clone()
+        _add_identity_wrappers(self._model)
+        self._vae = vae
+        self._vae_patcher = vae.patcher.clone()
+        _add_identity_wrappers(self._vae_patcher)
+
+    # -- the protocol ----------------------------------------------------------------------------
+    def training_sigmas(self) -> torch.Tensor:
+        with torch.inference_mode(False):
+            s = self._ms.sigmas.detach().float().cpu().clone()
+        return s.flip(0) if s[0] > s[-1] else s
+
+    def process_latent_out(self, latents: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(False):
+            return self._model.model.process_latent_out(latents.float().clone())
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            raw = self._vae.encode(images[..., :3].clone())
+        with torch.inference_mode(False), torch.no_grad():
+            lat = raw.clone().to(self.device, torch.float32)
+            return self._model.model.process_latent_in(lat).float()
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        comfy.model_management.load_models_gpu([self._vae_patcher])
+        vae = self._vae
+        raw = self._model.model.process_latent_out(latents.float())
+        img = vae.first_stage_model.decode(raw.to(vae.device, vae.vae_dtype)).float()
+        return ((img + 1) / 2).clamp(0, 1).movedim(1, -1)[..., :3].to(self.device)
+
+    def run(self, sigmas, cfg, fn, shape=None):
+        guider = comfy.samplers.CFGGuider(self._model)
+        guider.set_conds(self.positive, self.negative)
+        guider.set_cfg(cfg)
+        sampler = _FunctionSampler(fn)
+        with torch.inference_mode(False):
+            latent = torch.zeros(shape)  # empty latent: nothing to add to the noise
+            sigmas = sigmas.detach().float().cpu().clone()
+            guider.sample(latent.clone(), latent, sampler, sigmas, disable_pbar=True, seed=0)
+        return sampler.result
+
+
+class ComfyClipVision:
+    """``trainers.image_encoder.ImageEncoder`` over ComfyUI's CLIP_VISION (projected image embeds)."""
+
+    def __init__(self, clip_vision):
+        if clip_vision is None or not hasattr(clip_vision, "model"):
+            raise ValueError("SeedSelect needs a CLIP_VISION model (Load CLIP Vision) for its semantic loss.")
+        kind = getattr(clip_vision, "model_type", "clip_vision_model")
+        if kind != "clip_vision_model":
+            raise ValueError(f"This CLIP_VISION is a {kind}; SeedSelect needs a CLIP vision model "
+                             "(e.g. CLIP-ViT-H-14 or CLIP-ViT-L-14).")
+        self.cv = clip_vision
+        self.size = int(getattr(clip_vision, "image_size", 224))
+        self.mean = tuple(getattr(clip_vision, "image_mean", CLIP_MEAN))
+        self.std = tuple(getattr(clip_vision, "image_std", CLIP_STD))
+        self.patcher = clip_vision.patcher.clone()
+        _add_identity_wrappers(self.patcher)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        comfy.model_management.load_models_gpu([self.patcher])
+        dev = self.patcher.load_device
+        pv = clip_pixels(images.to(dev).float(), self.size, self.mean, self.std)
+        with out_of_place_clip_layers():
+            out = self.cv.model(pixel_values=pv, intermediate_output=-2)
+        return out[2].float().to(images.device)
+
+
+__all__ = ["ComfySeedModel", "ComfyClipVision", "OptimizedNoise"]

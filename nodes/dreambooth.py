@@ -1,0 +1,275 @@
+"""DreamBooth as ComfyUI nodes: LoRA, full fine-tune and pivotal tuning on the MODEL/CLIP/VAE the
+graph loaded.
+
+Each node wraps ComfyUI's objects in a ``ComfyHost``, trains with ``trainers.dreambooth`` (the
+input MODEL and CLIP are never modified) and returns *clones* with the result applied, ready for
+``KSampler`` in the same graph: the LoRA through ComfyUI's own ``load_lora_for_models`` (exactly
+what ``LoraLoader`` does with the file), the full fine-tune as ``diff`` patches.  Files go where
+ComfyUI's loaders look: ``models/loras``, ``models/checkpoints``, ``models/embeddings``.
+Prior-preservation class images come either from an IMAGE input (e.g. ``KSampler → VAEDecode`` on
+the class prompt) or are sampled by the node with the frozen model.
+"""
+from __future__ import annotations
+
+import comfy.model_management
+import comfy.utils
+import folder_paths
+import torch
+from comfy_api.latest import io, ui
+
+from ..hosts.comfy import ComfyHost
+from ..trainers import data as D
+from ..trainers import lora_format
+from ..trainers.dreambooth import DreamBoothConfig, train_dreambooth
+from ..trainers.lora import PRESETS
+from .textual_inversion import _captions, _pil, _send_progress, embeddings_dir
+
+CATEGORY = "Likeness/training"
+
+
+def _folder(kind: str) -> str:
+    return folder_paths.get_folder_paths(kind)[0]
+
+
+def _common_inputs(steps: int, lr: float, save_every: int) -> list:
+    """Inputs every DreamBooth node shares, in the order ``_config`` reads them."""
+    return [
+        io.Model.Input("model", tooltip="The diffusion model to fine-tune (SD1.x, SD2.x or SDXL). It is not "
+                       "modified: the outputs are clones with the result applied."),
+        io.Clip.Input("clip", tooltip="The CLIP of the same checkpoint (encodes the prompts; trained too when "
+                      "asked)."),
+        io.Vae.Input("vae", tooltip="The VAE of the same checkpoint: encodes the images once, decodes previews."),
+        io.Image.Input("images", tooltip="3-5 (up to ~20) images of the subject, as one IMAGE batch."),
+        io.String.Input("name", default="my_subject", tooltip="File name of what is written (letters, digits, "
+                        "_ - .)."),
+        io.String.Input("instance_prompt", default="a photo of sks dog", tooltip="The prompt the subject is "
+                        "bound to: a rare identifier plus the class noun (DreamBooth: 'a [V] [class]')."),
+        io.String.Input("class_prompt", default="", tooltip="The class alone ('a photo of a dog'). With a "
+                        "prior weight > 0 the model keeps drawing the class as before (prior preservation). "
+                        "Empty: no prior preservation."),
+        io.Float.Input("prior_weight", default=1.0, min=0.0, max=10.0, step=0.05, tooltip="λ of the "
+                       "prior-preservation loss (the paper uses 1)."),
+        io.Int.Input("num_class_images", default=50, min=0, max=2000, tooltip="Without a class_images input: "
+                     "how many class images the node samples with the frozen model first (Euler, 20 steps)."),
+        io.Int.Input("steps", default=steps, min=1, max=100000, tooltip="Optimisation steps."),
+        io.Float.Input("learning_rate", default=lr, min=1e-7, max=1.0, step=1e-6, round=1e-7,
+                       tooltip="Learning rate of the trained weights."),
+        io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Subject images per step (as many "
+                     "class images join them)."),
+        io.Int.Input("resolution", default=0, min=0, max=4096, step=8, tooltip="Resize the short side to this "
+                     "and train on square crops; 0: the images' own size."),
+        io.Boolean.Input("flip", default=False, tooltip="Also train on mirrored images (off by default: "
+                         "subjects are often asymmetric)."),
+        io.Float.Input("min_snr_gamma", default=0.0, min=0.0, max=20.0, step=0.5, advanced=True,
+                       tooltip="Min-SNR-γ loss weighting (5 is the paper's value); 0: off."),
+        io.Float.Input("noise_offset", default=0.0, min=0.0, max=1.0, step=0.01, advanced=True,
+                       tooltip="Offset noise (0.05-0.1 lets the model learn very dark/bright images); 0: off."),
+        io.Boolean.Input("gradient_checkpointing", default=False, advanced=True, tooltip="Recompute "
+                         "activations in backward: much less memory, ~20-30% slower."),
+        io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
+                     control_after_generate=io.ControlAfterGenerate.fixed, tooltip="Seed of noise, timesteps "
+                     "and class samples: same inputs and seed give the same result (and a cached re-run)."),
+        io.Int.Input("preview_every", default=50, min=0, max=100000, tooltip="Preview the instance prompt "
+                     "every N steps (0: never)."),
+        io.Int.Input("save_every", default=save_every, min=0, max=100000, advanced=True, tooltip="Also write "
+                     "the file every N steps (it is always written at the end and on Cancel)."),
+        io.Boolean.Input("overwrite", default=False, tooltip="Replace existing files of the same name; off: "
+                         "refuse to start."),
+        io.Image.Input("class_images", optional=True, tooltip="Optional class images for prior preservation "
+                       "(same size as the training images), e.g. from KSampler → VAEDecode on the class prompt."),
+        io.String.Input("captions", default="", multiline=True, optional=True, tooltip="Optional: one caption "
+                        "per line in image order; when every image has one they replace the instance prompt."),
+    ]
+
+
+def _config(kw: dict, **mode) -> DreamBoothConfig:
+    return DreamBoothConfig(
+        name=kw["name"], instance_prompt=kw["instance_prompt"], class_prompt=kw["class_prompt"],
+        prior_weight=kw["prior_weight"], num_class_images=kw["num_class_images"], steps=kw["steps"],
+        learning_rate=kw["learning_rate"], batch_size=kw["batch_size"], resolution=kw["resolution"] or None,
+        flip=kw["flip"], min_snr_gamma=kw["min_snr_gamma"], noise_offset=kw["noise_offset"],
+        gradient_checkpointing=kw["gradient_checkpointing"], seed=kw["seed"], preview_every=kw["preview_every"],
+        save_every=kw["save_every"], overwrite=kw["overwrite"], **mode)
+
+
+def _train(cls, kw: dict, cfg: DreamBoothConfig):
+    """Run the trainer with ComfyUI's progress bar, previews, loss chart and Cancel; returns
+    (host, result)."""
+    images = kw["images"]
+    data = D.images_from_batch(images, _captions(kw.get("captions"), 0 if images is None else images.shape[0]))
+    class_data = D.images_from_batch(kw["class_images"]) if kw.get("class_images") is not None else None
+    host = ComfyHost(kw["model"], kw["clip"], kw["vae"])
+    node_id = getattr(cls.hidden, "unique_id", None)
+    pbar = comfy.utils.ProgressBar(cfg.steps, node_id=node_id)
+
+    def class_progress(done, total):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        comfy.utils.ProgressBar(total, node_id=node_id).update_absolute(done, total)
+
+    def progress(step, total, loss, preview):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        _send_progress(node_id, step, total, loss)
+        pbar.update_absolute(step, total, ("JPEG", _pil(preview), 512) if preview is not None else None)
+
+    with host.training():
+        res = train_dreambooth(host, data, cfg, class_images=class_data, progress=progress,
+                               class_progress=class_progress)
+    return host, res
+
+
+def _report(cls, res, headline: str):
+    preview = res.preview[None].cpu() if res.preview is not None else torch.zeros(1, 64, 64, 3)
+    last = f"{res.losses[-1]:.4f}" if res.losses else "n/a"
+    text = (f"{headline} - {res.steps_done} steps in {res.seconds:.0f} s, last loss {last}"
+            + (f", {res.class_images} class images" if res.class_images else "")
+            + (f", {res.skipped_steps} non-finite steps skipped" if res.skipped_steps else "")
+            + "\n" + "\n".join(str(f) for f in res.files) + "\n" + res.data_summary)
+    show = ui.PreviewText(text).as_dict()
+    if res.preview is not None:
+        show = ui.PreviewImage(preview, cls=cls).as_dict() | show
+    return preview, {"loss": list(res.losses)}, show
+
+
+def _lora_applied(host: ComfyHost, res):
+    sd = lora_format.lora_state_dict(res.lora_layers, family=host.info.family, dtype=torch.float32,
+                                     layout=host.unet_layout())
+    return host.lora_model(sd)
+
+
+_OUT_MODEL = io.Model.Output(display_name="model", tooltip="A clone of the input model with the result applied.")
+_OUT_CLIP = io.Clip.Output(display_name="clip", tooltip="A clone of the input CLIP (with the text-encoder part "
+                           "of the result, if any).")
+_OUT_PREVIEW = io.Image.Output(display_name="preview", tooltip="The last preview image.")
+_OUT_LOSS = io.LossMap.Output(display_name="loss", tooltip="The loss of every step (Plot Loss Graph).")
+
+
+class TrainDreamBoothLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LikenessTrainDreamBoothLoRA",
+            display_name="Train DreamBooth LoRA (Likeness)",
+            category=CATEGORY,
+            description=("DreamBooth as a LoRA: binds the instance prompt's identifier to the subject, with "
+                         "prior preservation. Writes models/loras/<name>.safetensors in kohya's format (loads in "
+                         "ComfyUI's LoraLoader, A1111/Forge and diffusers) and outputs the model with it applied."),
+            search_aliases=["dreambooth", "lora", "train lora", "likeness"],
+            inputs=_common_inputs(500, 1e-4, 100) + [
+                io.Int.Input("rank", default=8, min=1, max=256, tooltip="LoRA rank (dimension)."),
+                io.Float.Input("alpha", default=0.0, min=0.0, max=256.0, step=0.5, tooltip="LoRA alpha: the "
+                               "update is scaled by alpha/rank. 0: alpha = rank (scale 1)."),
+                io.Combo.Input("targets", options=list(PRESETS), default="attention", tooltip="attention: the "
+                               "attention projections (diffusers); transformer: every linear layer of the "
+                               "transformer blocks (kohya); cross_kv: cross-attention keys/values (Custom "
+                               "Diffusion)."),
+                io.Boolean.Input("train_text_encoder", default=False, tooltip="Also put LoRA layers on the text "
+                                 "encoder(s)."),
+                io.Float.Input("text_encoder_lr", default=5e-5, min=1e-7, max=1.0, step=1e-6, round=1e-7,
+                               advanced=True, tooltip="Learning rate of the text-encoder LoRA layers."),
+            ],
+            outputs=[_OUT_MODEL, _OUT_CLIP, io.String.Output(display_name="lora_name", tooltip="The file "
+                     "name, as LoraLoader lists it."), _OUT_PREVIEW, _OUT_LOSS],
+            hidden=[io.Hidden.unique_id],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, **kw) -> io.NodeOutput:
+        cfg = _config(kw, mode="lora", output_dir=_folder("loras"), rank=kw["rank"], alpha=kw["alpha"] or None,
+                      targets=kw["targets"], train_text_encoder=kw["train_text_encoder"],
+                      text_encoder_lr=kw["text_encoder_lr"])
+        host, res = _train(cls, kw, cfg)
+        model, clip = _lora_applied(host, res)
+        preview, loss, show = _report(cls, res, f"LoRA {res.files[0].name}")
+        return io.NodeOutput(model, clip, res.files[0].name, preview, loss, ui=show)
+
+
+class TrainDreamBoothFull(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LikenessTrainDreamBoothFull",
+            display_name="Train DreamBooth Full (Likeness)",
+            category=CATEGORY,
+            description=("Full DreamBooth: fine-tunes every weight of the denoiser (optionally the text encoders) "
+                         "with prior preservation. Writes models/checkpoints/<name>.safetensors (loads in "
+                         "CheckpointLoaderSimple and A1111) and, optionally, the change as a LoRA."),
+            search_aliases=["dreambooth", "fine-tune", "finetune", "likeness"],
+            inputs=_common_inputs(800, 5e-6, 0) + [
+                io.Combo.Input("optimizer", options=["adafactor", "adamw"], default="adafactor", tooltip=
+                               "adafactor: almost no optimizer memory (SD1.5 fits 12 GB with gradient "
+                               "checkpointing); adamw: two more fp32 copies of the model."),
+                io.Boolean.Input("train_text_encoder", default=False, tooltip="Also fine-tune the text "
+                                 "encoder(s)."),
+                io.Float.Input("text_encoder_lr", default=2e-6, min=1e-8, max=1.0, step=1e-7, round=1e-8,
+                               advanced=True, tooltip="Learning rate of the text encoder(s)."),
+                io.Int.Input("extract_lora_rank", default=0, min=0, max=256, tooltip="Also write the change "
+                             "as models/loras/<name>_lora.safetensors of this rank (0: no)."),
+            ],
+            outputs=[_OUT_MODEL, _OUT_CLIP, io.String.Output(display_name="ckpt_name", tooltip="The "
+                     "checkpoint's file name, as CheckpointLoaderSimple lists it."), _OUT_PREVIEW, _OUT_LOSS],
+            hidden=[io.Hidden.unique_id],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, **kw) -> io.NodeOutput:
+        cfg = _config(kw, mode="full", output_dir=_folder("checkpoints"), optimizer=kw["optimizer"],
+                      train_text_encoder=kw["train_text_encoder"], text_encoder_lr=kw["text_encoder_lr"],
+                      extract_rank=kw["extract_lora_rank"], lora_dir=_folder("loras"))
+        host, res = _train(cls, kw, cfg)
+        model, clip = host.diff_model(res.deltas)
+        preview, loss, show = _report(cls, res, f"checkpoint {res.files[0].name}")
+        return io.NodeOutput(model, clip, res.files[0].name, preview, loss, ui=show)
+
+
+class TrainPivotal(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LikenessTrainPivotal",
+            display_name="Train Pivotal Tuning (Likeness)",
+            category=CATEGORY,
+            description=("Pivotal tuning: a new word's embedding (Textual Inversion) and a LoRA trained together, "
+                         "the word for the first part of the run. Writes models/embeddings/<token> and "
+                         "models/loras/<name>.safetensors; prompt with embedding:<token>."),
+            search_aliases=["pivotal", "dreambooth", "lora", "textual inversion", "likeness"],
+            inputs=_common_inputs(500, 1e-4, 100) + [
+                io.String.Input("token", default="sks_lk", tooltip="The new word; the instance prompt must "
+                                "contain it (e.g. 'a photo of sks_lk dog'). Not an existing vocabulary word."),
+                io.String.Input("init_text", default="", tooltip="Word(s) the vectors start from; empty: the "
+                                "class prompt's last word."),
+                io.Int.Input("num_vectors", default=2, min=1, max=75, tooltip="Tokens the new word takes."),
+                io.Float.Input("ti_learning_rate", default=5e-3, min=1e-6, max=1.0, step=1e-4, round=1e-6,
+                               tooltip="Learning rate of the word's vectors."),
+                io.Float.Input("ti_fraction", default=0.5, min=0.05, max=1.0, step=0.05, tooltip="Part of the "
+                               "run the word trains (the pivot); afterwards only the LoRA."),
+                io.Int.Input("rank", default=8, min=1, max=256, tooltip="LoRA rank."),
+                io.Combo.Input("targets", options=list(PRESETS), default="attention", tooltip="LoRA layers."),
+                io.Boolean.Input("bundle_embedding", default=False, advanced=True, tooltip="Also store the word "
+                                 "inside the LoRA file (A1111 reads it; ComfyUI's LoraLoader logs those keys as "
+                                 "not loaded)."),
+            ],
+            outputs=[_OUT_MODEL, _OUT_CLIP, io.String.Output(display_name="embedding", tooltip=
+                     "'embedding:<token>' for your prompts."), io.String.Output(display_name="lora_name", tooltip=
+                     "The LoRA's file name, as LoraLoader lists it."),
+                     _OUT_PREVIEW, _OUT_LOSS],
+            hidden=[io.Hidden.unique_id],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, **kw) -> io.NodeOutput:
+        token = kw["token"].strip()
+        cfg = _config(kw, mode="pivotal", output_dir=_folder("loras"), token=token, embedding_dir=embeddings_dir(),
+                      init_text=kw["init_text"], num_vectors=kw["num_vectors"],
+                      ti_learning_rate=kw["ti_learning_rate"], ti_fraction=kw["ti_fraction"], rank=kw["rank"],
+                      targets=kw["targets"], bundle_embedding=kw["bundle_embedding"])
+        host, res = _train(cls, kw, cfg)
+        model, clip = _lora_applied(host, res)
+        lora = res.files[0]  # the LoRA is written first, then the embedding files
+        preview, loss, show = _report(cls, res, f"embedding:{token} + LoRA {lora.name}")
+        return io.NodeOutput(model, clip, f"embedding:{token}", lora.name, preview, loss, ui=show)
+
+
+NODES = [TrainDreamBoothLoRA, TrainDreamBoothFull, TrainPivotal]

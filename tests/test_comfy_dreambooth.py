@@ -1,0 +1,194 @@
+"""The DreamBooth nodes inside a real ComfyUI: they train on tiny SD1.x and SDXL checkpoints loaded
+by CheckpointLoaderSimple, their MODEL samples through ComfyUI's KSampler to a different result
+than the input model, the LoRA file reloads through LoraLoader with no "lora key not loaded", and
+the full fine-tune's checkpoint loads through CheckpointLoaderSimple.
+
+    COMFYUI_PATH=~/.cache/likeness/ComfyUI python -m pytest tests/test_comfy_dreambooth.py -q
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+import torch
+
+import comfy_env
+
+pytestmark = pytest.mark.comfyui
+
+comfy_root = pytest.fixture(scope="module", autouse=True, name="comfy_root")(comfy_env.require_comfy)
+
+
+@pytest.fixture(scope="module")
+def node_classes(comfy_root):
+    import nodes
+
+    asyncio.run(nodes.load_custom_node(str(comfy_env.REPO)))
+    return {k: nodes.NODE_CLASS_MAPPINGS[k] for k in
+            ("LikenessTrainDreamBoothLoRA", "LikenessTrainDreamBoothFull", "LikenessTrainPivotal")}
+
+
+@pytest.fixture(scope="module")
+def folders(comfy_root, tmp_path_factory):
+    """ComfyUI's loras / checkpoints / embeddings folders for this module: temp dirs first in each
+    list (the nodes write to the first), the real checkpoints folder kept so the tiny models load."""
+    import folder_paths
+
+    mp = pytest.MonkeyPatch()
+    out = {}
+    for kind in ("loras", "checkpoints", "embeddings"):
+        path = tmp_path_factory.mktemp(kind)
+        paths, exts = folder_paths.folder_names_and_paths[kind]
+        mp.setitem(folder_paths.folder_names_and_paths, kind, ([str(path), *paths], exts))
+        out[kind] = path
+    yield out
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def sd1(folders):
+    return comfy_env.load_checkpoint(comfy_env.ensure_tiny_checkpoint("sd15").name)
+
+
+@pytest.fixture(scope="module")
+def sdxl(folders):
+    return comfy_env.load_checkpoint(comfy_env.ensure_tiny_checkpoint("sdxl").name)
+
+
+def _run(node_cls, **inputs):
+    clone = node_cls.PREPARE_CLASS_CLONE({"hidden_inputs": {"UNIQUE_ID": "9"}})
+    with torch.inference_mode():
+        return clone.EXECUTE_NORMALIZED(**inputs)
+
+
+def _inputs(ckpt, size, **kw):
+    model, clip, vae = ckpt
+    base = dict(model=model, clip=clip, vae=vae, images=torch.rand(2, size, size, 3, generator=torch.Generator().manual_seed(0)),
+                name="lkdb", instance_prompt="a photo of sks dog", class_prompt="a photo of a dog", prior_weight=1.0,
+                num_class_images=1, steps=2, learning_rate=1e-2, batch_size=1, resolution=0, flip=False,
+                min_snr_gamma=5.0, noise_offset=0.0, gradient_checkpointing=True, seed=0, preview_every=2,
+                save_every=0, overwrite=True)
+    base.update(kw)
+    return base
+
+
+def _weights(model):
+    """The shared weights as ``model`` itself sees them: loading it first undoes whatever patched
+    clone (a LoRA sampled earlier) ComfyUI left loaded - ComfyUI patches weights in place."""
+    import comfy.model_management
+
+    with torch.inference_mode():
+        comfy.model_management.load_models_gpu([model])
+    return {k: v.detach().clone() for k, v in model.model.diffusion_model.state_dict().items()}
+
+
+def _ksample(model, clip, size, seed=3):
+    import nodes
+
+    with torch.inference_mode():
+        (pos,) = nodes.CLIPTextEncode().encode(clip, "a photo of sks dog")
+        (neg,) = nodes.CLIPTextEncode().encode(clip, "")
+        (latent,) = nodes.EmptyLatentImage().generate(size, size, 1)
+        (out,) = nodes.KSampler().sample(model, seed, 3, 4.0, "euler", "normal", pos, neg, latent)
+    return out["samples"].clone()
+
+
+@pytest.fixture
+def log_lines():
+    lines = []
+
+    class H(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    h = H()
+    logging.getLogger().addHandler(h)
+    yield lines
+    logging.getLogger().removeHandler(h)
+
+
+LORA_EXTRA = dict(rank=4, alpha=0.0, targets="transformer", train_text_encoder=True, text_encoder_lr=1e-2)
+
+
+@pytest.mark.parametrize("arch,size", [("sd1", 64), pytest.param("sdxl", 128, marks=pytest.mark.slow)])
+def test_lora_node_trains_samples_differently_and_reloads_through_loraloader(
+        request, node_classes, folders, log_lines, arch, size):
+    import nodes
+
+    ckpt = request.getfixturevalue(arch)
+    model, clip, _ = ckpt
+    before = _weights(model)
+    out = _run(node_classes["LikenessTrainDreamBoothLoRA"], **_inputs(ckpt, size, name=f"lkdb_{arch}", **LORA_EXTRA))
+    trained_model, trained_clip, lora_name, preview, loss = out.result
+    after = _weights(model)  # (sampling a patched clone later patches the shared weights, as ComfyUI does)
+    assert all(torch.equal(before[k], after[k]) for k in before), "training changed the input model's weights"
+    assert lora_name == f"lkdb_{arch}.safetensors" and (folders["loras"] / lora_name).is_file()
+    assert len(loss["loss"]) == 2 and preview.shape[-1] == 3
+    assert trained_model is not model and len(trained_model.patches) > 0 and len(trained_clip.patcher.patches) > 0
+
+    base = _ksample(model, clip, size)
+    tuned = _ksample(trained_model, trained_clip, size)
+    assert not torch.allclose(base, tuned, atol=1e-4), "the trained MODEL samples like the input model"
+
+    log_lines.clear()
+    with torch.inference_mode():
+        loaded_model, loaded_clip = nodes.LoraLoader().load_lora(model, clip, lora_name, 1.0, 1.0)
+    assert not [ln for ln in log_lines if "lora key not loaded" in ln]
+    assert set(loaded_model.patches) == set(trained_model.patches)
+    assert set(loaded_clip.patcher.patches) == set(trained_clip.patcher.patches)
+    # the fp16 file samples like the node's fp32 output
+    assert torch.allclose(_ksample(loaded_model, loaded_clip, size), tuned, atol=2e-2)
+
+
+def test_full_node_checkpoint_loads_through_checkpointloadersimple(node_classes, folders, sd1):
+    model, clip, _ = sd1
+    before = _weights(model)
+    out = _run(node_classes["LikenessTrainDreamBoothFull"],
+               **_inputs(sd1, 64, name="lkfull", learning_rate=1e-3, optimizer="adafactor",
+                         train_text_encoder=False, text_encoder_lr=1e-6, extract_lora_rank=2))
+    trained_model, trained_clip, ckpt_name, _, _ = out.result
+    after = _weights(model)
+    assert all(torch.equal(before[k], after[k]) for k in before), "training changed the input model's weights"
+    assert ckpt_name == "lkfull.safetensors" and (folders["checkpoints"] / ckpt_name).is_file()
+    assert (folders["loras"] / "lkfull_lora.safetensors").is_file()
+    reloaded_model, reloaded_clip, _ = comfy_env.load_checkpoint(ckpt_name)
+    tuned = _ksample(trained_model, trained_clip, 64)
+    assert torch.allclose(_ksample(reloaded_model, reloaded_clip, 64), tuned, atol=2e-2)
+    assert not torch.allclose(_ksample(model, clip, 64), tuned, atol=1e-4)
+
+
+def test_pivotal_node_writes_embedding_and_lora(node_classes, folders, sd1, log_lines):
+    import nodes
+
+    model, clip, _ = sd1
+    out = _run(node_classes["LikenessTrainPivotal"],
+               **_inputs(sd1, 64, name="lkpiv", instance_prompt="a photo of lkpiv_tok dog", token="lkpiv_tok",
+                         init_text="", num_vectors=2, ti_learning_rate=5e-2, ti_fraction=0.5, rank=4,
+                         targets="attention", bundle_embedding=False))
+    trained_model, trained_clip, embedding, lora_name, _, _ = out.result
+    assert embedding == "embedding:lkpiv_tok" and lora_name == "lkpiv.safetensors"
+    assert (folders["embeddings"] / "lkpiv_tok.safetensors").is_file()
+    log_lines.clear()
+    with torch.inference_mode():
+        nodes.LoraLoader().load_lora(model, clip, lora_name, 1.0, 1.0)
+        (cond,) = nodes.CLIPTextEncode().encode(trained_clip, "a photo of embedding:lkpiv_tok dog")
+    assert not [ln for ln in log_lines if "lora key not loaded" in ln or "embedding" in ln.lower() and "not" in ln]
+    assert cond[0][0].shape[1] == 77
+
+
+def test_unsupported_model_is_a_clear_error(node_classes, folders, sd1):
+    """A model-sampling patch Likeness cannot train against: refused before anything is written."""
+    import comfy.model_sampling
+
+    model, clip, vae = sd1
+
+    class EDM(comfy.model_sampling.ModelSamplingContinuousEDM, comfy.model_sampling.EDM):
+        pass
+
+    with torch.inference_mode():
+        patched = model.clone()
+        patched.add_object_patch("model_sampling", EDM(patched.model.model_config))
+    with pytest.raises(ValueError, match="discrete noise schedule"):
+        _run(node_classes["LikenessTrainDreamBoothLoRA"], **_inputs((patched, clip, vae), 64, name="lkbad", **LORA_EXTRA))
+    assert not (folders["loras"] / "lkbad.safetensors").exists()

@@ -1,0 +1,584 @@
+"""SeedSelect (Samuel et al., AAAI 2024): optimise the starting noise so a frozen model renders a
+rare concept the way a few reference images show it.  No weight changes: the result is a *noise*
+that any sampler with the same settings turns into the image.
+
+The objective is the official code's (``shared/reference/algorithms.md`` §3):
+
+* semantic: ``1 - cos(CLIP(decode(x0_k)), C)`` for the x0 estimates of the last K steps, weighted
+  0.05 / 0.25 / 0.70, where ``C`` is the L2-normalised mean of the references' CLIP embeddings;
+* appearance: the MSE between the final latent and the mean of the references' latents;
+* ``10 * semantic + 1 * appearance``, AdamW with lr 0.1 dropping to 0.01 from iteration 3.
+
+Deliberate differences (each a config field): the semantic terms use the steps' x0 estimates
+(the official code decodes the still-noisy latents after steps 17 and 18); the seed is kept on its
+starting norm (``keep_norm``: a seed must stay Gaussian-looking for the sampler, and Adam's
+steps otherwise inflate it); the best iterate is returned, not the last; a better start (best of
+several seeds by one forward pass, or norm-aware interpolation between DDIM-inverted references)
+and early stopping on a target loss.  The paper's bootstrap (``num_seeds`` > 1: one full run, then
+brief runs on random subsets of the references starting from its seed) and its contrastive loss
+for several concepts (``others``: other concepts' reference images) are here; the official code
+has neither, so they follow the paper's text (seed document 004).
+
+The model side is ``SeedModel``: a prompt-conditioned denoiser reached through ``run`` (ComfyUI
+needs its sampler machinery around every denoiser call), plus a differentiable VAE decode.  Two
+implementations: ``SeamSeedModel`` below, over a seam ``Host`` (diffusers, CLI, tests), and
+``hosts/comfy_seedselect.ComfySeedModel`` over ComfyUI's MODEL/conditioning/VAE.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, Sequence, TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from . import diff_sampling as DS
+from .image_encoder import ImageEncoder, centroid
+from .seam import Host
+
+T = TypeVar("T")
+#: progress(iteration, total, loss or None, preview image [H, W, 3] or None)
+ProgressFn = Callable[[int, int, "float | None", "torch.Tensor | None"], None]
+STARTS = ("seed", "best_of", "inversion")
+
+
+class SeedModel(Protocol):
+    device: torch.device
+    compute_dtype: torch.dtype
+    latent_channels: int
+    latent_scale: int  # pixels per latent cell (8)
+    latent_multiple: int  # the latent's sides must be multiples of this (the UNet's downsamplings)
+
+    def training_sigmas(self) -> torch.Tensor:
+        """Ascending discrete training sigmas; the last is the largest (``sigma_max``)."""
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, H, W, 3]`` in [0, 1] -> model-space latents, no gradients."""
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Model-space latents -> ``[B, H, W, 3]`` in [0, 1], *differentiable*, on ``device``."""
+
+    def run(self, sigmas: torch.Tensor, cfg: float, fn: Callable[[DS.Denoiser], T], shape=None) -> T:
+        """Call ``fn`` with the prompt's denoiser (CFG ``cfg`` against the negative prompt; 1: none)
+        for sampling latents of ``shape`` over ``sigmas``, and return what it returns."""
+
+
+# ----------------------------------------------------------------------------------------------
+# the seam adapter
+
+
+class SeamSeedModel:
+    """``SeedModel`` over a seam ``Host`` and a prompt; ``decode`` must be differentiable (the
+    seam's ``decode_latents`` is not), e.g. ``hosts.diffusers_seedselect.vae_decoder(host)``."""
+
+    def __init__(self, host: Host, prompt: str, negative: str = "", *, decode: Callable,
+                 latent_multiple: int = 1):
+        self.host, self.prompt, self.negative, self._decode = host, prompt, negative, decode
+        self.device, self.compute_dtype = host.device, host.compute_dtype
+        self.latent_channels, self.latent_scale = host.latent_channels, host.latent_scale
+        self.latent_multiple = latent_multiple
+        self._conds: dict[str, Any] = {}
+
+    def training_sigmas(self) -> torch.Tensor:
+        return self.host.training_sigmas()
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        return self.host.encode_images(images)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self._decode(latents)
+
+    def _cond(self, text: str):
+        if text not in self._conds:
+            with torch.no_grad():
+                self._conds[text] = self.host.encode_text([text])
+        return self._conds[text]
+
+    def run(self, sigmas, cfg, fn, shape=None):
+        cond = self._cond(self.prompt)
+        uncond = self._cond(self.negative) if cfg != 1.0 else None
+
+        def denoiser(x, sigma):
+            outs = []
+            for j in range(x.shape[0]):  # the conds are for one prompt: one sample at a time
+                xj, sj = x[j:j + 1], sigma[j:j + 1]
+                den = self.host.denoise(xj, sj, cond)
+                if uncond is not None:  # ComfyUI's cfg_function: u + (c - u) * scale
+                    den_u = self.host.denoise(xj, sj, uncond)
+                    den = den_u + (den - den_u) * cfg
+                outs.append(den)
+            return torch.cat(outs)
+
+        return fn(denoiser)
+
+
+# ----------------------------------------------------------------------------------------------
+# configuration and result
+
+
+@dataclass
+class SeedSelectConfig:
+    width: int = 512  # pixels of the image to render
+    height: int = 512
+    sampler: str = "ddim"  # one of diff_sampling.SAMPLERS
+    scheduler: str = "ddim_uniform"  # used when sigmas is None
+    steps: int = 20
+    sigmas: torch.Tensor | None = None  # an explicit schedule (ComfyUI SIGMAS) instead of scheduler/steps
+    cfg: float = 7.5  # guidance of the result (the NOISE reproduces it with this cfg)
+    optimise_cfg: float | None = None  # guidance while optimising; None = cfg; 1 = none (half the cost)
+    iterations: int = 30
+    learning_rate: float = 0.1
+    lr_drop_at: int = 3  # from this iteration (0-based) on, lr * lr_drop
+    lr_drop: float = 0.1
+    weight_decay: float = 0.01  # torch's AdamW default, as in the official code
+    semantic_weights: tuple[float, ...] = (0.05, 0.25, 0.70)  # last K steps, oldest first
+    lambda_semantic: float = 10.0
+    lambda_appearance: float = 1.0
+    contrast_temperature: float = 0.1  # contrastive semantic loss (with ``others``)
+    seed: int = 0
+    start: str = "seed"  # "seed", "best_of" (candidates seeds from ``seed``), "inversion"
+    candidates: int = 4  # for best_of / inversion: how many starts to score
+    keep_norm: bool = True
+    target_loss: float | None = None  # stop as soon as the loss is at or below this
+    num_seeds: int = 1  # >1: bootstrap that many seeds in all
+    bootstrap_iterations: int = 5
+    use_checkpoint: bool = True
+    max_bad_steps: int = 5
+
+
+@dataclass
+class SeedSelectResult:
+    noise: torch.Tensor  # [n, C, h, w] fp32 CPU, unit variance: ComfyUI's NOISE convention
+    latents: torch.Tensor  # [n, C, h, w] model-space results of ``noise`` with the given settings
+    images: torch.Tensor  # [n, H, W, 3] decoded latents (CPU)
+    sigmas: torch.Tensor  # the schedule used
+    sampler: str
+    cfg: float
+    losses: list[float] = field(default_factory=list)  # total loss per iteration (first run)
+    semantic: list[float] = field(default_factory=list)
+    appearance: list[float] = field(default_factory=list)
+    start_loss: float = math.nan
+    best_loss: float = math.nan
+    best_iteration: int = -1
+    iterations_done: int = 0
+    seconds: float = 0.0
+    iterations_to_target: int | None = None  # first iteration whose loss met target_loss
+    seconds_to_target: float | None = None
+    skipped_steps: int = 0
+    cancelled: bool = False
+    seed_losses: list[float] = field(default_factory=list)  # best loss of every returned seed
+
+
+# ----------------------------------------------------------------------------------------------
+# checks (all before any work)
+
+
+def _check_config(cfg: SeedSelectConfig) -> None:
+    DS.check_sampler(cfg.sampler)
+    if cfg.start not in STARTS:
+        raise ValueError(f"start must be one of {', '.join(STARTS)}, not {cfg.start!r}")
+    positive = {"iterations": cfg.iterations, "learning_rate": cfg.learning_rate, "num_seeds": cfg.num_seeds,
+                "candidates": cfg.candidates}
+    for name, value in positive.items():
+        if not value > 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+    if cfg.sigmas is None and cfg.steps < 1:
+        raise ValueError(f"steps must be at least 1, got {cfg.steps}")
+    if not cfg.semantic_weights or any(w < 0 for w in cfg.semantic_weights):
+        raise ValueError("semantic_weights must be one or more non-negative numbers (last steps, oldest first)")
+    if cfg.cfg <= 0 or (cfg.optimise_cfg is not None and cfg.optimise_cfg <= 0):
+        raise ValueError("cfg must be positive (1 = no classifier-free guidance)")
+
+
+def _check_references(references: torch.Tensor, what: str = "references") -> None:
+    if references is None or not torch.is_tensor(references) or references.numel() == 0:
+        raise ValueError(f"no {what}: give 3-10 images of the concept (an IMAGE batch / a folder of images)")
+    if references.ndim != 4 or references.shape[-1] < 3:
+        raise ValueError(f"{what} must be an image batch [B, H, W, 3], got {tuple(references.shape)}")
+    if not bool(torch.isfinite(references).all()):
+        raise ValueError(f"{what} contain NaN or infinite pixels")
+
+
+def latent_shape(model: SeedModel, width: int, height: int, batch: int = 1) -> tuple[int, int, int, int]:
+    """The noise/latent shape for an image of ``width`` x ``height`` pixels; ValueError with the
+    nearest sizes that work when the model cannot take it."""
+    step = model.latent_scale * model.latent_multiple
+    for name, v in (("width", width), ("height", height)):
+        if v < step or v % step:
+            lo, hi = max(step, v // step * step), (v // step + 1) * step
+            raise ValueError(f"{name} {v} px is not a size this model can render: it must be a multiple of "
+                             f"{step} px (latent /{model.latent_scale}, then halved by the UNet); "
+                             f"use {lo} or {hi}")
+    return (batch, model.latent_channels, height // model.latent_scale, width // model.latent_scale)
+
+
+def schedule(model: SeedModel, cfg: SeedSelectConfig) -> torch.Tensor:
+    if cfg.sigmas is not None:
+        return DS.check_sigmas(cfg.sigmas.detach().float().cpu().clone())
+    return DS.make_sigmas(model.training_sigmas(), cfg.scheduler, cfg.steps)
+
+
+# ----------------------------------------------------------------------------------------------
+# targets
+
+
+@dataclass
+class _Targets:
+    embeds: torch.Tensor  # [N, D] raw embeddings of the references
+    latents: torch.Tensor  # [N, C, h, w]
+    others: torch.Tensor | None  # [M, D] normalised centroids of other concepts
+
+    def centroids(self, idx: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = list(range(len(self.embeds))) if idx is None else list(idx)
+        return F.normalize(self.embeds[idx].mean(0), dim=-1), self.latents[idx].mean(0, keepdim=True)
+
+
+def fit_images(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Resize so the images cover ``height`` x ``width`` and centre-crop (no distortion)."""
+    x = images[..., :3].movedim(-1, 1).float()
+    scale = max(height / x.shape[-2], width / x.shape[-1])
+    hw = (max(height, round(x.shape[-2] * scale)), max(width, round(x.shape[-1] * scale)))
+    if hw != tuple(x.shape[-2:]):
+        x = F.interpolate(x, size=hw, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+    top, left = (x.shape[-2] - height) // 2, (x.shape[-1] - width) // 2
+    return x[..., top:top + height, left:left + width].movedim(1, -1).contiguous()
+
+
+def _embeddings(vision: ImageEncoder, images: torch.Tensor, device, batch: int = 8) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([vision.embed(images[i:i + batch].to(device)).float()
+                          for i in range(0, len(images), batch)])
+
+
+def _targets(model: SeedModel, vision: ImageEncoder, references, others, cfg) -> _Targets:
+    fitted = fit_images(references, cfg.height, cfg.width)
+    with torch.no_grad():
+        lat = torch.cat([model.encode_images(fitted[i:i + 4]) for i in range(0, len(fitted), 4)]).float()
+    embeds = _embeddings(vision, references.float(), model.device)
+    other = None
+    if others:
+        other = torch.stack([centroid(vision, o.float().to(model.device)) for o in others])
+    return _Targets(embeds=embeds, latents=lat.to(model.device), others=other)
+
+
+# ----------------------------------------------------------------------------------------------
+# the loss of one noise
+
+
+@dataclass
+class _Eval:
+    loss: torch.Tensor
+    semantic: float
+    appearance: float
+    final: torch.Tensor  # final latent (detached)
+    image: torch.Tensor  # decoded last x0 estimate [H, W, 3] (detached, CPU)
+
+
+def semantic_terms(emb: torch.Tensor, target: torch.Tensor, others: torch.Tensor | None,
+                   temperature: float) -> torch.Tensor:
+    """Per-image semantic loss ``[K]``: ``1 - cos`` to the target centroid, or with other concepts'
+    centroids the paper's contrastive form ``-log softmax`` over all centroids of ``-dist / T``
+    (dist = 1 - cos: pulled toward its own centroid, pushed from the others')."""
+    f = F.normalize(emb.float(), dim=-1)
+    own = f @ target
+    if others is None or len(others) == 0:
+        return 1 - own
+    logits = torch.cat([own[:, None], f @ others.T], dim=1) / temperature
+    return -torch.log_softmax(logits, dim=1)[:, 0]
+
+
+class _Objective:
+    """Loss of a noise for fixed targets: sample (checkpointed), decode the last K x0 estimates,
+    embed, combine."""
+
+    def __init__(self, model: SeedModel, vision: ImageEncoder, sigmas, cfg: SeedSelectConfig):
+        self.model, self.vision, self.cfg = model, vision, cfg
+        self.sigmas = sigmas.to(model.device)
+        self.sigma_max = float(model.training_sigmas()[-1])
+        steps = len(sigmas) - 1
+        w = list(cfg.semantic_weights)[-steps:]  # fewer steps than weights: the last ones
+        self.keep = tuple(range(-len(w), 0))
+        self.weights = torch.tensor(w, dtype=torch.float32, device=model.device)
+
+    def __call__(self, denoiser, z, target_emb, target_lat, others) -> _Eval:
+        cfg = self.cfg
+        x = DS.initial_latent(z, self.sigmas, self.sigma_max)
+        final, kept = DS.sample(denoiser, x, self.sigmas, cfg.sampler, keep=self.keep,
+                                use_checkpoint=cfg.use_checkpoint, compute_dtype=self.model.compute_dtype)
+        dens = torch.cat([kept[i] for i in sorted(kept)])
+        emb, imgs = self._embed(dens)
+        sem = (self.weights * semantic_terms(emb, target_emb, others, cfg.contrast_temperature)).sum()
+        app = F.mse_loss(final.float(), target_lat.expand_as(final))
+        loss = cfg.lambda_semantic * sem + cfg.lambda_appearance * app
+        return _Eval(loss, float(sem.detach()), float(app.detach()), final.detach(),
+                     imgs[-1].detach().float().clamp(0, 1).cpu())
+
+    def _embed(self, dens):
+        def decode_embed(d):
+            imgs = self.model.decode(d)
+            return self.vision.embed(imgs), imgs
+
+        if self.cfg.use_checkpoint and torch.is_grad_enabled() and dens.requires_grad:
+            return checkpoint(decode_embed, dens, use_reentrant=False)
+        return decode_embed(dens)
+
+
+# ----------------------------------------------------------------------------------------------
+# starts
+
+
+def random_noise(shape, seed: int) -> torch.Tensor:
+    """ComfyUI's ``RandomNoise(seed)`` for one latent: ``randn`` from a CPU generator seeded with
+    ``seed`` (a private generator: the global RNG is untouched)."""
+    return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(seed)), dtype=torch.float32)
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    an, bn = a.flatten() / a.norm(), b.flatten() / b.norm()
+    omega = torch.acos((an @ bn).clamp(-1 + 1e-7, 1 - 1e-7))
+    out = (torch.sin((1 - t) * omega) * a.flatten() + torch.sin(t * omega) * b.flatten()) / torch.sin(omega)
+    return out.view_as(a)
+
+
+def gaussian_norm(numel: int) -> float:
+    """The most likely norm of ``numel``-dim standard Gaussian noise (the chi mode, sqrt(d - 1)):
+    NAO's point - interpolated seeds must be moved back to this shell to look like noise."""
+    return math.sqrt(max(numel - 1, 1))
+
+
+def _inversion_candidates(model, sigmas, targets, shape, k) -> list[torch.Tensor]:
+    """NAO-style starts: DDIM-invert the references' latents (no CFG, as NAO does), then
+    norm-aware interpolation: the inversions and the spherical midpoints of pairs, all moved
+    onto the Gaussian shell."""
+    sigma_max = float(model.training_sigmas()[-1])
+    scale = DS.noise_scale(sigmas, sigma_max)
+    inv = model.run(sigmas, 1.0, lambda den: DS.invert(den, targets.latents, sigmas.to(model.device),
+                                                        compute_dtype=model.compute_dtype),
+                    tuple(targets.latents.shape))
+    seeds = [(z / scale).float().cpu()[None] for z in inv]
+    pairs = [slerp(seeds[i], seeds[j], 0.5) for i in range(len(seeds)) for j in range(i + 1, len(seeds))]
+    r = gaussian_norm(math.prod(shape))
+    return [c * (r / c.norm()) for c in (seeds + pairs)[:k]]
+
+
+def _start(model, objective: _Objective, targets: _Targets, sigmas, shape, cfg) -> tuple[torch.Tensor, float]:
+    """The noise to optimise from, and its loss.  best_of / inversion score every candidate by one
+    forward pass without gradients (a third of an iteration each)."""
+    if cfg.start == "seed":
+        return random_noise(shape, cfg.seed), math.nan
+    if cfg.start == "best_of":
+        cands = [random_noise(shape, cfg.seed + i) for i in range(cfg.candidates)]
+    else:
+        cands = _inversion_candidates(model, sigmas, targets, shape, cfg.candidates)
+    emb, lat = targets.centroids()
+    opt_cfg = cfg.optimise_cfg if cfg.optimise_cfg is not None else cfg.cfg
+
+    def score(den):
+        with torch.no_grad():
+            return [float(objective(den, c.to(model.device), emb, lat, targets.others).loss) for c in cands]
+
+    scores = model.run(sigmas, opt_cfg, score, shape)
+    best = min(range(len(cands)), key=lambda i: scores[i] if math.isfinite(scores[i]) else math.inf)
+    return cands[best], scores[best]
+
+
+# ----------------------------------------------------------------------------------------------
+# the optimisation
+
+
+@dataclass
+class _RunState:
+    best_loss: float = math.inf
+    best_z: torch.Tensor | None = None
+    best_final: torch.Tensor | None = None
+    best_image: torch.Tensor | None = None
+    best_iteration: int = -1
+    losses: list[float] = field(default_factory=list)
+    semantic: list[float] = field(default_factory=list)
+    appearance: list[float] = field(default_factory=list)
+    iterations: int = 0
+    skipped: int = 0
+    to_target: int | None = None
+    seconds_to_target: float | None = None
+
+
+def _optimise(objective: _Objective, denoiser, z0: torch.Tensor, emb, lat, others, *, iterations: int,
+              cfg: SeedSelectConfig, report: Callable[[float | None, torch.Tensor | None], None],
+              t0: float, state: _RunState, skip_start: bool = False) -> _RunState:
+    """``skip_start``: the starting noise itself is never the answer (bootstrap runs start from the
+    main seed; returning it unchanged would give duplicate seeds)."""
+    device = objective.model.device
+    z = z0.detach().clone().to(device, torch.float32).requires_grad_(True)
+    norm0 = z0.norm().to(device)
+    opt = torch.optim.AdamW([z], lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    bad = 0
+    for it in range(iterations):
+        for g in opt.param_groups:  # the official schedule: lr / 10 from iteration 3 on
+            g["lr"] = cfg.learning_rate * (cfg.lr_drop if it >= cfg.lr_drop_at else 1.0)
+        ev = objective(denoiser, z, emb, lat, others)
+        value = float(ev.loss.detach())
+        state.iterations += 1
+        if not math.isfinite(value):
+            bad = _bad_step(state, bad, cfg)
+            report(None, None)
+            continue
+        if not (skip_start and it == 0 and iterations > 1):
+            _remember(state, value, z, ev, it, cfg, t0)
+        if cfg.target_loss is not None and value <= cfg.target_loss:
+            report(value, ev.image)
+            break
+        opt.zero_grad(set_to_none=True)
+        ev.loss.backward()
+        if not bool(torch.isfinite(z.grad).all()):
+            bad = _bad_step(state, bad, cfg)
+            report(value, ev.image)
+            continue
+        bad = 0
+        opt.step()
+        if cfg.keep_norm:
+            with torch.no_grad():
+                z.mul_(norm0 / z.norm())
+        report(value, ev.image)
+    return state
+
+
+def _bad_step(state: _RunState, bad: int, cfg: SeedSelectConfig) -> int:
+    state.skipped += 1
+    if bad + 1 >= cfg.max_bad_steps:
+        raise FloatingPointError(f"{bad + 1} iterations in a row gave a non-finite loss or gradient; lower the "
+                                 "learning rate, or run the model in bf16/fp32 instead of fp16")
+    return bad + 1
+
+
+def _remember(state: _RunState, value: float, z, ev: _Eval, it: int, cfg, t0: float) -> None:
+    state.losses.append(value)
+    state.semantic.append(ev.semantic)
+    state.appearance.append(ev.appearance)
+    if value < state.best_loss:
+        state.best_loss, state.best_iteration = value, it
+        state.best_z = z.detach().float().cpu().clone()
+        state.best_final, state.best_image = ev.final.float().cpu(), ev.image
+    if cfg.target_loss is not None and value <= cfg.target_loss and state.to_target is None:
+        state.to_target, state.seconds_to_target = it + 1, time.perf_counter() - t0
+
+
+class _Reporter:
+    """Numbers iterations across the main run and the bootstrap runs for ``progress``."""
+
+    def __init__(self, progress: ProgressFn | None, total: int):
+        self.progress, self.total, self.done = progress, total, 0
+
+    def __call__(self, loss, image) -> None:
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.done, self.total, loss, image)
+
+
+def _subsets(n: int, count: int, seed: int) -> list[list[int]]:
+    """``count`` bootstrap samples of ``n`` references (drawn with replacement, duplicates dropped),
+    all different where the references allow it, and never the full set when there is more than
+    one reference, so every subset pulls somewhere new."""
+    g = torch.Generator().manual_seed(seed)
+    out: list[list[int]] = []
+    for _ in range(count):
+        for _try in range(50):
+            idx = sorted(set(torch.randint(0, n, (n,), generator=g).tolist()))
+            if len(idx) == n and n > 1:
+                idx.pop(int(torch.randint(0, n, (1,), generator=g)))
+            if idx not in out:
+                break
+        out.append(idx)
+    return out
+
+
+def train_seedselect(model: SeedModel, vision: ImageEncoder, references: torch.Tensor,
+                     cfg: SeedSelectConfig, progress: ProgressFn | None = None, *,
+                     others: Sequence[torch.Tensor] | None = None,
+                     on_cancel: Callable[[SeedSelectResult], None] | None = None) -> SeedSelectResult:
+    """Optimise ``cfg.num_seeds`` noises for ``references`` (``[N, H, W, 3]`` in [0, 1]).
+
+    ``others``: reference batches of other concepts, for the contrastive semantic loss.  Cancel
+    (an exception from ``progress`` or the model): ``on_cancel`` gets the best seeds so far, then
+    the exception propagates.
+    """
+    _check_config(cfg)
+    _check_references(references)
+    for i, o in enumerate(others or []):
+        _check_references(o, f"references of other concept {i + 1}")
+    shape = latent_shape(model, cfg.width, cfg.height)
+    sigmas = schedule(model, cfg)
+    t0 = time.perf_counter()
+    targets = _targets(model, vision, references, others, cfg)
+    objective = _Objective(model, vision, sigmas, cfg)
+    z0, start_loss = _start(model, objective, targets, sigmas, shape, cfg)
+    opt_cfg = cfg.optimise_cfg if cfg.optimise_cfg is not None else cfg.cfg
+    total = cfg.iterations + (cfg.num_seeds - 1) * cfg.bootstrap_iterations
+    report = _Reporter(progress, total)
+    runs: list[_RunState] = []
+    try:
+        model.run(sigmas, opt_cfg, lambda den: _all_runs(objective, den, z0, targets, cfg, report, t0, runs), shape)
+    except BaseException:
+        if on_cancel is not None and runs and runs[0].best_z is not None:
+            on_cancel(_result(model, objective, sigmas, cfg, opt_cfg, runs, start_loss, t0, cancelled=True))
+        raise
+    return _result(model, objective, sigmas, cfg, opt_cfg, runs, start_loss, t0)
+
+
+def _all_runs(objective, denoiser, z0, targets: _Targets, cfg, report, t0, runs: list) -> None:
+    emb, lat = targets.centroids()
+    runs.append(_RunState())
+    _optimise(objective, denoiser, z0, emb, lat, targets.others, iterations=cfg.iterations, cfg=cfg,
+              report=report, t0=t0, state=runs[0])
+    for idx in _subsets(len(targets.embeds), cfg.num_seeds - 1, cfg.seed):
+        e, l = targets.centroids(idx)
+        runs.append(_RunState())
+        _optimise(objective, denoiser, runs[0].best_z, e, l, targets.others,
+                  iterations=cfg.bootstrap_iterations, cfg=cfg, report=report, t0=t0, state=runs[-1],
+                  skip_start=True)
+
+
+def _result(model, objective, sigmas, cfg, opt_cfg, runs: list[_RunState], start_loss, t0,
+            cancelled: bool = False) -> SeedSelectResult:
+    done = [r for r in runs if r.best_z is not None]
+    noise = torch.cat([r.best_z for r in done])
+    if opt_cfg == cfg.cfg or cancelled:
+        latents = torch.cat([r.best_final for r in done])
+    else:  # optimised without (or with other) guidance: render the result with the real cfg
+        latents = render(model, noise, sigmas, cfg.sampler, cfg.cfg).cpu()
+    with torch.no_grad():
+        images = torch.cat([model.decode(latents[i:i + 1].to(model.device)).float().cpu()
+                            for i in range(len(latents))]) if not cancelled else \
+            torch.stack([r.best_image for r in done])
+    main = runs[0]
+    return SeedSelectResult(
+        noise=noise, latents=latents, images=images.clamp(0, 1), sigmas=sigmas, sampler=cfg.sampler, cfg=cfg.cfg,
+        losses=main.losses, semantic=main.semantic, appearance=main.appearance,
+        start_loss=start_loss if math.isfinite(start_loss) else (main.losses[0] if main.losses else math.nan),
+        best_loss=main.best_loss, best_iteration=main.best_iteration, iterations_done=sum(r.iterations for r in runs),
+        seconds=time.perf_counter() - t0, iterations_to_target=main.to_target,
+        seconds_to_target=main.seconds_to_target, skipped_steps=sum(r.skipped for r in runs),
+        cancelled=cancelled, seed_losses=[r.best_loss for r in done])
+
+
+def render(model: SeedModel, noise: torch.Tensor, sigmas: torch.Tensor, sampler: str, cfg: float) -> torch.Tensor:
+    """The final latents ``noise`` gives with these settings (no gradients), one seed at a time."""
+    sigma_max = float(model.training_sigmas()[-1])
+
+    def go(den):
+        outs = []
+        with torch.no_grad():
+            for z in noise:
+                x = DS.initial_latent(z[None].to(model.device, torch.float32), sigmas.to(model.device), sigma_max)
+                outs.append(DS.sample(den, x, sigmas.to(model.device), sampler,
+                                      compute_dtype=model.compute_dtype)[0])
+        return torch.cat(outs)
+
+    return model.run(sigmas, cfg, go, (1, *noise.shape[1:]))
+
+
+__all__ = ["SeedModel", "SeamSeedModel", "SeedSelectConfig", "SeedSelectResult", "train_seedselect",
+           "render", "random_noise", "latent_shape", "schedule", "semantic_terms", "fit_images", "slerp",
+           "gaussian_norm", "STARTS"]
