@@ -525,7 +525,9 @@ class ComfyHost:
         nrb = cfg["num_res_blocks"]
         levels = len(cfg["channel_mult"])
         nrb = [nrb] * levels if isinstance(nrb, int) else list(nrb)
-        down_depth, up_depth = list(cfg["transformer_depth"]), list(cfg["transformer_depth_output"])
+        # ComfyUI's UNetModel takes input depths from the front of the list and output depths from
+        # the back (``transformer_depth_output.pop()``): output block 0 is the list's last entry
+        down_depth, up_depth = list(cfg["transformer_depth"]), list(reversed(cfg["transformer_depth_output"]))
         down, i = [], 0
         for n in nrb:
             down.append(any(d > 0 for d in down_depth[i:i + n]))

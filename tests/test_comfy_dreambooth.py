@@ -192,3 +192,24 @@ def test_unsupported_model_is_a_clear_error(node_classes, folders, sd1):
     with pytest.raises(ValueError, match="discrete noise schedule"):
         _run(node_classes["LikenessTrainDreamBoothLoRA"], **_inputs((patched, clip, vae), 64, name="lkbad", **LORA_EXTRA))
     assert not (folders["loras"] / "lkbad.safetensors").exists()
+
+
+@pytest.mark.parametrize("family,cfg", [
+    ("sd1", dict(num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
+                 transformer_depth_output=[1] * 9 + [0] * 3)),
+    ("sdxl", dict(num_res_blocks=[2, 2, 2], channel_mult=[1, 2, 4], transformer_depth=[0, 0, 2, 2, 10, 10],
+                  transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10])),
+])
+def test_unet_layout_of_the_real_models(family, cfg):
+    """ComfyUI lists output-block depths back to front (its UNetModel pops them from the end); the
+    layout read from the real models' detected configs must be the real layouts LoRA names assume."""
+    import types
+
+    from likeness.hosts.comfy import ComfyHost
+    from likeness.trainers.lora_format import DEFAULT_LAYOUTS
+
+    fake = types.SimpleNamespace(_model=types.SimpleNamespace(model=types.SimpleNamespace(
+        model_config=types.SimpleNamespace(unet_config=cfg))))
+    got = ComfyHost.unet_layout(fake)
+    want = DEFAULT_LAYOUTS[family]
+    assert (got.layers_per_block, got.up_attention) == (want.layers_per_block, want.up_attention)
