@@ -30,26 +30,14 @@ import comfy.model_management
 import comfy.samplers
 
 from ..trainers.image_encoder import CLIP_MEAN, CLIP_STD, clip_pixels
+from .comfy import _add_identity_wrappers as _shared_identity_wrappers
 from .comfy import _family, _prediction, out_of_place_clip_layers
 
 
-def _fresh_copy(t: torch.Tensor) -> torch.Tensor:
-    # Identity wrapper returning a tensor of its own: with any wrapper installed, comfy ops copy the
-    # weight per forward, so autograd never saves a load-time inference tensor (DynamicVRAM may
-    # hand out cached inference-mode tensors: the clone covers that too).
-    return t.clone()
-
-
 def _add_identity_wrappers(patcher) -> None:
-    """Identity weight *and* bias wrappers on every comfy-ops layer of a patcher clone (weights
-    alone are not enough: LayerNorm saves its bias).  Our own copy of the recipe, so changes to the
-    TI/DreamBooth host's helpers cannot break SeedSelect."""
-    for name, m in patcher.model.named_modules():
-        if hasattr(m, "weight_function"):
-            if getattr(m, "weight", None) is not None:
-                patcher.add_weight_wrapper(f"{name}.weight", _fresh_copy)
-            if getattr(m, "bias", None) is not None:
-                patcher.add_weight_wrapper(f"{name}.bias", _fresh_copy)
+    """The ComfyUI host's identity wrappers (per-forward weight copies autograd may keep), with no
+    trainer patches: SeedSelect trains no weights."""
+    _shared_identity_wrappers(patcher, {})
 
 
 class OptimizedNoise:
