@@ -1,7 +1,10 @@
 """`likeness` command line: the same trainers as the ComfyUI nodes, on the diffusers host.
 
     likeness ti --model <diffusers folder | .safetensors | .ckpt> --images <dir> --name <word> [...]
+    likeness dreambooth --model <...> --images <dir> --name <file> --instance-prompt 'a photo of sks dog' [...]
+    likeness seedselect --model <...> --references <dir> --prompt <text> --clip-vision <folder> [...]
     likeness demo [--out DIR]
+    likeness bench quality [--concepts moon checked] [--methods base ti] [--markdown BENCHMARKS.md]
 """
 from __future__ import annotations
 
@@ -97,17 +100,186 @@ def _run_ti(args) -> int:
     return 0
 
 
+def _dreambooth_parser(sub) -> None:
+    p = sub.add_parser("dreambooth", help="DreamBooth: a LoRA, a full fine-tune or pivotal tuning")
+    p.add_argument("--model", required=True, help="diffusers folder, or a single-file .safetensors/.ckpt checkpoint")
+    p.add_argument("--images", required=True, help="folder of 3-5 (up to ~20) images of the subject")
+    p.add_argument("--name", required=True, help="file name of the LoRA / checkpoint (<name>.safetensors)")
+    p.add_argument("--instance-prompt", required=True, help="identifier + class, e.g. 'a photo of sks dog'")
+    p.add_argument("--mode", default="lora", choices=["lora", "full", "pivotal"])
+    p.add_argument("--class-prompt", default="", help="e.g. 'a photo of a dog': turns on prior preservation")
+    p.add_argument("--class-images", default=None, help="folder of class images (default: sampled by the model)")
+    p.add_argument("--num-class-images", type=int, default=50, help="class images to sample when none are given")
+    p.add_argument("--prior-weight", type=float, default=1.0, help="λ of the prior-preservation loss")
+    p.add_argument("--steps", type=int, default=None, help="default: 500 (lora, pivotal), 800 (full)")
+    p.add_argument("--lr", type=float, default=None, help="default: 1e-4 (lora, pivotal), 5e-6 (full)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: = rank)")
+    p.add_argument("--targets", default="attention", choices=["attention", "transformer", "cross_kv"])
+    p.add_argument("--train-text-encoder", action="store_true")
+    p.add_argument("--text-encoder-lr", type=float, default=None, help="default: 5e-5 (LoRA), 2e-6 (full)")
+    p.add_argument("--token", default="", help="pivotal: the new word (must appear in the instance prompt)")
+    p.add_argument("--num-vectors", type=int, default=2, help="pivotal: tokens the new word takes")
+    p.add_argument("--ti-lr", type=float, default=5e-3, help="pivotal: learning rate of the word's vectors")
+    p.add_argument("--ti-fraction", type=float, default=0.5, help="pivotal: part of the run the word trains")
+    p.add_argument("--bundle-embedding", action="store_true", help="pivotal: also store the word in the LoRA")
+    p.add_argument("--optimizer", default=None, choices=["adamw", "adafactor"],
+                   help="default: adamw (lora, pivotal), adafactor (full: almost no optimizer memory)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="less memory, ~25%% slower")
+    p.add_argument("--min-snr-gamma", type=float, default=0.0, help="Min-SNR-γ weighting (5 is typical); 0: off")
+    p.add_argument("--noise-offset", type=float, default=0.0)
+    p.add_argument("--extract-rank", type=int, default=0, help="full: also write the change as a LoRA of this rank")
+    p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--flip", action="store_true", help="also train on mirrored images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=None, help="default: 100 (lora, pivotal), 0 = end only (full)")
+    p.add_argument("--preview-every", type=int, default=50)
+    p.add_argument("--out", default=None, help="output folder (default: loras/, or checkpoints/ for full)")
+    p.add_argument("--embeddings-out", default="embeddings", help="pivotal: folder for the embedding")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--device", default=None)
+    p.add_argument("--prediction", default="auto", choices=["auto", "eps", "v"])
+
+
+def _run_dreambooth(args) -> int:
+    from .hosts.diffusers import DiffusersHost
+    from .trainers import data as D
+    from .trainers.dreambooth import DreamBoothConfig, train_dreambooth
+
+    full = args.mode == "full"
+    out = Path(args.out or ("checkpoints" if full else "loras"))
+    cfg = DreamBoothConfig(
+        name=args.name, output_dir=out, instance_prompt=args.instance_prompt, mode=args.mode,
+        class_prompt=args.class_prompt, prior_weight=args.prior_weight, num_class_images=args.num_class_images,
+        rank=args.rank, alpha=args.alpha, targets=args.targets, train_text_encoder=args.train_text_encoder,
+        steps=args.steps or (800 if full else 500), learning_rate=args.lr or (5e-6 if full else 1e-4),
+        text_encoder_lr=args.text_encoder_lr or (2e-6 if full else 5e-5), batch_size=args.batch_size,
+        min_snr_gamma=args.min_snr_gamma, noise_offset=args.noise_offset,
+        optimizer=args.optimizer or ("adafactor" if full else "adamw"),
+        gradient_checkpointing=args.gradient_checkpointing, seed=args.seed, resolution=args.resolution,
+        flip=args.flip, token=args.token, embedding_dir=args.embeddings_out, num_vectors=args.num_vectors,
+        ti_learning_rate=args.ti_lr, ti_fraction=args.ti_fraction, bundle_embedding=args.bundle_embedding,
+        extract_rank=args.extract_rank, lora_dir=None if args.out else "loras",
+        save_every=args.save_every if args.save_every is not None else (0 if full else 100),
+        preview_every=args.preview_every, overwrite=args.overwrite,
+    )
+    images = D.load_image_folder(args.images)
+    class_images = D.load_image_folder(args.class_images) if args.class_images else None
+    host = DiffusersHost.load(args.model, device=args.device, prediction=args.prediction)
+    print(images.summary(), flush=True)
+
+    def class_progress(done, total):
+        print(f"class images {done}/{total}", flush=True)
+
+    preview_path = out / f"{cfg.name}.preview.png"
+    res = train_dreambooth(host, images, cfg, class_images=class_images,
+                           progress=_Printer(preview_path if args.preview_every else None),
+                           class_progress=class_progress)
+    print(f"done: {res.steps_done} steps in {res.seconds:.1f} s ({res.skipped_steps} non-finite steps skipped)")
+    for f in res.files:
+        print(f"wrote {f}")
+    return 0
+
+
 def _demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="teach the bundled small model a new concept on the CPU (a few minutes)")
     p.add_argument("--out", default="likeness-demo", help="folder for the embedding and the before/after grid")
     p.add_argument("--steps", type=int, default=None, help="override the demo's step count")
     p.add_argument("--overwrite", action="store_true", help="replace the demo's earlier output")
+    p.add_argument("--concept", default="checked", choices=["checked", "moon"],
+                   help="the held-out concept to teach (moon: a shape TI cannot teach this small model)")
 
 
 def _run_demo(args) -> int:
     from .demo import run_demo
 
-    return run_demo(out=Path(args.out), steps=args.steps, overwrite=args.overwrite)
+    return run_demo(out=Path(args.out), steps=args.steps, overwrite=args.overwrite, concept=args.concept)
+
+
+def _bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks (not timed tests): `likeness bench quality`")
+    bsub = p.add_subparsers(dest="bench", required=True)
+    q = bsub.add_parser("quality", help="teach the world base model its new concepts with each method; "
+                                        "fidelity / prompt fidelity / wall-time table (world/quality.py)")
+    from .world.quality import add_arguments
+
+    add_arguments(q)
+
+
+def _run_bench(args) -> int:
+    from .world.quality import run_from_args
+
+    return run_from_args(args)
+
+
+def _seedselect_parser(sub) -> None:
+    p = sub.add_parser("seedselect", help="optimise starting noise so the model draws a concept like the references")
+    p.add_argument("--model", required=True, help="diffusers folder, or a single-file .safetensors/.ckpt checkpoint")
+    p.add_argument("--references", required=True, help="folder of 3-10 images of the concept")
+    p.add_argument("--prompt", required=True, help="the prompt naming the concept, e.g. 'a photo of a tiger cat'")
+    p.add_argument("--negative", default="", help="negative prompt (with --cfg > 1)")
+    p.add_argument("--clip-vision", required=True,
+                   help="local folder of a transformers CLIPVisionModelWithProjection (e.g. CLIP-ViT-H-14)")
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--height", type=int, default=512)
+    p.add_argument("--sampler", default="ddim", choices=["euler", "ddim", "dpmpp_2m"])
+    p.add_argument("--scheduler", default="ddim_uniform",
+                   choices=["normal", "simple", "ddim_uniform", "karras", "exponential"])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--cfg", type=float, default=7.5)
+    p.add_argument("--optimise-without-cfg", action="store_true", help="optimise at cfg 1 (half the cost)")
+    p.add_argument("--iterations", type=int, default=30)
+    p.add_argument("--lr", type=float, default=0.1, help="AdamW learning rate on the noise (/10 after 3 iterations)")
+    p.add_argument("--seed", type=int, default=0, help="the noise to start from (ComfyUI's RandomNoise(seed))")
+    p.add_argument("--start", default="seed", choices=["seed", "best_of", "inversion"])
+    p.add_argument("--candidates", type=int, default=4, help="starts scored by best_of / inversion")
+    p.add_argument("--num-seeds", type=int, default=1, help=">1: bootstrap that many varied seeds")
+    p.add_argument("--target-loss", type=float, default=None, help="stop once the loss is at or below this")
+    p.add_argument("--name", default="seedselect", help="seed file name (<name>.seed.safetensors)")
+    p.add_argument("--out", default="seeds", help="folder for the seed file and the result images")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing seed of the same name")
+    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
+    p.add_argument("--prediction", default="auto", choices=["auto", "eps", "v"],
+                   help="single-file SD2 checkpoints: eps (512-base) or v (768); auto = v for SD2")
+
+
+def _run_seedselect(args) -> int:
+    import torch
+
+    from .hosts import clip_vision_hf
+    from .hosts.diffusers import DiffusersHost
+    from .hosts.diffusers_seedselect import seed_model
+    from .trainers import data as D
+    from .trainers import seed_bank as B
+    from .trainers.seedselect import SeedSelectConfig, fit_images, train_seedselect
+
+    cfg = SeedSelectConfig(
+        width=args.width, height=args.height, sampler=args.sampler, scheduler=args.scheduler, steps=args.steps,
+        cfg=args.cfg, optimise_cfg=1.0 if args.optimise_without_cfg else None, iterations=args.iterations,
+        learning_rate=args.lr, seed=args.seed, start=args.start, candidates=args.candidates,
+        num_seeds=args.num_seeds, target_loss=args.target_loss)
+    target = B.seed_path(args.out, args.name)  # name and overwrite problems before any loading
+    if target.exists() and not args.overwrite:
+        raise FileExistsError(f"{target} exists; pick another --name or pass --overwrite")
+    images = D.load_image_folder(args.references)
+    refs = torch.cat([fit_images(im[None], args.height, args.width) for im in images.images])
+    host = DiffusersHost.load(args.model, device=args.device, prediction=args.prediction)
+    vision = clip_vision_hf.load(args.clip_vision, device=host.device)
+    print(images.summary(), flush=True)
+    res = train_seedselect(seed_model(host, args.prompt, args.negative), vision, refs, cfg,
+                           progress=_Printer(Path(args.out) / f"{args.name}.preview.png"))
+    entry = B.SeedEntry(noise=res.noise, sigmas=res.sigmas, sampler=res.sampler, cfg=res.cfg, prompt=args.prompt,
+                        negative=args.negative, model_name=host.info.name, model_hash=host.info.hash,
+                        family=host.info.family, scheduler=args.scheduler, steps=args.steps, width=args.width,
+                        height=args.height, losses=res.losses)
+    path = B.save_seed(args.out, args.name, entry, overwrite=args.overwrite)
+    for i, im in enumerate(res.images):
+        _save_png(im, Path(args.out) / f"{args.name}.{i}.png")
+    reached = f", target at iteration {res.iterations_to_target}" if res.iterations_to_target else ""
+    print(f"done: loss {res.start_loss:.4f} -> {res.best_loss:.4f}, {res.iterations_done} iterations in "
+          f"{res.seconds:.1f} s{reached}\nwrote {path}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,10 +287,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="likeness", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _ti_parser(sub)
+    _dreambooth_parser(sub)
     _demo_parser(sub)
+    _bench_parser(sub)
+    _seedselect_parser(sub)
     args = parser.parse_args(argv)
     try:
-        return {"ti": _run_ti, "demo": _run_demo}[args.command](args)
+        return {"ti": _run_ti, "dreambooth": _run_dreambooth, "demo": _run_demo, "bench": _run_bench, "seedselect": _run_seedselect}[args.command](args)
     except (ValueError, FileExistsError, FileNotFoundError, PermissionError) as exc:
         print(f"likeness: error: {exc}", file=sys.stderr)
         return 2

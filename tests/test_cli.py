@@ -62,3 +62,36 @@ def test_cli_refuses_a_folder_that_is_not_a_model(tmp_path, capsys):
     rc = cli.main(["ti", "--model", str(tmp_path / "imgs"), "--images", str(imgs), "--name", "sks-y",
                    "--out", str(tmp_path / "emb")])
     assert rc == 2 and "not a diffusers model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["lora", "full", "pivotal"])
+def test_cli_dreambooth_writes_each_modes_files(tiny_folder, tmp_path, capsys, mode):
+    imgs = _images(tmp_path / "imgs")
+    out = tmp_path / "out"
+    args = ["dreambooth", "--model", str(tiny_folder), "--images", str(imgs), "--name", "subj", "--mode", mode,
+            "--instance-prompt", "a photo of lkcli_tok dog", "--class-prompt", "a photo of a dog",
+            "--num-class-images", "2", "--steps", "2", "--preview-every", "2", "--out", str(out),
+            "--embeddings-out", str(tmp_path / "emb"), "--device", "cpu"]
+    if mode == "pivotal":
+        args += ["--token", "lkcli_tok"]
+    if mode == "full":
+        args += ["--extract-rank", "2"]
+    assert cli.main(args) == 0
+    assert (out / "subj.safetensors").is_file() and (out / "subj.preview.png").is_file()
+    if mode == "full":
+        assert (out / "subj_lora.safetensors").is_file()
+        assert "model.diffusion_model.input_blocks.0.0.weight" in load_file(str(out / "subj.safetensors"))
+    if mode == "pivotal":
+        assert (tmp_path / "emb" / "lkcli_tok.safetensors").is_file()
+    printed = capsys.readouterr().out
+    assert "class images 2/2" in printed and "step 2/2" in printed and "wrote" in printed
+
+
+def test_cli_dreambooth_bad_input_is_an_error_before_work(tiny_folder, tmp_path, capsys):
+    imgs = _images(tmp_path / "imgs")
+    rc = cli.main(["dreambooth", "--model", str(tiny_folder), "--images", str(imgs), "--name", "subj",
+                   "--instance-prompt", "a photo of sks dog", "--rank", "0", "--out", str(tmp_path / "out"),
+                   "--device", "cpu"])
+    assert rc == 2
+    assert "rank must be at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -148,3 +148,39 @@ def test_base_model_loads_offline_and_samples(monkeypatch):
     assert img.size == (RESOLUTION, RESOLUTION)       # the pipeline's default size is the model's
     total = sum(f.stat().st_size for f in BASE_MODEL_DIR.rglob("*") if f.is_file())
     assert total <= 20 * 1024 * 1024
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+def test_evaluation_samples_at_the_models_resolution():
+    """The first evaluations sampled 64 px (16×16 latents the UNet never saw) and read shapes at chance."""
+    from likeness.world import evaluate_base as E
+    from likeness.world.model import RESOLUTION, SCHEDULER_CONFIG
+    seen = {}
+
+    class FakePipe:
+        class scheduler:
+            config = dict(SCHEDULER_CONFIG, _class_name="DDPMScheduler")
+
+        def set_progress_bar_config(self, **kw):
+            pass
+
+        def __call__(self, prompts, height, width, **kw):
+            seen.update(height=height, width=width)
+            return type("Out", (), {"images": [None] * len(prompts)})()
+
+    E.generate(FakePipe(), ["a red circle"] * 3, steps=2)
+    assert seen == {"height": RESOLUTION, "width": RESOLUTION}
+
+
+def test_evaluation_markdown_block_is_replaced(tmp_path):
+    from likeness.world import evaluate_base as E
+    res = {"n": 4, "steps": 25, "guidance": 4.0, "seed": 0, "time_s": 3.0, "prompt_fidelity": 0.5,
+           "all_attributes_right": 0.25, "diversity": 0.3,
+           "per_attribute_accuracy": {k: 0.5 for k in R.ATTRIBUTES},
+           "ceilings": {"vae_round_trip": {k: 0.9 for k in R.ATTRIBUTES}, "renders_32px": {k: 1.0 for k in R.ATTRIBUTES}}}
+    md = tmp_path / "B.md"
+    md.write_text("# Benchmarks\n")
+    E.write_markdown(md, res, "cmd")
+    E.write_markdown(md, dict(res, prompt_fidelity=0.75), "cmd")
+    text = md.read_text()
+    assert text.count(E.MARK_START) == 1 and "**0.75**" in text and "| shape | 0.20 | **0.50** | 0.90 | 1.00 |" in text
