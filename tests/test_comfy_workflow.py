@@ -61,31 +61,6 @@ NODE_CLASS_MAPPINGS = {"LikenessTestCondProbe": LikenessTestCondProbe}
 '''
 
 
-def _write_dataset(folder: Path, n: int = 4) -> None:
-    import numpy as np
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:64, 0:64]
-    for i in range(n):  # a coloured disc on a noisy background, moving a little per image
-        img = rng.integers(0, 80, (64, 64, 3)).astype(np.uint8)
-        disc = (yy - 32 - 3 * i) ** 2 + (xx - 28 - 2 * i) ** 2 < 15 ** 2
-        img[disc] = (200, 60 + 20 * i, 40)
-        Image.fromarray(img, "RGB").save(folder / f"view{i}.png")
-        (folder / f"view{i}.txt").write_text(f"a photo of [name], view {i}\n", encoding="utf-8")
-
-
-def _link(src: Path, dst: Path) -> None:
-    try:
-        os.symlink(src, dst, target_is_directory=src.is_dir())
-    except OSError:  # no symlinks (Windows without privilege): copy
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".git", ".ci", "__pycache__", "*.egg-info"))
-        else:
-            shutil.copy2(src, dst)
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = comfy_env.comfy_path()
@@ -96,10 +71,10 @@ def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("comfy_base")
     (base / "custom_nodes").mkdir()
     (base / "models" / "checkpoints").mkdir(parents=True)
-    _link(REPO, base / "custom_nodes" / "likeness")
+    comfy_env.link(REPO, base / "custom_nodes" / "likeness")
     (base / "custom_nodes" / "likeness_test_probe.py").write_text(PROBE, encoding="utf-8")
-    _link(ckpt, base / "models" / "checkpoints" / ckpt.name)
-    _write_dataset(base / "input" / FOLDER)
+    comfy_env.link(ckpt, base / "models" / "checkpoints" / ckpt.name)
+    comfy_env.write_disc_images(base / "input" / FOLDER, captions=True)
     srv = comfy_env.ComfyServer(root, base)
     try:
         srv.start()

@@ -20,7 +20,6 @@ import json
 import math
 import os
 import re
-import shutil
 import time
 import uuid
 from pathlib import Path
@@ -126,30 +125,6 @@ NODE_CLASS_MAPPINGS = {"LikenessTestMoreCondProbe": LikenessTestMoreCondProbe,
 '''
 
 
-def _write_images(folder: Path, n: int) -> None:
-    import numpy as np
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(len(folder.name))
-    yy, xx = np.mgrid[0:64, 0:64]
-    for i in range(n):  # a coloured disc on a noisy background, moving a little per image
-        img = rng.integers(0, 80, (64, 64, 3)).astype(np.uint8)
-        disc = (yy - 32 - 3 * i) ** 2 + (xx - 28 - 2 * i) ** 2 < 15 ** 2
-        img[disc] = (200, 60 + 20 * i, 40)
-        Image.fromarray(img, "RGB").save(folder / f"view{i}.png")
-
-
-def _link(src: Path, dst: Path) -> None:
-    try:
-        os.symlink(src, dst, target_is_directory=src.is_dir())
-    except OSError:  # no symlinks (Windows without privilege): copy
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".git", ".ci", "__pycache__", "*.egg-info"))
-        else:
-            shutil.copy2(src, dst)
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = comfy_env.comfy_path()
@@ -161,11 +136,11 @@ def server(tmp_path_factory):
     (base / "custom_nodes").mkdir()
     (base / "models" / "checkpoints").mkdir(parents=True)
     (base / "models" / "clip_vision").mkdir(parents=True)
-    _link(REPO, base / "custom_nodes" / "likeness")
+    comfy_env.link(REPO, base / "custom_nodes" / "likeness")
     (base / "custom_nodes" / "likeness_test_more.py").write_text(TEST_NODES, encoding="utf-8")
-    _link(ckpt, base / "models" / "checkpoints" / ckpt.name)
-    _write_images(base / "input" / FOLDER, 2)
-    _write_images(base / "input" / REF_FOLDER, 3)
+    comfy_env.link(ckpt, base / "models" / "checkpoints" / ckpt.name)
+    comfy_env.write_disc_images(base / "input" / FOLDER, 2, seed=len(FOLDER))
+    comfy_env.write_disc_images(base / "input" / REF_FOLDER, 3, seed=len(REF_FOLDER))
     srv = comfy_env.ComfyServer(root, base)
     try:
         srv.start()

@@ -21,6 +21,7 @@ timesteps - a silent broadcast for B = 1, an error for B > 1).
 """
 from __future__ import annotations
 
+import contextlib
 import random
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -527,7 +528,7 @@ def train_dreambooth(host: Host, images: D.TrainingImages, cfg: DreamBoothConfig
     lcfg = loop.LoopConfig(steps=cfg.steps, learning_rate=cfg.learning_rate, save_every=cfg.save_every,
                            preview_every=cfg.preview_every, optimizer=cfg.optimizer,
                            max_grad_norm=cfg.max_grad_norm, snapshot=cfg.mode != "full")
-    ckpt = host.gradient_checkpointing() if cfg.gradient_checkpointing else _null()
+    ckpt = host.gradient_checkpointing() if cfg.gradient_checkpointing else contextlib.nullcontext()
     with host.parameter_patches(tr.patches()), ckpt:
         res = loop.run(method, lcfg, device=host.device, compute_dtype=host.compute_dtype, save=saver,
                        progress=progress, preview=preview if cfg.preview_every else None)
@@ -537,12 +538,6 @@ def train_dreambooth(host: Host, images: D.TrainingImages, cfg: DreamBoothConfig
         deltas=tr.delta_tensors() if cfg.mode == "full" else {}, vectors=tr.vector_tensors(),
         class_images=n_class, preview=last_preview[0] if last_preview else None, data_summary=images.summary(),
     )
-
-
-def _null():
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 __all__ = ["DreamBoothConfig", "DreamBoothResult", "MODES", "train_dreambooth", "prepare",

@@ -25,6 +25,8 @@ from typing import Iterable
 
 import torch
 
+from .lora_format import weight_delta
+
 PRESETS = ("attention", "transformer", "cross_kv")
 
 _UNET_TARGETS = {
@@ -66,9 +68,8 @@ class LoraAdapter:
         return self.down.shape[0]
 
     def delta(self) -> torch.Tensor:
-        r = self.rank
-        d = self.up.reshape(self.up.shape[0], r) @ self.down.reshape(r, -1)
-        return (d * (self.alpha / r)).reshape(self.up.shape[0], *self.down.shape[1:])
+        # the loaders' own formula (lora_format.weight_delta), differentiable in the factors
+        return weight_delta(self.down, self.up, self.alpha)
 
     def patch(self, w: torch.Tensor) -> torch.Tensor:
         # the delta is computed in fp32 and enters in the weight's dtype: what a loader does
