@@ -20,6 +20,7 @@ import importlib.util
 import logging
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -483,3 +484,8 @@ def link(src: Path, dst: Path) -> None:
             shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".git", ".ci", "__pycache__", "*.egg-info"))
         else:
             shutil.copy2(src, dst)
+
+
+#: ComfyUI's messages when a prompt's embedding:NAME is missing or unusable (comfy/sd1_clip.py)
+EMBEDDING_WARNING = re.compile(r"(?i)embedding:\S+ does not exist|shape mismatch when trying to apply embedding"
+                               r"|error loading embedding|warning.*embedding")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 import subprocess
 import time
@@ -35,9 +34,7 @@ FOLDER = "likeness_example"  # the example's image folder and embedding name
 TI = "LikenessTrainTextualInversion"
 STEPS = 2  # training steps of the first run; the third run uses STEPS + 1
 
-#: ComfyUI's messages when a prompt's embedding:NAME is missing or unusable (comfy/sd1_clip.py)
-EMBEDDING_WARNING = re.compile(r"(?i)embedding:\S+ does not exist|shape mismatch when trying to apply embedding"
-                               r"|error loading embedding|warning.*embedding")
+EMBEDDING_WARNING = comfy_env.EMBEDDING_WARNING
 
 PROBE = '''
 import hashlib

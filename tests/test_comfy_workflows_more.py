@@ -39,9 +39,7 @@ TINY_CKPT = "tiny_sd15.safetensors"
 TINY_CV = "tiny_clip_vision.safetensors"
 
 LORA_WARNING = re.compile(r"(?i)lora key not loaded")
-#: ComfyUI's messages when a prompt's embedding:NAME is missing or unusable (comfy/sd1_clip.py)
-EMBEDDING_WARNING = re.compile(r"(?i)embedding:\S+ does not exist|shape mismatch when trying to apply embedding"
-                               r"|error loading embedding|warning.*embedding")
+EMBEDDING_WARNING = comfy_env.EMBEDDING_WARNING
 
 TEST_NODES = '''
 import hashlib

@@ -87,15 +87,8 @@ def markdown(res: dict, command: str) -> str:
 
 
 def write_markdown(path, res: dict, command: str) -> None:
-    path = Path(path)
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = markdown(res, command)
-    i, j = text.find(MARK_START), text.find(MARK_END)
-    if i >= 0 and j >= 0:
-        text = text[:i] + block + text[j + len(MARK_END):]
-    else:
-        text = text.rstrip("\n") + "\n\n## World base model: per-attribute accuracy (issue 5)\n\n" + block + "\n"
-    path.write_text(text)
+    metrics.merge_block(path, markdown(res, command), MARK_START, MARK_END,
+                        "World base model: per-attribute accuracy (issue 5)")
 
 
 def main(argv=None):

@@ -108,3 +108,19 @@ def report(images, concept: str, prompts, references=None, model=None) -> dict:
     if references is not None:
         out["feature_similarity"] = feature_similarity(images, references, model)
     return out
+
+
+def merge_block(path, block: str, start: str, end: str, heading: str) -> None:
+    """Put ``block`` (which begins with ``start`` and ends with ``end``) into the markdown file
+    ``path``: in place of the previous block between those markers, else appended under
+    ``heading``; so a rerun replaces its own table and nothing else."""
+    from pathlib import Path
+
+    path = Path(path)
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    i, j = text.find(start), text.find(end)
+    if i >= 0 and j >= 0:
+        text = text[:i] + block + text[j + len(end):]
+    else:
+        text = text.rstrip("\n") + f"\n\n## {heading}\n\n" + block + "\n"
+    path.write_text(text)

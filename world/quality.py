@@ -313,13 +313,7 @@ def write_markdown(path, results: dict, command: str) -> None:
         for name, row in rows.items():
             store.setdefault(concept, {})[name] = {k: (round(v, 4) if isinstance(v, float) else v)
                                                    for k, v in dict(row, when=when, command=command).items()}
-    block = render_markdown(store, command)
-    i, j = text.find(MARK_START), text.find(MARK_END)
-    if i >= 0 and j >= 0:
-        text = text[:i] + block + text[j + len(MARK_END):]
-    else:
-        text = text.rstrip("\n") + "\n\n## Quality benchmark (issue 5)\n\n" + block + "\n"
-    path.write_text(text)
+    MET.merge_block(path, render_markdown(store, command), MARK_START, MARK_END, "Quality benchmark (issue 5)")
 
 
 # --------------------------------------------------------------------------------------- CLI
