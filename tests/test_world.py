@@ -124,7 +124,7 @@ def test_training_script_runs_end_to_end(tmp_path, monkeypatch):
     if not (tokenizer_dir() / "vocab.json").exists():
         pytest.skip("CLIP tokenizer files not shipped")
     monkeypatch.setattr(train_base, "QUICK", dict(train_base.QUICK, vae_images=8, vae_steps=2, vae_batch=4,
-                                                  unet_images=8, unet_steps=2, unet_batch=4))
+                                                  unet_images=8, unet_steps=2, unet_batch=4, dec_steps=2))
     dest = tmp_path / "pipe"
     train_base.main(["--stage", "all", "--out", str(tmp_path / "run"), "--dest", str(dest)])
     for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
@@ -132,6 +132,33 @@ def test_training_script_runs_end_to_end(tmp_path, monkeypatch):
     assert "[unet] done" in (tmp_path / "run" / "train.log").read_text()
     img = train_base.sample(dest, ["a red circle"], steps=2)[0]
     assert img.size == (train_base.M.RESOLUTION,) * 2
+
+
+def test_unet_config_override_reaches_the_saved_denoiser(tmp_path, monkeypatch):
+    from likeness.world import train_base
+    from likeness.world.model import tokenizer_dir
+    if not (tokenizer_dir() / "vocab.json").exists():
+        pytest.skip("CLIP tokenizer files not shipped")
+    monkeypatch.setattr(train_base, "QUICK", dict(train_base.QUICK, vae_images=8, vae_steps=1, vae_batch=4,
+                                                  unet_images=8, unet_steps=1, unet_batch=4, dec_steps=1))
+    blocks = ["CrossAttnDownBlock2D"] * 3
+    train_base.main(["--stage", "all", "--out", str(tmp_path / "run"), "--dest", str(tmp_path / "pipe"),
+                     "--unet-config", '{"down_block_types": %s}' % str(blocks).replace("'", '"')])
+    import json
+    saved = json.loads((tmp_path / "pipe" / "unet" / "config.json").read_text())
+    assert saved["down_block_types"] == blocks
+
+
+def test_timestep_weights_favour_high_noise_and_keep_the_mean():
+    from likeness.world.train_base import timestep_weights
+    from likeness.world.model import build_scheduler
+    acp = build_scheduler().alphas_cumprod
+    assert torch.equal(timestep_weights(acp, 0.0), torch.ones_like(acp))      # plain SD loss
+    w = timestep_weights(acp, 20.0)
+    assert w.mean().item() == pytest.approx(1.0, abs=1e-5)
+    assert bool((w[1:] >= w[:-1]).all())                                     # more weight as noise grows
+    assert w.max().item() / w.min().item() == pytest.approx(20.0 * acp[0].item(), rel=1e-4)   # the cap bounds it
+    assert w[-1].item() == pytest.approx(w[800].item())                      # capped at high noise
 
 
 # ------------------------------------------------------------------------------------------ base model

@@ -83,9 +83,10 @@ def build_vae():
     return AutoencoderKL(**VAE_CONFIG)
 
 
-def build_unet():
+def build_unet(**overrides):
+    """The denoiser; ``overrides`` replace entries of ``UNET_CONFIG`` (architecture experiments)."""
     from diffusers import UNet2DConditionModel
-    return UNet2DConditionModel(**UNET_CONFIG)
+    return UNet2DConditionModel(**{**UNET_CONFIG, **overrides})
 
 
 def build_scheduler():

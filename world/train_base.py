@@ -10,7 +10,9 @@ it is concept-agnostic, so methods that cannot touch the VAE can still learn the
 Stage 2 caches the VAE latents of split "train" scenes (new concepts never seen, the rare one at
 0.5 %) and trains the CLIP text encoder and the UNet jointly with the epsilon loss of the SD
 schedule; 10 % of captions are replaced by the empty prompt (for classifier-free guidance), and
-each optional attribute is left out of a caption with probability 0.3.
+each optional attribute is left out of a caption with probability 0.2; the loss is weighted
+toward high noise (``timestep_weights``).  Stage 1b (``dec``) fine-tunes the decoder alone.
+The default (quick) recipe replays the run behind the shipped weights: world/base_model/TRAINING.md.
 """
 from __future__ import annotations
 
@@ -24,17 +26,19 @@ import numpy as np
 import torch
 
 from . import model as M
-from .render import render, sample_scene, sample_caption, caption
+from .render import render, sample_scene, sample_caption
 
-QUICK = dict(vae_images=8000, vae_steps=800, vae_batch=16, vae_lr=2e-3, kl_weight=1e-6,
+# QUICK replays the run that produced the shipped weights (world/base_model/TRAINING.md); a full
+# `--stage all` takes about 2.4 CPU-hours on one thread.
+QUICK = dict(vae_images=8000, vae_steps=5000, vae_batch=16, vae_lr=2e-3, kl_weight=1e-6,
              vae2_steps=0, vae2_lr=1e-3, vae_fg=10.0,
-             unet_images=30000, unet_steps=2500, unet_batch=32, unet_lr=1e-3, te_lr=5e-4,
-             p_uncond=0.1, p_drop=0.3, ema=0.999, unet_minutes=0.0,
-             dec_steps=0, dec_lr=1e-3, dec_minutes=0.0, resume=0)
+             unet_images=30000, unet_steps=7735, unet_batch=32, unet_lr=1e-3, te_lr=5e-4,
+             p_uncond=0.1, p_drop=0.2, ema=0.999, unet_minutes=0.0, hi_t_weight=20.0, batch_seed=0,
+             dec_steps=11595, dec_lr=1e-3, dec_minutes=0.0, resume=0)
 FULL = dict(vae_images=50000, vae_steps=20000, vae_batch=32, vae_lr=1e-3, kl_weight=1e-6,
             vae2_steps=0, vae2_lr=1e-3, vae_fg=10.0,
             unet_images=200000, unet_steps=60000, unet_batch=128, unet_lr=5e-4, te_lr=2.5e-4,
-            p_uncond=0.1, p_drop=0.3, ema=0.9995, unet_minutes=0.0,
+            p_uncond=0.1, p_drop=0.2, ema=0.9995, unet_minutes=0.0, hi_t_weight=20.0, batch_seed=0,
             dec_steps=0, dec_lr=5e-4, dec_minutes=0.0, resume=0)
 
 
@@ -210,27 +214,31 @@ def train_unet(out: Path, R: dict, seed: int):
     log(out, f"[unet] {len(lat)} cached latents (split train, seed {seed + 3}) in {time.time() - t0:.0f}s; "
              f"latent std {lat.std().item():.3f}")
     tok = M.load_tokenizer()
-    te, unet, sched = M.build_text_encoder(), M.build_unet(), M.build_scheduler()
+    te, unet, sched = M.build_text_encoder(), M.build_unet(**R.get("unet_config", {})), M.build_scheduler()
     if R.get("resume", 0):
         # stage 2b: continue from the raw (non-EMA) weights of an earlier stage-2 run in --out,
         # with a fresh optimizer and a new warm-up + cosine schedule
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel
-        unet.load_state_dict(UNet2DConditionModel.from_pretrained(out / "unet_raw").state_dict())
+        unet = UNet2DConditionModel.from_pretrained(out / "unet_raw")
         te.load_state_dict(CLIPTextModel.from_pretrained(out / "text_encoder_raw").state_dict())
         log(out, "[unet] resumed from unet_raw/ and text_encoder_raw/")
     log(out, f"[unet] text encoder {M.n_params(te) / 1e6:.2f}M unet {M.n_params(unet) / 1e6:.2f}M")
-    log(out, f"[unet] unet config {json.dumps(M.UNET_CONFIG)}")
+    log(out, f"[unet] unet config {json.dumps(dict(unet.config))}")
     log(out, f"[unet] text config {json.dumps(M.TEXT_CONFIG)}")
     opt = torch.optim.AdamW([
         {"params": unet.parameters(), "lr": R["unet_lr"], "base": R["unet_lr"]},
         {"params": te.parameters(), "lr": R["te_lr"], "base": R["te_lr"]},
-    ], weight_decay=0.01)
+    ], weight_decay=0.01, fused=True)
     ema = {k: v.detach().clone() for k, v in list(unet.state_dict().items()) + [("te." + k, v) for k, v in te.state_dict().items()]}
     ema_keys_unet = list(unet.state_dict().keys())
+    unet_config = dict(unet.config)
     acp = sched.alphas_cumprod
-    rng = np.random.default_rng(seed + 4)
-    g = torch.Generator().manual_seed(seed + 5)
+    # batch_seed offsets the caption / batch / noise streams, so a resumed stage does not replay
+    # the batches of the one before it
+    rng = np.random.default_rng(seed + 4 + 1000 * R.get("batch_seed", 0))
+    g = torch.Generator().manual_seed(seed + 5 + 1000 * R.get("batch_seed", 0))
+    w_t = timestep_weights(acp, R.get("hi_t_weight", 0.0))
     tok_cache: dict = {}
     t0 = time.time()
     run = 0.0
@@ -256,9 +264,10 @@ def train_unet(out: Path, R: dict, seed: int):
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         cond = te(ids).last_hidden_state
         pred = unet(zt, t, cond).sample
-        loss = (pred - noise).pow(2).mean()
+        per = (pred - noise).pow(2).mean(dim=(1, 2, 3))
+        loss = per.mean()
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (per * w_t[t]).mean().backward()
         torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(te.parameters()), 1.0)
         opt.step()
         with torch.no_grad():
@@ -271,9 +280,22 @@ def train_unet(out: Path, R: dict, seed: int):
         if step % 50 == 0 or step == total - 1:
             log(out, f"[unet] step {step} loss {loss.item():.4f} avg {run:.4f} ({time.time() - t0:.0f}s)")
         if (step + 1) % 500 == 0 or step == total - 1:
-            _save_stage2(out, unet, te, ema, ema_keys_unet)
+            _save_stage2(out, unet, te, ema, ema_keys_unet, unet_config)
         step += 1
     log(out, f"[unet] done: {total} steps, final avg loss {run:.4f}, time {time.time() - t0:.0f}s")
+
+
+def timestep_weights(acp: torch.Tensor, cap: float) -> torch.Tensor:
+    """Per-timestep weights of the epsilon loss.  ``cap`` 0: uniform (plain SD training).  Else
+    ``min(1 / alpha_bar_t, cap)``, normalised to mean 1 over t: the epsilon error of a sample at
+    high noise is its x0 error scaled by sqrt(SNR), so the plain loss hardly rewards deciding the
+    layout there, where the noisy latent does not show it yet;
+    weighting by 1 / alpha_bar (the v-prediction loss's weighting, capped) restores that pressure.
+    Used for the shipped weights; it did not make position words work (TRAINING.md, "Position")."""
+    if cap <= 0:
+        return torch.ones_like(acp)
+    w = torch.clamp(1.0 / acp, max=cap)
+    return w / w.mean()
 
 
 def _ids(tok, text, cache):
@@ -283,10 +305,11 @@ def _ids(tok, text, cache):
     return cache[text]
 
 
-def _save_stage2(out, unet, te, ema, ema_keys_unet):
+def _save_stage2(out, unet, te, ema, ema_keys_unet, unet_config):
+    from diffusers import UNet2DConditionModel
     unet.save_pretrained(out / "unet_raw")
     te.save_pretrained(out / "text_encoder_raw")
-    u = M.build_unet()
+    u = UNet2DConditionModel.from_config(unet_config)
     u.load_state_dict({k: ema[k] for k in ema_keys_unet})
     u.save_pretrained(out / "unet")
     t = M.build_text_encoder()
@@ -340,12 +363,14 @@ def main(argv=None):
     p.add_argument("--full", action="store_true", help="the long recipe (GPU or many CPU hours)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--set", nargs="*", default=[], help="override recipe entries, e.g. unet_steps=3000")
+    p.add_argument("--unet-config", default="{}", help="JSON entries replacing world.model.UNET_CONFIG's")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     R = dict(FULL if a.full else QUICK)
     for kv in a.set:
         k, v = kv.split("=")
         R[k] = type(R[k])(v)
+    R["unet_config"] = json.loads(a.unet_config)
     a.out.mkdir(parents=True, exist_ok=True)
     log(a.out, f"recipe {'full' if a.full else 'quick'} seed {a.seed}: {json.dumps(R)}")
     log(a.out, f"torch {torch.__version__} threads {torch.get_num_threads()}")
