@@ -1,6 +1,8 @@
 """The shapes world: renderer, captions, splits, classifier, metrics, training script, base model."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -126,27 +128,15 @@ def test_training_script_runs_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setattr(train_base, "QUICK", dict(train_base.QUICK, vae_images=8, vae_steps=2, vae_batch=4,
                                                   unet_images=8, unet_steps=2, unet_batch=4, dec_steps=2))
     dest = tmp_path / "pipe"
-    train_base.main(["--stage", "all", "--out", str(tmp_path / "run"), "--dest", str(dest)])
+    blocks = ["CrossAttnDownBlock2D"] * 3             # an architecture override reaches the saved UNet
+    train_base.main(["--stage", "all", "--out", str(tmp_path / "run"), "--dest", str(dest),
+                     "--unet-config", json.dumps({"down_block_types": blocks})])
     for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         assert (dest / sub).is_dir()
+    assert json.loads((dest / "unet" / "config.json").read_text())["down_block_types"] == blocks
     assert "[unet] done" in (tmp_path / "run" / "train.log").read_text()
     img = train_base.sample(dest, ["a red circle"], steps=2)[0]
     assert img.size == (train_base.M.RESOLUTION,) * 2
-
-
-def test_unet_config_override_reaches_the_saved_denoiser(tmp_path, monkeypatch):
-    from likeness.world import train_base
-    from likeness.world.model import tokenizer_dir
-    if not (tokenizer_dir() / "vocab.json").exists():
-        pytest.skip("CLIP tokenizer files not shipped")
-    monkeypatch.setattr(train_base, "QUICK", dict(train_base.QUICK, vae_images=8, vae_steps=1, vae_batch=4,
-                                                  unet_images=8, unet_steps=1, unet_batch=4, dec_steps=1))
-    blocks = ["CrossAttnDownBlock2D"] * 3
-    train_base.main(["--stage", "all", "--out", str(tmp_path / "run"), "--dest", str(tmp_path / "pipe"),
-                     "--unet-config", '{"down_block_types": %s}' % str(blocks).replace("'", '"')])
-    import json
-    saved = json.loads((tmp_path / "pipe" / "unet" / "config.json").read_text())
-    assert saved["down_block_types"] == blocks
 
 
 def test_timestep_weights_favour_high_noise_and_keep_the_mean():
