@@ -232,7 +232,6 @@ def train_unet(out: Path, R: dict, seed: int):
     ], weight_decay=0.01, fused=True)
     ema = {k: v.detach().clone() for k, v in list(unet.state_dict().items()) + [("te." + k, v) for k, v in te.state_dict().items()]}
     ema_keys_unet = list(unet.state_dict().keys())
-    unet_config = dict(unet.config)
     acp = sched.alphas_cumprod
     # batch_seed offsets the caption / batch / noise streams, so a resumed stage does not replay
     # the batches of the one before it
@@ -280,7 +279,7 @@ def train_unet(out: Path, R: dict, seed: int):
         if step % 50 == 0 or step == total - 1:
             log(out, f"[unet] step {step} loss {loss.item():.4f} avg {run:.4f} ({time.time() - t0:.0f}s)")
         if (step + 1) % 500 == 0 or step == total - 1:
-            _save_stage2(out, unet, te, ema, ema_keys_unet, unet_config)
+            _save_stage2(out, unet, te, ema, ema_keys_unet)
         step += 1
     log(out, f"[unet] done: {total} steps, final avg loss {run:.4f}, time {time.time() - t0:.0f}s")
 
@@ -305,11 +304,11 @@ def _ids(tok, text, cache):
     return cache[text]
 
 
-def _save_stage2(out, unet, te, ema, ema_keys_unet, unet_config):
+def _save_stage2(out, unet, te, ema, ema_keys_unet):
     from diffusers import UNet2DConditionModel
     unet.save_pretrained(out / "unet_raw")
     te.save_pretrained(out / "text_encoder_raw")
-    u = UNet2DConditionModel.from_config(unet_config)
+    u = UNet2DConditionModel.from_config(unet.config)     # the trained architecture, overrides included
     u.load_state_dict({k: ema[k] for k in ema_keys_unet})
     u.save_pretrained(out / "unet")
     t = M.build_text_encoder()
