@@ -126,7 +126,8 @@ def test_training_script_runs_end_to_end(tmp_path, monkeypatch):
     if not (tokenizer_dir() / "vocab.json").exists():
         pytest.skip("CLIP tokenizer files not shipped")
     monkeypatch.setattr(train_base, "QUICK", dict(train_base.QUICK, vae_images=8, vae_steps=2, vae_batch=4,
-                                                  unet_images=8, unet_steps=2, unet_batch=4, dec_steps=2))
+                                                  unet_images=8, unet_steps=2, unet_batch=4, dec_steps=2,
+                                                  pos_phases="high:2:1e-3,weighted:1:5e-4,plain:1:2.5e-4"))
     dest = tmp_path / "pipe"
     blocks = ["CrossAttnDownBlock2D"] * 3             # an architecture override reaches the saved UNet
     train_base.main(["--stage", "all", "--out", str(tmp_path / "run"), "--dest", str(dest),
@@ -134,9 +135,63 @@ def test_training_script_runs_end_to_end(tmp_path, monkeypatch):
     for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         assert (dest / sub).is_dir()
     assert json.loads((dest / "unet" / "config.json").read_text())["down_block_types"] == blocks
-    assert "[unet] done" in (tmp_path / "run" / "train.log").read_text()
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "[unet] done" in log and "[position] done: 4 steps in 3 phases" in log
+    from safetensors.torch import load_file       # the pipeline carries stage 2c's weights, not stage 2's
+    shipped = load_file(dest / "unet" / "diffusion_pytorch_model.safetensors")
+    pos = load_file(tmp_path / "run" / "unet_pos" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(shipped[k], pos[k].half()) for k in pos)
     img = train_base.sample(dest, ["a red circle"], steps=2)[0]
     assert img.size == (train_base.M.RESOLUTION,) * 2
+
+
+def test_position_phases_parse_and_reject_unknown_losses():
+    from likeness.world.train_base import POSITION_PHASES, parse_phases
+    assert parse_phases("high:800:1e-3,plain:400:2.5e-4") == [("high", 800, 1e-3), ("plain", 400, 2.5e-4)]
+    assert [p[0] for p in parse_phases(POSITION_PHASES)][0] == "high"
+    with pytest.raises(ValueError, match="not one of high, weighted, plain"):
+        parse_phases("x0:800:1e-3")
+
+
+def test_attribute_probe_reads_the_words_each_caption_states():
+    """Training a text encoder through the probes makes a stated attribute readable from its
+    states — the pressure that keeps position words from fading in stage 2c."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+    from likeness.world.model import TEXT_CONFIG, load_tokenizer, tokenizer_dir
+    from likeness.world.text_probe import AttributeProbe
+    if not (tokenizer_dir() / "vocab.json").exists():
+        pytest.skip("CLIP tokenizer files not shipped")
+    torch.manual_seed(0)
+    te = CLIPTextModel(CLIPTextConfig(**dict(TEXT_CONFIG, num_hidden_layers=1)))
+    probe, tok = AttributeProbe(te.config.hidden_size), load_tokenizer()
+    eos = te.config.eos_token_id
+
+    def batch(seed, n=32):
+        rng = np.random.default_rng(seed)
+        caps = [R.sample_caption(s, rng, 0.2) for s in _scenes(n, seed)] + [""]
+        return caps, tok(caps, padding="max_length", max_length=77, return_tensors="pt").input_ids
+
+    def position_accuracy():
+        caps, ids = batch(999, 128)
+        with torch.no_grad():
+            logits = probe.heads["position"](probe.features(te(ids).last_hidden_state, ids, eos))
+        said = [(i, parse_caption(c)["position"]) for i, c in enumerate(caps) if c and "position" in parse_caption(c)]
+        return np.mean([R.POSITIONS[int(logits[i].argmax())] == p for i, p in said])
+
+    caps, ids = batch(0)
+    f = probe.features(te(ids).last_hidden_state, ids, eos)
+    assert f.shape == (len(caps), 2 * te.config.hidden_size)
+    empty = probe.loss(te(ids[-1:]).last_hidden_state, ids[-1:], [""], eos)
+    assert empty.item() == 0.0 and empty.requires_grad          # the unconditional caption states nothing
+    before = position_accuracy()
+    opt = torch.optim.Adam(list(te.parameters()) + list(probe.parameters()), lr=3e-3)
+    for step in range(100):
+        caps, ids = batch(step + 1)
+        loss = probe.loss(te(ids).last_hidden_state, ids, caps, eos)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert before < 0.4 and position_accuracy() > 0.9, (before, position_accuracy())
 
 
 def test_timestep_weights_favour_high_noise_and_keep_the_mean():

@@ -2,6 +2,7 @@
 
     python -m likeness.world.train_base --stage vae  --out /tmp/world_run      # stage 1
     python -m likeness.world.train_base --stage unet --out /tmp/world_run      # stage 2
+    python -m likeness.world.train_base --stage position --out /tmp/world_run  # stage 2c
     python -m likeness.world.train_base --stage save --out /tmp/world_run --dest world/base_model
     python -m likeness.world.train_base --stage all  --out /tmp/world_run --full   # the long recipe
 
@@ -11,7 +12,8 @@ Stage 2 caches the VAE latents of split "train" scenes (new concepts never seen,
 0.5 %) and trains the CLIP text encoder and the UNet jointly with the epsilon loss of the SD
 schedule; 10 % of captions are replaced by the empty prompt (for classifier-free guidance), and
 each optional attribute is left out of a caption with probability 0.2; the loss is weighted
-toward high noise (``timestep_weights``).  Stage 1b (``dec``) fine-tunes the decoder alone.
+toward high noise (``timestep_weights``).  Stage 2c (``position``, ``train_position``) then teaches
+the position words stage 2 leaves unused, with attribute probes on the text encoder.  Stage 1b (``dec``) fine-tunes the decoder alone.
 The default (quick) recipe replays the run behind the shipped weights: world/base_model/TRAINING.md.
 """
 from __future__ import annotations
@@ -28,18 +30,25 @@ import torch
 from . import model as M
 from .render import render, sample_scene, sample_caption
 
+# Stage 2c's phases, "loss:steps:lr" (train_position): high noise only with the x0 loss, then back
+# to stage 2's weighted loss at two learning rates, then the plain epsilon loss, which weights the
+# low-noise steps that draw fine patterns most.
+POSITION_PHASES = "high:800:1e-3,weighted:800:5e-4,weighted:800:2.5e-4,plain:800:2.5e-4"
+
 # QUICK replays the run that produced the shipped weights (world/base_model/TRAINING.md); a full
 # `--stage all` takes about 2.4 CPU-hours on one thread.
 QUICK = dict(vae_images=8000, vae_steps=5000, vae_batch=16, vae_lr=2e-3, kl_weight=1e-6,
              vae2_steps=0, vae2_lr=1e-3, vae_fg=10.0,
              unet_images=30000, unet_steps=7735, unet_batch=32, unet_lr=1e-3, te_lr=5e-4,
              p_uncond=0.1, p_drop=0.2, ema=0.999, unet_minutes=0.0, hi_t_weight=20.0, batch_seed=0,
-             dec_steps=11595, dec_lr=1e-3, dec_minutes=0.0, resume=0)
+             dec_steps=11595, dec_lr=1e-3, dec_minutes=0.0, resume=0,
+             pos_phases=POSITION_PHASES, pos_t_min=800, probe_weight=1.0)
 FULL = dict(vae_images=50000, vae_steps=20000, vae_batch=32, vae_lr=1e-3, kl_weight=1e-6,
             vae2_steps=0, vae2_lr=1e-3, vae_fg=10.0,
             unet_images=200000, unet_steps=60000, unet_batch=128, unet_lr=5e-4, te_lr=2.5e-4,
             p_uncond=0.1, p_drop=0.2, ema=0.9995, unet_minutes=0.0, hi_t_weight=20.0, batch_seed=0,
-            dec_steps=0, dec_lr=5e-4, dec_minutes=0.0, resume=0)
+            dec_steps=0, dec_lr=5e-4, dec_minutes=0.0, resume=0,
+            pos_phases=POSITION_PHASES, pos_t_min=800, probe_weight=1.0)
 
 
 def log(out: Path, msg: str):
@@ -284,13 +293,83 @@ def train_unet(out: Path, R: dict, seed: int):
     log(out, f"[unet] done: {total} steps, final avg loss {run:.4f}, time {time.time() - t0:.0f}s")
 
 
+def parse_phases(spec: str) -> list[tuple[str, int, float]]:
+    """ "high:800:1e-3,plain:400:2.5e-4" → [("high", 800, 0.001), ("plain", 400, 0.00025)]."""
+    phases = []
+    for part in spec.split(","):
+        loss, steps, lr = part.split(":")
+        if loss not in ("high", "weighted", "plain"):
+            raise ValueError(f"pos_phases: loss {loss!r} is not one of high, weighted, plain")
+        phases.append((loss, int(steps), float(lr)))
+    return phases
+
+
+def train_position(out: Path, R: dict, seed: int):
+    """Stage 2c: teach the stage-2 model its position words (TRAINING.md, "Position").
+
+    Stage 2 leaves them unused: where the shape goes is decided at high noise, where the epsilon
+    loss hardly pays for it, and the jointly trained text encoder lets words the UNet ignores fade.
+    Phases (``pos_phases``): "high" trains on t >= ``pos_t_min`` only, with the x0 error as the
+    loss — that places shapes but bends the rest of the model; "weighted" is stage 2's loss over all
+    timesteps, "plain" the unweighted epsilon loss (most weight on the low-noise steps that draw
+    fine patterns): they bring back what "high" bent.  In every phase the attribute probes
+    (``world.text_probe``) keep each stated word apart in the text encoder.  No EMA: the weights
+    saved are the last.  Reads ``unet/`` and ``text_encoder/`` in ``out``; writes ``unet_pos/`` and
+    ``text_encoder_pos/``, which ``save_pipeline`` prefers."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+    from .text_probe import AttributeProbe
+    phases = parse_phases(R["pos_phases"])
+    torch.manual_seed(seed + 6)
+    d = torch.load(out / "latents.pt", weights_only=False)        # our own stage-2 cache
+    scenes, lat = d["scenes"], d["latents"]
+    unet = UNet2DConditionModel.from_pretrained(out / "unet")
+    te = CLIPTextModel.from_pretrained(out / "text_encoder")
+    probe = AttributeProbe(te.config.hidden_size)
+    tok, acp = M.load_tokenizer(), M.build_scheduler().alphas_cumprod
+    w_t = timestep_weights(acp, R.get("hi_t_weight", 0.0))
+    rng, g = np.random.default_rng(seed + 7), torch.Generator().manual_seed(seed + 8)
+    tok_cache: dict = {}
+    clipped = list(unet.parameters()) + list(te.parameters())
+    t0 = time.time()
+    for phase, (kind, steps, lr) in enumerate(phases, 1):
+        opt = torch.optim.AdamW(clipped + list(probe.parameters()), lr=lr, weight_decay=0.01)
+        t_min = R["pos_t_min"] if kind == "high" else 0
+        for step in range(steps):
+            idx = rng.integers(0, len(lat), R["unet_batch"])
+            caps = ["" if rng.random() < R["p_uncond"] else sample_caption(scenes[i], rng, R["p_drop"]) for i in idx]
+            ids = torch.stack([_ids(tok, c, tok_cache) for c in caps])
+            z0 = lat[torch.from_numpy(idx)]
+            noise = torch.randn(z0.shape, generator=g)
+            t = torch.randint(t_min, 1000, (len(idx),), generator=g)
+            a = acp[t].view(-1, 1, 1, 1)
+            states = te(ids).last_hidden_state
+            pred = unet(a.sqrt() * z0 + (1 - a).sqrt() * noise, t, states).sample
+            per = (pred - noise).pow(2).mean(dim=(1, 2, 3))
+            w = {"high": (1 - acp[t]) / acp[t],          # the x0 error: epsilon error / SNR
+                 "weighted": w_t[t], "plain": torch.ones_like(per)}[kind]
+            loss = (per * w).mean()
+            aux = probe.loss(states, ids, caps, te.config.eos_token_id)
+            opt.zero_grad(set_to_none=True)
+            (loss + R["probe_weight"] * aux).backward()
+            torch.nn.utils.clip_grad_norm_(clipped, 1.0)
+            opt.step()
+            if step % 50 == 0 or step == steps - 1:
+                log(out, f"[position] phase {phase} ({kind}, lr {lr:g}) step {step} loss {loss.item():.4f} "
+                         f"probe {aux.item():.3f} ({time.time() - t0:.0f}s)")
+    unet.save_pretrained(out / "unet_pos")
+    te.save_pretrained(out / "text_encoder_pos")
+    log(out, f"[position] done: {sum(p[1] for p in phases)} steps in {len(phases)} phases, {time.time() - t0:.0f}s")
+
+
 def timestep_weights(acp: torch.Tensor, cap: float) -> torch.Tensor:
     """Per-timestep weights of the epsilon loss.  ``cap`` 0: uniform (plain SD training).  Else
     ``min(1 / alpha_bar_t, cap)``, normalised to mean 1 over t: the epsilon error of a sample at
     high noise is its x0 error scaled by sqrt(SNR), so the plain loss hardly rewards deciding the
     layout there, where the noisy latent does not show it yet;
     weighting by 1 / alpha_bar (the v-prediction loss's weighting, capped) restores that pressure.
-    Used for the shipped weights; it did not make position words work (TRAINING.md, "Position")."""
+    Used for the shipped weights; alone it did not make position words work: stage 2c
+    (``train_position``) does (TRAINING.md, "Position")."""
     if cap <= 0:
         return torch.ones_like(acp)
     w = torch.clamp(1.0 / acp, max=cap)
@@ -321,8 +400,9 @@ def save_pipeline(out: Path, dest: Path, fp16: bool = True):
     from diffusers import AutoencoderKL, UNet2DConditionModel, StableDiffusionPipeline
     from transformers import CLIPTextModel
     vae = AutoencoderKL.from_pretrained(out / ("vae_dec" if (out / "vae_dec").exists() else "vae"))
-    unet = UNet2DConditionModel.from_pretrained(out / "unet")
-    te = CLIPTextModel.from_pretrained(out / "text_encoder")
+    pos = (out / "unet_pos").exists()       # stage 2c's weights when it ran
+    unet = UNet2DConditionModel.from_pretrained(out / ("unet_pos" if pos else "unet"))
+    te = CLIPTextModel.from_pretrained(out / ("text_encoder_pos" if pos else "text_encoder"))
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=M.load_tokenizer(), unet=unet,
                                    scheduler=M.build_scheduler(), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
@@ -355,7 +435,7 @@ def sample(pipe_dir, prompts, seed=0, steps=30, guidance=5.0):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", choices=["vae", "vae2", "dec", "unet", "save", "all"], default="all")
+    p.add_argument("--stage", choices=["vae", "vae2", "dec", "unet", "position", "save", "all"], default="all")
     p.add_argument("--out", type=Path, default=Path("world_run"))
     p.add_argument("--dest", type=Path, default=M.BASE_MODEL_DIR)
     p.add_argument("--seed", type=int, default=0)
@@ -381,6 +461,8 @@ def main(argv=None):
         finetune_decoder(a.out, R, a.seed)
     if a.stage in ("unet", "all"):
         train_unet(a.out, R, a.seed)
+    if a.stage in ("position", "all") and R["pos_phases"]:
+        train_position(a.out, R, a.seed)
     if a.stage in ("save", "all"):
         save_pipeline(a.out, a.dest)
         log(a.out, f"saved pipeline to {a.dest}")
