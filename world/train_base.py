@@ -262,14 +262,7 @@ def train_unet(out: Path, R: dict, seed: int):
             log(out, f"[unet] time budget {R['unet_minutes']} min → unet_steps={total}")
         for pg in opt.param_groups:
             pg["lr"] = cosine_lr(step, total, pg["base"], warmup=100)
-        idx = rng.integers(0, len(lat), R["unet_batch"])
-        caps = ["" if rng.random() < R["p_uncond"] else sample_caption(scenes[i], rng, R["p_drop"]) for i in idx]
-        ids = torch.stack([_ids(tok, c, tok_cache) for c in caps])
-        z0 = lat[torch.from_numpy(idx)]
-        noise = torch.randn(z0.shape, generator=g)
-        t = torch.randint(0, 1000, (len(idx),), generator=g)
-        a = acp[t].view(-1, 1, 1, 1)
-        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        caps, ids, zt, noise, t = _noised_batch(rng, g, scenes, lat, R, acp, tok, tok_cache)
         cond = te(ids).last_hidden_state
         pred = unet(zt, t, cond).sample
         per = (pred - noise).pow(2).mean(dim=(1, 2, 3))
@@ -291,6 +284,19 @@ def train_unet(out: Path, R: dict, seed: int):
             _save_stage2(out, unet, te, ema, ema_keys_unet)
         step += 1
     log(out, f"[unet] done: {total} steps, final avg loss {run:.4f}, time {time.time() - t0:.0f}s")
+
+
+def _noised_batch(rng, g, scenes, lat, R, acp, tok, tok_cache, t_min=0):
+    """One training batch: captions (empty with p_uncond, optional words dropped with p_drop), their
+    token ids, the latents noised to uniform t in [t_min, 1000), the noise and t."""
+    idx = rng.integers(0, len(lat), R["unet_batch"])
+    caps = ["" if rng.random() < R["p_uncond"] else sample_caption(scenes[i], rng, R["p_drop"]) for i in idx]
+    ids = torch.stack([_ids(tok, c, tok_cache) for c in caps])
+    z0 = lat[torch.from_numpy(idx)]
+    noise = torch.randn(z0.shape, generator=g)
+    t = torch.randint(t_min, 1000, (len(idx),), generator=g)
+    a = acp[t].view(-1, 1, 1, 1)
+    return caps, ids, a.sqrt() * z0 + (1 - a).sqrt() * noise, noise, t
 
 
 def parse_phases(spec: str) -> list[tuple[str, int, float]]:
@@ -336,15 +342,9 @@ def train_position(out: Path, R: dict, seed: int):
         opt = torch.optim.AdamW(clipped + list(probe.parameters()), lr=lr, weight_decay=0.01)
         t_min = R["pos_t_min"] if kind == "high" else 0
         for step in range(steps):
-            idx = rng.integers(0, len(lat), R["unet_batch"])
-            caps = ["" if rng.random() < R["p_uncond"] else sample_caption(scenes[i], rng, R["p_drop"]) for i in idx]
-            ids = torch.stack([_ids(tok, c, tok_cache) for c in caps])
-            z0 = lat[torch.from_numpy(idx)]
-            noise = torch.randn(z0.shape, generator=g)
-            t = torch.randint(t_min, 1000, (len(idx),), generator=g)
-            a = acp[t].view(-1, 1, 1, 1)
+            caps, ids, zt, noise, t = _noised_batch(rng, g, scenes, lat, R, acp, tok, tok_cache, t_min)
             states = te(ids).last_hidden_state
-            pred = unet(a.sqrt() * z0 + (1 - a).sqrt() * noise, t, states).sample
+            pred = unet(zt, t, states).sample
             per = (pred - noise).pow(2).mean(dim=(1, 2, 3))
             w = {"high": (1 - acp[t]) / acp[t],          # the x0 error: epsilon error / SNR
                  "weighted": w_t[t], "plain": torch.ones_like(per)}[kind]
