@@ -10,8 +10,8 @@ the world's attribute classifier:
     row 2  "before": the test prompts with the init word ("dotted") in place of the new word
     row 3  "after":  the same prompts, same seeds, with the learned word
 
-The default concept is "checked": TI (4 vectors) lifts the classifier's read of it (0 % -> 25 % of
-the four test images with the shipped weights; 0.00 -> 0.34 on the benchmark's 32 prompts).  ``--concept moon`` runs the held-out shape, which TI does
+The default concept is "checked": TI (8 vectors) lifts the classifier's read of it (0 % -> 25 % of
+the four test images with the shipped weights; 0.00 -> 0.25 on the benchmark's 32 prompts).  ``--concept moon`` runs the held-out shape, which TI does
 *not* teach this base model (0 % -> 0 %): a word's embedding can only steer a UNet among what it can
 draw, and this one has drawn five shapes (BENCHMARKS.md, quality benchmark).
 """

@@ -177,13 +177,15 @@ def base_method(host, refs: References, concept: str, out_dir: Path, opts: dict)
                    seconds=0.0, steps=0)
 
 
-#: Textual Inversion's vectors per concept word.  Four, not one: the shipped base model draws only
-#: the patterns it was trained on, and one vector (300 or 600 steps, lr 0.02–0.1) does not steer it
-#: to "checked" (0.03 of samples); 2 / 4 vectors reach 0.16 / 0.34 (BENCHMARKS.md, "Quality benchmark").
-TI_VECTORS = 4
+#: Textual Inversion's vectors per concept word.  Eight, not one: the shipped base model draws only
+#: the patterns it was trained on, and a word's embedding can only steer it among them.  On the
+#: weights with position words (stage 2c), "checked" from 300 steps at lr 0.02: 2 / 4 / 8 / 16
+#: vectors reach 0.13 (lr 0.05) / 0.13 / 0.22 / 0.13 of samples, the last at prompt fidelity 0.72
+#: (BENCHMARKS.md, "Quality benchmark").
+TI_VECTORS = 8
 
 
-@register("ti", "Textual Inversion, 4 vectors, init word in brackets")
+@register("ti", f"Textual Inversion, {TI_VECTORS} vectors, init word in brackets")
 def ti_method(host, refs: References, concept: str, out_dir: Path, opts: dict) -> Learned:
     from ..trainers import data as D
     from ..trainers.textual_inversion import TIConfig, train_textual_inversion

@@ -36,7 +36,7 @@ from .render import render, sample_scene, sample_caption
 POSITION_PHASES = "high:800:1e-3,weighted:800:5e-4,weighted:800:2.5e-4,plain:800:2.5e-4"
 
 # QUICK replays the run that produced the shipped weights (world/base_model/TRAINING.md); a full
-# `--stage all` takes about 2.4 CPU-hours on one thread.
+# `--stage all` takes about 3 CPU-hours on one thread.
 QUICK = dict(vae_images=8000, vae_steps=5000, vae_batch=16, vae_lr=2e-3, kl_weight=1e-6,
              vae2_steps=0, vae2_lr=1e-3, vae_fg=10.0,
              unet_images=30000, unet_steps=7735, unet_batch=32, unet_lr=1e-3, te_lr=5e-4,
