@@ -143,6 +143,9 @@ def test_training_script_runs_end_to_end(tmp_path, monkeypatch):
     assert all(torch.equal(shipped[k], pos[k].half()) for k in pos)
     img = train_base.sample(dest, ["a red circle"], steps=2)[0]
     assert img.size == (train_base.M.RESOLUTION,) * 2
+    # a new stage 2 makes stage 2c's output stale: the next save must not pick it up
+    train_base.main(["--stage", "unet", "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run" / "unet_pos").exists() and not (tmp_path / "run" / "text_encoder_pos").exists()
 
 
 def test_position_phases_parse_and_reject_unknown_losses():

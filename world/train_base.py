@@ -12,8 +12,9 @@ Stage 2 caches the VAE latents of split "train" scenes (new concepts never seen,
 0.5 %) and trains the CLIP text encoder and the UNet jointly with the epsilon loss of the SD
 schedule; 10 % of captions are replaced by the empty prompt (for classifier-free guidance), and
 each optional attribute is left out of a caption with probability 0.2; the loss is weighted
-toward high noise (``timestep_weights``).  Stage 2c (``position``, ``train_position``) then teaches
-the position words stage 2 leaves unused, with attribute probes on the text encoder.  Stage 1b (``dec``) fine-tunes the decoder alone.
+toward high noise (``timestep_weights``).  Stage 2c (``position``, ``train_position``) then
+teaches the position words stage 2 leaves unused, with attribute probes on the text encoder.
+Stage 1b (``dec``) fine-tunes the decoder alone.
 The default (quick) recipe replays the run behind the shipped weights: world/base_model/TRAINING.md.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -222,6 +224,8 @@ def train_unet(out: Path, R: dict, seed: int):
         torch.save({"scenes": scenes, "latents": lat}, cache)
     log(out, f"[unet] {len(lat)} cached latents (split train, seed {seed + 3}) in {time.time() - t0:.0f}s; "
              f"latent std {lat.std().item():.3f}")
+    for stale in ("unet_pos", "text_encoder_pos"):    # stage 2c's output of an earlier stage 2
+        shutil.rmtree(out / stale, ignore_errors=True)
     tok = M.load_tokenizer()
     te, unet, sched = M.build_text_encoder(), M.build_unet(**R.get("unet_config", {})), M.build_scheduler()
     if R.get("resume", 0):
