@@ -94,3 +94,33 @@ def test_short_ti_raises_concept_fidelity(tmp_path):
     assert row_ti["concept_fidelity"] >= MIN_FIDELITY
     assert row_ti["concept_fidelity"] - row_base["concept_fidelity"] >= MIN_GAIN
     assert row_ti["concept_probability"] - row_base["concept_probability"] >= MIN_GAIN
+
+
+def test_seedselect_row_optimises_one_noise_per_prompt(tmp_path):
+    """SeedSelect's benchmark method: the world classifier's embedding as its image encoder (the
+    same direction ``metrics.embed`` reads, and differentiable), and one optimised sample per prompt,
+    its optimisation time reported as the row's train time."""
+    if not (BASE_MODEL_DIR / "model_index.json").exists():
+        pytest.skip("world/base_model not trained")
+    import torch
+    from likeness.hosts.diffusers import DiffusersHost
+    from likeness.world import metrics
+    from likeness.world.quality_seedselect import WorldImageEncoder
+
+    refs = Q.references("diamond")
+    enc = WorldImageEncoder()
+    x = refs.images_model.clone().requires_grad_(True)
+    e = enc.embed(x)
+    assert torch.allclose(torch.nn.functional.normalize(e, dim=1), metrics.embed(refs.images_model.movedim(-1, 1)),
+                          atol=1e-4)
+    e.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+    Q.load_plugins()
+    host = DiffusersHost.load(BASE_MODEL_DIR, device="cpu")
+    opts = {"sample_steps": 4, "ss_iterations": 1, "ss_candidates": 2}
+    learned = Q.METHODS["seedselect"](host, refs, "diamond", tmp_path, opts)
+    prompts = [Q.concept_caption(s, "diamond", learned.word) for s in Q.test_scenes("diamond", 2)]
+    images = learned.sample(prompts, 0)
+    assert images.shape == (2, 32, 32, 3) and 0.0 <= images.min() and images.max() <= 1.0
+    assert learned.seconds > 0 and "diamond" in prompts[0]

@@ -170,7 +170,7 @@ def register(name: str, note: str = ""):
     return deco
 
 
-@register("base", "the base model prompted with the concept's own (never trained) word")
+@register("base", "the base model prompted with the concept's own word (never trained; 'diamond': 0.5 % of training)")
 def base_method(host, refs: References, concept: str, out_dir: Path, opts: dict) -> Learned:
     steps = opts.get("sample_steps", 25)
     return Learned(word=concept, sample=lambda prompts, seed: sample_prompts(host, prompts, seed, steps=steps),
@@ -206,7 +206,7 @@ def ti_method(host, refs: References, concept: str, out_dir: Path, opts: dict) -
 
 
 #: modules that register more rows (DreamBooth LoRA / full / pivotal)
-PLUGINS = ("quality_dreambooth",)
+PLUGINS = ("quality_dreambooth", "quality_seedselect")
 
 
 def load_plugins() -> None:
