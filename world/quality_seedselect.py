@@ -13,7 +13,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from . import classifier as C
 from .model import RESOLUTION
@@ -30,10 +29,8 @@ class WorldImageEncoder:
             p.requires_grad_(False)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        x = images[..., :3].movedim(-1, 1).float()
-        if x.shape[-1] != 64:                     # the classifier reads 64 px
-            x = F.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False)
-        return self.model.body[:-1](x)
+        # the classifier's own preprocessing (a bilinear resize to 64 px: differentiable)
+        return self.model.body[:-1](C.images_to_tensor(images[..., :3].movedim(-1, 1)))
 
 
 @register("seedselect", "SeedSelect: a noise optimised per prompt toward the references")
