@@ -205,7 +205,7 @@ def ti_method(host, refs: References, concept: str, out_dir: Path, opts: dict) -
                                                                steps=steps))
 
 
-#: modules that register more rows (DreamBooth LoRA / full / pivotal)
+#: modules that register more rows (DreamBooth LoRA / full / pivotal; SeedSelect for the rare concept)
 PLUGINS = ("quality_dreambooth", "quality_seedselect")
 
 
