@@ -7,13 +7,27 @@ estimate of ``x0``.  The host hides the network's own parameterisation (eps, v) 
 ``denoise`` and tells the trainer, through ``output_scale``, how the network output enters the x0
 estimate, so ``((x0_hat - x0) / output_scale(sigma))**2`` is exactly the MSE in the network's own
 parameterisation (eps-MSE for eps models, v-MSE for v models) - the loss the model was trained with.
+
+This file is the whole contract between the methods and the programs that load models:
+
+* ``Host``: a loaded text-to-image latent diffusion model (every method);
+* ``Tunable``: a host whose weights a method may patch (DreamBooth: LoRA, full, pivotal);
+* ``Exportable``: a host that can hand back its own model objects with a result applied, and write
+  a full checkpoint (what the nodes and the CLI give the user);
+* ``SeedModel`` and ``ImageEncoder``: a prompt-conditioned denoiser and a differentiable image
+  embedding (SeedSelect, metrics).
+
+Nodes and the CLI call nothing on a host that is not declared here; ``tests/host_contract.py``
+checks every promise for every host, and a new host is done when it passes it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, ContextManager, Protocol, Sequence, TypeVar, runtime_checkable
 
 import torch
+
+from .families import FAMILIES
 
 
 @dataclass(frozen=True)
@@ -48,6 +62,29 @@ class ModelInfo:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class ParameterNaming:
+    """How a ``Tunable`` host names the parameters it exposes, declared so the file formats can map
+    them to LoRA keys and checkpoint keys without learning each host's spelling.
+
+    A name is ``<prefix><path>``: ``unet_prefix`` + a UNet path in ``unet_scheme`` ("diffusers":
+    ``down_blocks.1.attentions.0…``; "ldm": the original ``input_blocks.4.1…``), or
+    ``encoder_prefixes[key]`` + a Hugging Face CLIP path (``text_model.encoder.layers.N…``, with or
+    without ``text_model.``) for text encoder ``key``.
+    """
+
+    unet_prefix: str
+    unet_scheme: str  # "diffusers" or "ldm"
+    encoder_prefixes: dict[str, str]
+
+
+#: the diffusers host's names: ``unet.<diffusers path>``, ``text_encoder[_2].<HF CLIP path>``
+DIFFUSERS_NAMING = {
+    f.name: ParameterNaming("unet.", "diffusers", {e.key: f"{e.component}." for e in f.encoders})
+    for f in FAMILIES.values()
+}
+
+
 @runtime_checkable
 class Host(Protocol):
     """A loaded text-to-image latent diffusion model, as the methods see it.
@@ -64,6 +101,13 @@ class Host(Protocol):
     #: latent channels and the pixel-to-latent downscale factor (4 and 8 for SD1/SD2/SDXL).
     latent_channels: int
     latent_scale: int
+    #: a latent's sides must be multiples of this (2 ** the UNet's downsamplings).
+    latent_multiple: int
+
+    def training(self) -> ContextManager[Any]:
+        """Context manager every training run happens in: leaves the host program's inference
+        mode (ComfyUI runs nodes under ``torch.inference_mode()``) and enables grad.  Every tensor a
+        trainer creates that autograd may save must be created inside."""
 
     def text_encoders(self) -> Sequence[TextEncoderInfo]:
         """The encoders a placeholder needs vectors for, in file order (SDXL: clip_l, clip_g)."""
@@ -83,8 +127,10 @@ class Host(Protocol):
         """Pixels ``[B, H, W, 3]`` in [0, 1] (ComfyUI IMAGE layout) -> model-space latents
         ``[B, C, H/f, W/f]`` fp32, already scaled as the denoiser expects.  No gradients."""
 
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Model-space latents -> pixels ``[B, H, W, 3]`` in [0, 1], fp32 on CPU.  No gradients."""
+    def decode_latents(self, latents: torch.Tensor, *, differentiable: bool = False) -> torch.Tensor:
+        """Model-space latents -> pixels ``[B, H, W, 3]`` in [0, 1], fp32.  By default on CPU and
+        without gradients (previews); ``differentiable=True`` keeps the graph to ``latents`` and
+        returns the pixels on ``device`` (SeedSelect's semantic loss)."""
 
     def encode_text(
         self,
@@ -113,16 +159,16 @@ class Host(Protocol):
 
 
 @runtime_checkable
-class Tunable(Protocol):
+class Tunable(Host, Protocol):
     """What weight-training methods (DreamBooth: LoRA, full, pivotal) need beyond ``Host``.
 
-    Parameter names are the host's own state-dict names with a component prefix that
-    ``trainers.lora_format.normalize_layer_name`` understands: ``unet.<diffusers path>`` /
-    ``text_encoder[_2].<HF CLIP path>`` (diffusers host) or ``diffusion_model.<LDM path>`` /
-    ``clip_l|clip_h|clip_g.transformer.<HF CLIP path>`` (ComfyUI host), ending in ``.weight`` or
+    Parameter names are the host's own, spelled as its ``naming`` declares (a prefix per part,
+    then a UNet path in a known scheme or a Hugging Face CLIP path), ending in ``.weight`` or
     ``.bias``.  The host's tensors are never written: a method changes what the network *computes*
     by patching parameters on the fly, so the loaded model stays bit-identical.
     """
+
+    naming: ParameterNaming
 
     def tunable_parameters(self, part: str) -> dict[str, torch.Tensor]:
         """Read-only parameters of ``part`` ("unet" or a text-encoder key) that can be patched:
@@ -134,7 +180,72 @@ class Tunable(Protocol):
         Gradients flow through ``fns`` to whatever tensors they close over."""
 
     def unet_layout(self) -> Any:
-        """The UNet's block layout (``trainers.lora_format.UNetLayout``), to name LoRA keys."""
+        """The UNet's block layout (``UNetLayout`` of the formats' UNet naming), to name keys."""
 
     def gradient_checkpointing(self) -> Any:
         """Context manager: recompute the UNet's block activations in backward (less memory)."""
+
+
+@runtime_checkable
+class Exportable(Protocol):
+    """What a host gives back to its user: its *own* model objects with a result applied (ComfyUI:
+    ``(MODEL, CLIP)`` clones; diffusers: a new host over the changed weights), and a full checkpoint
+    file.  The host's input objects are never modified."""
+
+    def with_lora(self, lora_state_dict: dict[str, torch.Tensor], strength_model: float = 1.0,
+                  strength_clip: float = 1.0) -> Any:
+        """The model with a kohya LoRA state dict applied exactly as the host's own LoRA loader
+        applies a file of it."""
+
+    def with_deltas(self, deltas: dict[str, torch.Tensor]) -> Any:
+        """The model with a full fine-tune's ``deltas`` (names as ``tunable_parameters``) added."""
+
+    def save_checkpoint(self, path: Any, deltas: dict[str, torch.Tensor],
+                        metadata: dict[str, str] | None = None) -> Any:
+        """The model with ``deltas`` added as one single-file checkpoint in the original layout,
+        written to a temp file and renamed; returns the path."""
+
+
+T = TypeVar("T")
+#: the denoiser a ``SeedModel`` hands to ``run``'s function: (x [B, C, h, w], sigma [B]) -> x0
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@runtime_checkable
+class SeedModel(Protocol):
+    """A prompt-conditioned denoiser with a differentiable decoder: what SeedSelect optimises a
+    noise through.  ``trainers.seedselect.PromptSeedModel`` builds one over any ``Host``; ComfyUI
+    builds one over MODEL + CONDITIONING + VAE, so it runs inside its own sampler machinery."""
+
+    device: torch.device
+    compute_dtype: torch.dtype
+    latent_channels: int
+    latent_scale: int  # pixels per latent cell (8)
+    latent_multiple: int  # the latent's sides must be multiples of this (the UNet's downsamplings)
+
+    def training_sigmas(self) -> torch.Tensor:
+        """Ascending discrete training sigmas; the last is the largest (``sigma_max``)."""
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, H, W, 3]`` in [0, 1] -> model-space latents, no gradients."""
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Model-space latents -> ``[B, H, W, 3]`` in [0, 1], *differentiable*, on ``device``."""
+
+    def run(self, sigmas: torch.Tensor, cfg: float, fn: Callable[[Denoiser], T], shape=None) -> T:
+        """Call ``fn`` with the prompt's denoiser (CFG ``cfg`` against the negative prompt; 1: none)
+        for sampling latents of ``shape`` over ``sigmas``, and return what it returns."""
+
+
+@runtime_checkable
+class ImageEncoder(Protocol):
+    """A differentiable image embedding (CLIP vision, DINOv2): SeedSelect's semantic loss and the
+    metrics."""
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Images ``[B, H, W, 3]`` in [0, 1] (any size) -> embeddings ``[B, D]`` (not normalised),
+        differentiable in the pixels.  fp32 out, on the images' device."""
+
+
+__all__ = ["TextEncoderInfo", "ImageMeta", "ModelInfo", "ParameterNaming", "DIFFUSERS_NAMING", "Host",
+           "Tunable", "Exportable", "SeedModel", "ImageEncoder", "Denoiser"]
