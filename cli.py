@@ -247,12 +247,10 @@ def _seedselect_parser(sub) -> None:
 def _run_seedselect(args) -> int:
     import torch
 
-    from .hosts import clip_vision_hf
-    from .hosts.diffusers import DiffusersHost
-    from .hosts.diffusers_seedselect import seed_model
+    from .hosts.diffusers import DiffusersHost, load_clip_vision
     from .trainers import data as D
     from .trainers import seed_bank as B
-    from .trainers.seedselect import SeedSelectConfig, fit_images, train_seedselect
+    from .trainers.seedselect import SeamSeedModel, SeedSelectConfig, fit_images, train_seedselect
 
     cfg = SeedSelectConfig(
         width=args.width, height=args.height, sampler=args.sampler, scheduler=args.scheduler, steps=args.steps,
@@ -265,9 +263,9 @@ def _run_seedselect(args) -> int:
     images = D.load_image_folder(args.references)
     refs = torch.cat([fit_images(im[None], args.height, args.width) for im in images.images])
     host = DiffusersHost.load(args.model, device=args.device, prediction=args.prediction)
-    vision = clip_vision_hf.load(args.clip_vision, device=host.device)
+    vision = load_clip_vision(args.clip_vision, device=host.device)
     print(images.summary(), flush=True)
-    res = train_seedselect(seed_model(host, args.prompt, args.negative), vision, refs, cfg,
+    res = train_seedselect(SeamSeedModel(host, args.prompt, args.negative), vision, refs, cfg,
                            progress=_Printer(Path(args.out) / f"{args.name}.preview.png"))
     entry = B.SeedEntry(noise=res.noise, sigmas=res.sigmas, sampler=res.sampler, cfg=res.cfg, prompt=args.prompt,
                         negative=args.negative, model_name=host.info.name, model_hash=host.info.hash,

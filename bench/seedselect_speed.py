@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the folder holdi
 
 
 def build_host(family: str, device, dtype, tiny: bool):
-    from likeness.hosts.diffusers import ASSETS, CONFIG_FOLDERS, DiffusersHost, folder_scheduler, folder_tokenizer
+    from likeness.hosts.diffusers import DiffusersHost, config_folder, folder_scheduler, folder_tokenizer
 
     if tiny:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -32,7 +32,7 @@ def build_host(family: str, device, dtype, tiny: bool):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    folder = ASSETS / CONFIG_FOLDERS[family]
+    folder = config_folder("sdxl" if family == "sdxl" else "sd1")
     unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(folder / "unet")))
     vae = AutoencoderKL.from_config(AutoencoderKL.load_config(str(folder / "vae")))
     subs = ["text_encoder"] + (["text_encoder_2"] if family == "sdxl" else [])
@@ -46,7 +46,7 @@ def build_host(family: str, device, dtype, tiny: bool):
 def build_vision(device, dtype, tiny: bool):
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from likeness.hosts.clip_vision_hf import HFClipVision
+    from likeness.hosts.diffusers import HFClipVision
 
     if tiny:
         cfg = CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
@@ -72,8 +72,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-cfg", action="store_true")
     ap.add_argument("--tiny", action="store_true", help="tiny SD1-shaped model at 64 px (CPU smoke run)")
     args = ap.parse_args(argv)
-    from likeness.hosts.diffusers_seedselect import seed_model
-    from likeness.trainers.seedselect import SeedSelectConfig, train_seedselect
+    from likeness.trainers.seedselect import SeamSeedModel, SeedSelectConfig, train_seedselect
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -94,7 +93,7 @@ def main(argv=None) -> int:
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    res = train_seedselect(seed_model(host, "a photo of a tiger cat"), vision, refs, cfg, progress)
+    res = train_seedselect(SeamSeedModel(host, "a photo of a tiger cat"), vision, refs, cfg, progress)
     per_it = sorted(times[1:] or times)[len(times[1:] or times) // 2]  # median, first (warm-up) excluded
     what = "tiny-sd1 64px" if args.tiny else f"{args.family} {size}px"
     print(f"{what}, {args.steps} steps, cfg {cfg.cfg}, {device.type}"

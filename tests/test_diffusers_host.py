@@ -1,4 +1,5 @@
-"""The diffusers host honours the seam (trainers/seam.py) on tiny SD1 / SD2 (v) / SDXL models."""
+"""The diffusers host (hosts/diffusers/) honours the seam (trainers/seam.py) on tiny SD1 / SD2 (v) / SDXL
+models."""
 import hashlib
 import json
 import socket
@@ -10,6 +11,8 @@ from safetensors.torch import save_file
 import tiny_models as tm
 from likeness.hosts import diffusers as hd
 from likeness.hosts.diffusers import DiffusersCond, DiffusersHost, detect_family
+from likeness.hosts.diffusers.host import _sigma_to_t
+from likeness.hosts.diffusers.text import tokenize
 from likeness.trainers.seam import Host, ImageMeta
 
 HOSTS = ["tiny_sd1_host", "tiny_sd2_host", "tiny_sdxl_host"]
@@ -73,10 +76,10 @@ def test_sigmas_are_the_schedule(name, request):
 def test_sigma_to_t_is_exact_on_the_grid_and_interpolates_between(tiny_sd1_host):
     log_sigmas = tiny_sd1_host._log_sigmas
     sig = log_sigmas.exp()
-    t = hd._sigma_to_t(sig[[0, 1, 500, 998, 999]], log_sigmas)
+    t = _sigma_to_t(sig[[0, 1, 500, 998, 999]], log_sigmas)
     assert t.tolist() == [0.0, 1.0, 500.0, 998.0, 999.0]
     mid = (log_sigmas[[10, 700]] + log_sigmas[[11, 701]]) / 2
-    torch.testing.assert_close(hd._sigma_to_t(mid.exp(), log_sigmas), torch.tensor([10.5, 700.5]).double())
+    torch.testing.assert_close(_sigma_to_t(mid.exp(), log_sigmas), torch.tensor([10.5, 700.5]).double())
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
@@ -177,7 +180,7 @@ def test_tokens_padding_and_truncation(name, request):
     host = request.getfixturevalue(name)
     pads = {"sd1": [49407], "sd2": [0], "sdxl": [49407, 0]}[FAMILY[name]]
     for tok, pad in zip(host.tokenizers, pads):
-        t = host._tokenize(tok, ["a photo of a cat", "word " * 100, "xyzw xyzw"], "xyzw", 3)
+        t = tokenize(tok, ["a photo of a cat", "word " * 100, "xyzw xyzw"], "xyzw", 3, host.device)
         assert t.ids.shape == (3, 77)
         assert t.ids[0, :7].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407]
         assert (t.ids[0, 7:] == pad).all() and (t.slot[0] == -1).all()

@@ -20,7 +20,7 @@ def vision():
     """A tiny random CLIP vision tower with projection (transformers), frozen."""
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from likeness.hosts.clip_vision_hf import HFClipVision
+    from likeness.hosts.diffusers import HFClipVision
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -201,9 +201,7 @@ def test_bad_input_is_refused_before_work(vision, refs, kw, match):
 
 
 def test_unet_downsampling_limits_the_size(vision, tiny_sd1_host):
-    from likeness.hosts.diffusers_seedselect import seed_model
-
-    model = seed_model(tiny_sd1_host, "a photo")
+    model = S.SeamSeedModel(tiny_sd1_host, "a photo")
     assert model.latent_multiple == 2  # the tiny UNet halves once: latents must be even
     with pytest.raises(ValueError, match="width 72 px .* multiple of 16 px.*use 64 or 80"):
         S.train_seedselect(model, vision, torch.rand(2, 64, 64, 3), toy_config(width=72))
@@ -212,9 +210,7 @@ def test_unet_downsampling_limits_the_size(vision, tiny_sd1_host):
 # ---- end to end on the tiny SD1 host (diffusers adapter, UNet, VAE) -------------------------------
 
 def test_tiny_sd1_host_end_to_end(vision, tiny_sd1_host):
-    from likeness.hosts.diffusers_seedselect import seed_model
-
-    model = seed_model(tiny_sd1_host, "a photo of a cat", "blurry")
+    model = S.SeamSeedModel(tiny_sd1_host, "a photo of a cat", "blurry")
     cfg = S.SeedSelectConfig(width=64, height=64, steps=4, cfg=2.0, iterations=6, learning_rate=0.1,
                              lr_drop_at=100, seed=1)
     refs = references_from(model, 99, cfg)

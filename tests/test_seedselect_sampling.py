@@ -129,9 +129,9 @@ def test_bad_sigmas_are_refused(sigmas):
 
 @pytest.fixture(scope="module")
 def tiny_denoiser(tiny_sd1_host):
-    from likeness.hosts.diffusers_seedselect import seed_model
+    from likeness.trainers.seedselect import SeamSeedModel
 
-    model = seed_model(tiny_sd1_host, "a photo of a cat", "")
+    model = SeamSeedModel(tiny_sd1_host, "a photo of a cat", "")
     box = {}
     model.run(None, 2.0, lambda den: box.setdefault("den", den))  # CFG 2: cond + uncond every step
     return box["den"], tiny_sd1_host.training_sigmas()

@@ -35,8 +35,7 @@ class WorldImageEncoder:
 
 @register("seedselect", "SeedSelect: a noise optimised per prompt toward the references")
 def seedselect_method(host, refs: References, concept: str, out_dir: Path, opts: dict) -> Learned:
-    from ..hosts.diffusers_seedselect import seed_model
-    from ..trainers.seedselect import SeedSelectConfig, train_seedselect
+    from ..trainers.seedselect import SeamSeedModel, SeedSelectConfig, train_seedselect
 
     cfg = SeedSelectConfig(width=RESOLUTION, height=RESOLUTION, sampler="euler", scheduler="normal",
                            steps=opts.get("sample_steps", 25), cfg=4.0,
@@ -50,7 +49,7 @@ def seedselect_method(host, refs: References, concept: str, out_dir: Path, opts:
     def sample(prompts: list[str], seed: int) -> torch.Tensor:
         t0, images = time.perf_counter(), []
         for i, prompt in enumerate(prompts):
-            res = train_seedselect(seed_model(host, prompt), encoder, refs.images_model,
+            res = train_seedselect(SeamSeedModel(host, prompt), encoder, refs.images_model,
                                    replace(cfg, seed=seed + i))
             images.append(res.images[:1].float())
         learned.seconds = time.perf_counter() - t0       # SeedSelect's work is all per prompt

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from ..trainers.image_encoder import CLIP_MEAN, CLIP_STD, clip_pixels
+from ...trainers.image_encoder import CLIP_MEAN, CLIP_STD, clip_pixels
+from .folder import offline
 
 
 class HFClipVision:
@@ -53,8 +54,6 @@ def load(folder, device: torch.device | str = "cpu", dtype: torch.dtype = torch.
     """A CLIP vision model with projection from a local folder (e.g. a download of
     ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K`` or ``openai/clip-vit-large-patch14``)."""
     from transformers import CLIPVisionModelWithProjection
-
-    from .diffusers import offline
 
     folder = Path(folder)
     if not (folder / "config.json").is_file():
