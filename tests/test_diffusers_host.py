@@ -13,7 +13,7 @@ from likeness.hosts import diffusers as hd
 from likeness.hosts.diffusers import DiffusersCond, DiffusersHost, detect_family
 from likeness.hosts.diffusers.host import _sigma_to_t
 from likeness.hosts.diffusers.text import tokenize
-from likeness.trainers.seam import Host, ImageMeta
+from likeness.trainers.seam import DIFFUSERS_NAMING, Exportable, Host, ImageMeta, Tunable
 
 HOSTS = ["tiny_sd1_host", "tiny_sd2_host", "tiny_sdxl_host"]
 
@@ -279,6 +279,130 @@ def test_compute_dtype_policy():
     if torch.cuda.is_available():
         want = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         assert hd.pick_compute_dtype(torch.device("cuda")) == want
+
+
+# ---- the rest of the seam: protocols, training context, latent grid, differentiable decode ----------
+
+
+@pytest.mark.parametrize("name", HOSTS)
+def test_host_is_tunable_and_exportable_with_the_declared_naming(name, request):
+    host = request.getfixturevalue(name)
+    assert isinstance(host, Host) and isinstance(host, Tunable) and isinstance(host, Exportable)
+    assert host.naming == DIFFUSERS_NAMING[FAMILY[name]]
+    prefixes = (host.naming.unet_prefix, *host.naming.encoder_prefixes.values())
+    for part in ["unet", *KEYS[FAMILY[name]]]:
+        assert all(n.startswith(prefixes) for n in host.tunable_parameters(part))
+
+
+def test_training_turns_grad_on_inside_only(tiny_sd1_host):
+    with torch.no_grad():
+        with tiny_sd1_host.training():
+            assert torch.is_grad_enabled()
+        assert not torch.is_grad_enabled()
+
+
+@pytest.mark.parametrize("name", HOSTS)
+def test_latent_multiple_is_two_to_the_unet_downsamplings(name, request):
+    host = request.getfixturevalue(name)
+    assert host.latent_multiple == 2 ** (len(host.unet.config.block_out_channels) - 1) == 2  # tiny: 2 levels
+
+
+def test_differentiable_decode_reaches_the_latents_with_the_preview_values(tiny_sd1_host):
+    host = tiny_sd1_host
+    z = torch.randn(2, 4, 8, 6, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    px = host.decode_latents(z, differentiable=True)
+    assert px.shape == (2, 64, 48, 3) and px.device == host.device and px.requires_grad
+    torch.testing.assert_close(px.detach().cpu(), host.decode_latents(z.detach()), rtol=0, atol=0)
+    px.square().sum().backward()
+    assert z.grad is not None and torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+    assert all(p.grad is None for p in host.vae.parameters())
+
+
+# ---- results: a new host with a LoRA or deltas merged (seam.Exportable) ---------------------------
+
+
+def _snapshot(host):
+    return {k: v.detach().clone() for k, v in host.frozen_parameters().items()}
+
+
+def _unchanged(host, before):
+    after = host.frozen_parameters()
+    assert set(after) == set(before) and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def _denoised(host, seed=0):
+    x0, sigma, x = _noisy(host, seed=seed)
+    with torch.no_grad():
+        return host.denoise(x, sigma, host.encode_text(["a photo of a cat", "dog"]))
+
+
+def _param_name(host, part, suffix):
+    (name,) = [n for n in host.tunable_parameters(part) if n.endswith(suffix)]
+    return name
+
+
+def _kohya_layer(key, weight, rank, alpha, seed):
+    g = torch.Generator().manual_seed(seed)
+    down, up = torch.randn(rank, weight.shape[1], generator=g), torch.randn(weight.shape[0], rank, generator=g)
+    tensors = {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(alpha)}
+    return tensors, up @ down * (alpha / rank)
+
+
+# kohya keys written by hand: SD1 names UNet modules by their diffusers path, SDXL by the LDM one
+# (tiny SDXL: one res block per level, so down_blocks.1.attentions.0 is input_blocks.3.1)
+LORA_CASES = {
+    "tiny_sd1_host": [("unet", "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k",
+                       "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"),
+                      ("clip_l", "lora_te_text_model_encoder_layers_0_self_attn_q_proj",
+                       "layers.0.self_attn.q_proj.weight")],
+    "tiny_sdxl_host": [("unet", "lora_unet_input_blocks_3_1_transformer_blocks_0_attn2_to_k",
+                        "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight"),
+                       ("clip_g", "lora_te2_text_model_encoder_layers_1_mlp_fc1", "layers.1.mlp.fc1.weight")],
+}
+
+
+@pytest.mark.parametrize("name", list(LORA_CASES))
+def test_with_lora_denoises_as_adding_its_delta_does(name, request):
+    """up @ down * alpha / rank * strength (model strength for the UNet, clip for the encoders),
+    compared with the same delta added on the fly by the host's own parameter patches."""
+    host = request.getfixturevalue(name)
+    before = _snapshot(host)
+    lora, expected = {}, {}
+    for i, (part, key, suffix) in enumerate(LORA_CASES[name]):
+        param = _param_name(host, part, suffix)
+        tensors, delta = _kohya_layer(key, host.tunable_parameters(part)[param], rank=2, alpha=1.5, seed=i)
+        lora.update(tensors)
+        expected[param] = delta * (0.5 if part == "unet" else 2.0)
+    merged = host.with_lora(lora, strength_model=0.5, strength_clip=2.0)
+    _unchanged(host, before)
+    with host.parameter_patches({n: (lambda p, d=d: p + d) for n, d in expected.items()}):
+        want = _denoised(host)
+    torch.testing.assert_close(_denoised(merged), want, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(_denoised(host), want)
+    _unchanged(host, before)
+
+
+def test_with_lora_refuses_layers_the_model_lacks(tiny_sd1_host):
+    tensors, _ = _kohya_layer("lora_unet_down_blocks_3_attentions_0_proj_in", torch.zeros(32, 32), 2, 1.0, 0)
+    with pytest.raises(ValueError, match="down_blocks_3|down_blocks.3"):
+        tiny_sd1_host.with_lora(tensors)
+
+
+def test_with_deltas_is_a_new_host_over_copies_of_the_changed_modules(tiny_sd1_host):
+    host = tiny_sd1_host
+    before = _snapshot(host)
+    name = _param_name(host, "unet", "conv_in.weight")
+    delta = torch.randn(before[name].shape, generator=torch.Generator().manual_seed(3)) * 0.1
+    new = host.with_deltas({name: delta})
+    _unchanged(host, before)
+    assert new is not host and new.unet is not host.unet
+    assert new.vae is host.vae and new.text_encoder_modules[0] is host.text_encoder_modules[0]
+    torch.testing.assert_close(new.frozen_parameters()[name], before[name] + delta, rtol=0, atol=0)
+    assert sum(not torch.equal(p, before[k]) for k, p in new.frozen_parameters().items()) == 1
+    assert new.info.family == "sd1" and new.info.hash is None
+    assert not torch.allclose(_denoised(new), _denoised(host))
+    with pytest.raises(ValueError, match="does not have"):
+        host.with_deltas({"unet.no_such_layer.weight": delta})
 
 
 # ---- loading ------------------------------------------------------------------------------------
