@@ -31,7 +31,9 @@ def lora_weight_deltas(state_dict: dict[str, torch.Tensor], *, family: str, layo
 
     with tempfile.TemporaryDirectory(prefix="likeness-lora-") as tmp:
         path = Path(tmp) / "lora.safetensors"
-        safetensors.torch.save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(path))
+        # copies: the file format refuses tensors that share memory (e.g. views of one buffer)
+        tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state_dict.items()}
+        safetensors.torch.save_file(tensors, str(path))
         layers, _meta = lora_format.load_lora(path, family=family, layout=layout, module_names=module_names)
     return {name: lora_format.weight_delta(*layer) for name, layer in layers.items()}
 
