@@ -24,6 +24,7 @@ from likeness.trainers import families, objective
 from likeness.trainers.seam import Exportable, Host, ParameterNaming, Tunable
 
 PH = "lkxqz"  # a placeholder that is no single vocabulary token
+PROMPTS = ["a photo", "a cat"]
 
 
 # ---- adapters: what the contract needs to know about a host that the seam does not say ------------
@@ -285,10 +286,10 @@ def test_patches_change_the_output_and_leave_weights_bit_identical(case):
     with c.adapter.node(), host.training(), torch.no_grad():
         x0, noise, sigma, _ = _probe(host)
         x = x0 + noise * sigma.view(-1, 1, 1, 1)
-        plain = _denoise(host, ["a photo", "a cat"], x, sigma)
+        plain = _denoise(host, PROMPTS, x, sigma)
         with host.parameter_patches({name: lambda w: w + 0.5}):
-            patched = _denoise(host, ["a photo", "a cat"], x, sigma)
-        after = _denoise(host, ["a photo", "a cat"], x, sigma)
+            patched = _denoise(host, PROMPTS, x, sigma)
+        after = _denoise(host, PROMPTS, x, sigma)
         with pytest.raises(ValueError):
             with host.parameter_patches({"no.such.weight": lambda w: w}):
                 pass
@@ -302,10 +303,21 @@ def _delta_for(host, name: str, seed: int = 1) -> torch.Tensor:
     return 0.05 * torch.randn(w.shape, generator=torch.Generator().manual_seed(seed))
 
 
-def _patched_output(host, c, deltas: dict, x, sigma) -> torch.Tensor:
+def _patched_output(host, deltas: dict, x, sigma) -> torch.Tensor:
     fns = {n: (lambda w, d=d: w + d.to(w.device, w.dtype)) for n, d in deltas.items()}
     with host.parameter_patches(fns):
-        return _denoise(host, ["a photo", "a cat"], x, sigma)
+        return _denoise(host, PROMPTS, x, sigma)
+
+
+def _applied_vs_patched(c: Case, host, deltas: dict, apply: Callable[[], Any]):
+    """(output of the model ``apply()`` returns, output of the host patched with ``deltas``)."""
+    with c.adapter.node(), host.training(), torch.no_grad():
+        x0, noise, sigma, _ = _probe(host)
+        x = x0 + noise * sigma.view(-1, 1, 1, 1)
+        expected = _patched_output(host, deltas, x, sigma)
+        other = c.adapter.as_host(apply(), host)
+        with other.training():
+            return _denoise(other, PROMPTS, x, sigma), expected
 
 
 def test_with_deltas_equals_the_patched_model(case):
@@ -313,13 +325,7 @@ def test_with_deltas_equals_the_patched_model(case):
     before = _hashes(host)
     name = _a_weight(host)
     deltas = {name: _delta_for(host, name)}
-    with c.adapter.node(), host.training(), torch.no_grad():
-        x0, noise, sigma, _ = _probe(host)
-        x = x0 + noise * sigma.view(-1, 1, 1, 1)
-        expected = _patched_output(host, c, deltas, x, sigma)
-        other = c.adapter.as_host(host.with_deltas(deltas), host)
-        with other.training():
-            got = _denoise(other, ["a photo", "a cat"], x, sigma)
+    got, expected = _applied_vs_patched(c, host, deltas, lambda: host.with_deltas(deltas))
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     assert _hashes(host) == before
 
@@ -333,17 +339,10 @@ def test_with_lora_applies_what_a_loader_applies(case):
     w = host.tunable_parameters("unet")[name]
     g = torch.Generator().manual_seed(2)
     down, up, alpha = torch.randn(4, w.shape[1], generator=g) * 0.2, torch.randn(w.shape[0], 4, generator=g) * 0.2, 2.0
-    layer = name[: -len(".weight")]
-    sd = lora_format.lora_state_dict({layer: (down, up, alpha)}, family=c.family, dtype=torch.float32,
-                                     layout=host.unet_layout(), naming=host.naming)
+    sd = lora_format.lora_state_dict({name[: -len(".weight")]: (down, up, alpha)}, family=c.family,
+                                     dtype=torch.float32, layout=host.unet_layout(), naming=host.naming)
     deltas = {name: lora_format.weight_delta(down, up, alpha)}
-    with c.adapter.node(), host.training(), torch.no_grad():
-        x0, noise, sigma, _ = _probe(host)
-        x = x0 + noise * sigma.view(-1, 1, 1, 1)
-        expected = _patched_output(host, c, deltas, x, sigma)
-        other = c.adapter.as_host(host.with_lora(sd), host)
-        with other.training():
-            got = _denoise(other, ["a photo", "a cat"], x, sigma)
+    got, expected = _applied_vs_patched(c, host, deltas, lambda: host.with_lora(sd))
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
@@ -355,10 +354,10 @@ def test_saved_checkpoint_reloads_as_the_tuned_model(case, tmp_path):
     with c.adapter.node(), host.training(), torch.no_grad():
         x0, noise, sigma, _ = _probe(host)
         x = x0 + noise * sigma.view(-1, 1, 1, 1)
-        expected = _patched_output(host, c, deltas, x, sigma)
+        expected = _patched_output(host, deltas, x, sigma)
         host.save_checkpoint(path, deltas, {"likeness": "contract"})
     assert path.is_file() and not [p for p in tmp_path.iterdir() if p != path]  # no temp file left
     other = c.adapter.reload(path, host, tmp_path / "reload")
     with c.adapter.node(), other.training(), torch.no_grad():
-        got = _denoise(other, ["a photo", "a cat"], x, sigma)
+        got = _denoise(other, PROMPTS, x, sigma)
     torch.testing.assert_close(got, expected, atol=1e-3, rtol=1e-3)
