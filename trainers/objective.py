@@ -7,6 +7,7 @@ estimate of ``x0``.
   RNG never changes a run;
 * ``native_error``: the per-sample MSE in the network's own parameterisation (eps or v), which is
   ``((x0_hat - x0) / output_scale(sigma))**2`` - the loss the model was trained with;
+* ``held_out_loss``: that loss on fixed draws, to compare models on the same images;
 * ``min_snr_weights``: Min-SNR-gamma weighting (Hang et al. 2023);
 * ``cfg_combine``: classifier-free guidance exactly as ComfyUI's ``cfg_function`` blends.
 """
@@ -48,6 +49,19 @@ def native_error(host: Host, x0_hat: torch.Tensor, x0: torch.Tensor, sigma: torc
     return (((x0_hat.float() - x0) / scale) ** 2).mean(dim=tuple(range(1, x0.ndim)))
 
 
+def held_out_loss(host: Host, latents: torch.Tensor, cond, draws: int = 32, seed: int = 123) -> float:
+    """The mean native loss of ``latents`` under ``cond`` over ``draws`` fixed (noise level, noise)
+    draws: the same yardstick for every model or vector compared on the same images."""
+    gen = torch.Generator("cpu").manual_seed(seed)
+    sigmas = host.training_sigmas()
+    total = 0.0
+    with torch.no_grad():
+        for _ in range(draws):
+            n = noised(latents, sigmas, gen)
+            total += float(native_error(host, host.denoise(n.x, n.sigma, cond), latents, n.sigma).mean())
+    return total / draws
+
+
 def min_snr_weights(sigma: torch.Tensor, gamma: float, prediction: str) -> torch.Tensor:
     """Min-SNR-gamma per sample; SNR = 1/sigma^2 in k-diffusion's x = x0 + sigma * noise.  eps loss:
     min(snr, gamma)/snr; v loss: min(snr, gamma)/(snr + 1) (Hang et al. 2023, the paper's form)."""
@@ -61,4 +75,4 @@ def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch
     return uncond + (cond - uncond) * scale
 
 
-__all__ = ["Noised", "noised", "native_error", "min_snr_weights", "cfg_combine"]
+__all__ = ["Noised", "noised", "native_error", "held_out_loss", "min_snr_weights", "cfg_combine"]
