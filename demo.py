@@ -66,7 +66,7 @@ def _to_tensor(img: Image.Image) -> torch.Tensor:
 
 
 def _render_row(host, vectors, prompts, size: int, seed: int, word: str = WORD) -> torch.Tensor:
-    from .trainers.textual_inversion import render_preview
+    from .trainers.preview import render_preview
 
     rows = [render_preview(host, word, vectors, p, size_hw=(size, size), steps=30, cfg=4.0, seed=seed + i)[0]
             for i, p in enumerate(prompts)]

@@ -13,7 +13,8 @@ from likeness.hosts.diffusers import DiffusersHost
 from likeness.trainers import data as D
 from likeness.trainers import loop
 from likeness.trainers import lora_format as lf
-from likeness.trainers.dreambooth import DreamBoothConfig, min_snr_weights, train_dreambooth
+from likeness.trainers.dreambooth import DreamBoothConfig, train_dreambooth
+from likeness.trainers.objective import min_snr_weights
 from likeness.trainers.lora import LoraSet, extract_lora, target_weights
 
 import test_lora_format as tlf

@@ -14,6 +14,7 @@ import torch
 
 from likeness.trainers import data as D
 from likeness.trainers.dreambooth import DreamBoothConfig, train_dreambooth
+from likeness.trainers.objective import held_out_loss
 from likeness.trainers.lora import LoraAdapter, LoraSet, target_weights
 
 P_ZEBRA, P_VIOLIN = "a photo of a zebra", "a photo of a violin"
@@ -42,19 +43,12 @@ def true_change(host) -> LoraSet:
     return _lora_from_layers(layers)
 
 
-def eval_loss(host, latents, prompt, patches=None, draws=32, seed=123) -> float:
+def eval_loss(host, latents, prompt, patches=None) -> float:
     """Native denoising loss on fixed (timestep, noise) draws: the same yardstick for every model."""
-    g = torch.Generator().manual_seed(seed)
-    sig = host.training_sigmas()
-    total = 0.0
-    with torch.no_grad(), (host.parameter_patches(patches) if patches else contextlib.nullcontext()):
-        cond = host.encode_text([prompt] * latents.shape[0])
-        for _ in range(draws):
-            s = sig[torch.randint(0, len(sig), (latents.shape[0],), generator=g)]
-            noise = torch.randn(latents.shape, generator=g)
-            x0 = host.denoise(latents + noise * s.view(-1, 1, 1, 1), s, cond)
-            total += float((((x0 - latents) / host.output_scale(s).view(-1, 1, 1, 1)) ** 2).mean())
-    return total / draws
+    with (host.parameter_patches(patches) if patches else contextlib.nullcontext()):
+        with torch.no_grad():
+            cond = host.encode_text([prompt] * latents.shape[0])
+        return held_out_loss(host, latents, cond)
 
 
 def test_lora_recovers_a_known_low_rank_change(pretrained_tiny_sd1, tmp_path):

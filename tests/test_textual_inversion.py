@@ -4,7 +4,8 @@ import torch
 from safetensors.torch import load_file
 
 from likeness.trainers import data as D
-from likeness.trainers.textual_inversion import TIConfig, initial_vectors, train_textual_inversion
+from likeness.trainers.textual_inversion import TIConfig, train_textual_inversion
+from likeness.trainers.word_vectors import initial_vectors
 
 HOSTS = ["tiny_sd1_host", "tiny_sd2_host", "tiny_sdxl_host"]
 WIDTHS = {"tiny_sd1_host": {"clip_l"}, "tiny_sd2_host": {"clip_h"}, "tiny_sdxl_host": {"clip_l", "clip_g"}}

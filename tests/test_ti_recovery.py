@@ -8,26 +8,17 @@ random-weight model cannot show this: it barely depends on its conditioning - te
 import torch
 
 from likeness.trainers import data as D
+from likeness.trainers.objective import held_out_loss
 from likeness.trainers.textual_inversion import TIConfig, train_textual_inversion
 
 TARGET, START, NAME = "zebra", "violin", "sks-new"
 
 
-def _eval_loss(host, latents, vectors, n_draws=24, seed=123):
+def _eval_loss(host, latents, vectors):
     """Native denoising loss on fixed (timestep, noise) draws: the same yardstick for every vector."""
-    g = torch.Generator().manual_seed(seed)
-    sigmas = host.training_sigmas()
-    prompts = [f"a photo of a {NAME}"] * latents.shape[0]
-    total = 0.0
     with torch.no_grad():
-        cond = host.encode_text(prompts, NAME, vectors)
-        for _ in range(n_draws):
-            t = torch.randint(0, len(sigmas), (latents.shape[0],), generator=g)
-            s = sigmas[t]
-            noise = torch.randn(latents.shape, generator=g)
-            x0_hat = host.denoise(latents + noise * s.view(-1, 1, 1, 1), s, cond)
-            total += float((((x0_hat - latents) / host.output_scale(s).view(-1, 1, 1, 1)) ** 2).mean())
-    return total / n_draws
+        cond = host.encode_text([f"a photo of a {NAME}"] * latents.shape[0], NAME, vectors)
+    return held_out_loss(host, latents, cond, draws=24)
 
 
 def test_ti_recovers_a_known_word(pretrained_tiny_sd1, tmp_path):

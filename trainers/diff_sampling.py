@@ -1,4 +1,5 @@
-"""Differentiable deterministic samplers, for optimising the starting noise (SeedSelect).
+"""The samplers: deterministic, differentiable on request (SeedSelect optimises the starting noise
+through them), and the small Euler sampler over a host that previews and class images use.
 
 Convention: k-diffusion's (Karras et al. 2022).  A latent at noise level ``sigma`` is
 ``x = x0 + sigma * eps``; a *denoiser* ``D(x, sigma) -> x0_hat`` (CFG already applied, if any)
@@ -27,15 +28,15 @@ the model's largest sigma ("max denoise"), else by ``sigma`` (``model_sampling.n
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Callable, Sequence
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
-#: (x [B, C, h, w], sigma [B]) -> x0 estimate [B, C, h, w]
-Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+from .objective import cfg_combine
+from .precision import autocast_for
+from .seam import Denoiser, Host
 #: called after every step with (step index, x before the step, x0 estimate of the step)
 StepHook = Callable[[int, torch.Tensor, torch.Tensor], None]
 
@@ -164,12 +165,6 @@ def dpmpp_2m_step(x, den, old_den, sigma_prev, sigma, sigma_next):
 # the sampler
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is not None and device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
-        return torch.autocast("cuda", dtype=dtype)
-    return contextlib.nullcontext()
-
-
 class _Step:
     """One sampler step as a function of tensors only, so ``checkpoint`` can re-run it."""
 
@@ -181,7 +176,7 @@ class _Step:
     def __call__(self, x: torch.Tensor, old_den: torch.Tensor | None):
         s = self.sigmas
         sigma, sigma_next = s[self.i], s[self.i + 1]
-        with _autocast(x.device, self.compute_dtype):
+        with autocast_for(x.device, self.compute_dtype):
             den = self.denoiser(x, sigma * x.new_ones([x.shape[0]]))
         den = den.to(x.dtype)  # the state stays in the seed's precision
         if self.sampler == "euler":
@@ -232,12 +227,48 @@ def invert(denoiser: Denoiser, x0: torch.Tensor, sigmas: torch.Tensor, *,
     with torch.no_grad():
         for i in range(len(levels) - 1):
             sigma, sigma_next = levels[i], levels[i + 1]
-            with _autocast(x.device, compute_dtype):
+            with autocast_for(x.device, compute_dtype):
                 den = denoiser(x, sigma * x.new_ones([x.shape[0]])).to(x.dtype)
             x = ddim_step(x, den, sigma, sigma_next)
     return x
 
 
-__all__ = ["Denoiser", "SAMPLERS", "SCHEDULERS", "check_sampler", "check_sigmas", "make_sigmas",
+# ----------------------------------------------------------------------------------------------
+# previews and class images: Euler over a seam host
+
+
+def preview_sigmas(host: Host, steps: int) -> torch.Tensor:
+    """``steps`` of the model's own training sigmas, evenly spaced in timestep (ComfyUI's "simple"
+    scheduler), then 0: a preview looks like what the user's sampler will produce."""
+    sig = host.training_sigmas()
+    idx = torch.linspace(len(sig) - 1, 0, steps, device=sig.device).round().long()
+    return torch.cat([sig[idx], sig.new_zeros(1)])
+
+
+def host_denoiser(host: Host, cond, uncond=None, cfg: float = 1.0) -> Denoiser:
+    """The host's denoiser for one conditioning, with classifier-free guidance against ``uncond``
+    (None or cfg 1: none)."""
+    def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        den = host.denoise(x, sigma, cond).float()
+        if uncond is None or cfg == 1.0:
+            return den
+        return cfg_combine(den, host.denoise(x, sigma, uncond).float(), cfg)
+
+    return denoise
+
+
+@torch.no_grad()
+def sample_euler(host: Host, cond, uncond, *, shape: tuple[int, ...], steps: int = 20, cfg: float = 5.0,
+                 seed: int = 0) -> torch.Tensor:
+    """Latents sampled with Euler and classifier-free guidance (``uncond`` None or cfg 1: none).
+
+    The noise comes from a private generator: never touch the global RNG (ComfyUI reseeds it)."""
+    gen = torch.Generator("cpu").manual_seed(seed)
+    sigmas = preview_sigmas(host, steps)
+    x = torch.randn(shape, generator=gen).to(host.device) * sigmas[0]
+    return sample(host_denoiser(host, cond, uncond, cfg), x, sigmas, "euler", use_checkpoint=False)[0]
+
+
+__all__ = ["Denoiser", "preview_sigmas", "host_denoiser", "sample_euler", "SAMPLERS", "SCHEDULERS", "check_sampler", "check_sigmas", "make_sigmas",
            "noise_scale", "initial_latent", "starts_at_max", "sample", "invert",
            "euler_step", "ddim_step", "dpmpp_2m_step"]

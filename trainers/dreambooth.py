@@ -32,11 +32,13 @@ from typing import Callable
 import torch
 
 from . import data as D
-from . import formats, lora_format, loop
+from . import formats, lora_format, loop, objective
 from .lora import PRESETS, LoraSet, extract_lora, target_weights
-from .sampling import sample_euler
+from .diff_sampling import sample_euler
+from .objective import min_snr_weights
 from .seam import Host, ImageMeta, Tunable
-from .textual_inversion import initial_vectors, render_preview
+from .preview import render_preview
+from .word_vectors import initial_vectors
 
 MODES = ("lora", "full", "pivotal")
 PROMPT_SOURCES = ("auto", "instance", "captions")
@@ -281,14 +283,6 @@ def sample_class_latents(host: Host, prompt: str, count: int, size_hw: tuple[int
 # the method the loop drives
 
 
-def min_snr_weights(sigma: torch.Tensor, gamma: float, prediction: str) -> torch.Tensor:
-    """Min-SNR-γ per sample; SNR = 1/σ² in k-diffusion's x = x0 + σ·noise.  eps loss:
-    min(snr, γ)/snr; v loss: min(snr, γ)/(snr + 1) (Hang et al. 2023, the paper's form)."""
-    snr = 1.0 / sigma.double() ** 2
-    w = snr.clamp(max=gamma) / (snr + 1 if prediction == "v" else snr)
-    return w.float()
-
-
 class _CondCache:
     """Text conditioning per (prompts, sizes): computed once while the text encoders are frozen."""
 
@@ -342,15 +336,10 @@ class DreamBooth:
             x0 = torch.cat([x0, xp.to(x0.device)])
             prompts += [self.cfg.class_prompt] * b
             metas += pmetas
-        t = torch.randint(0, len(self.sigmas), (x0.shape[0],), generator=self.gen)
-        sigma = self.sigmas[t.to(self.sigmas.device)]
-        noise = torch.randn(x0.shape, generator=self.gen)
-        if self.cfg.noise_offset:  # a per-channel constant: lets the model learn overall brightness
-            noise = noise + self.cfg.noise_offset * torch.randn(x0.shape[:2] + (1, 1), generator=self.gen)
-        x = x0 + noise.to(x0.device) * sigma.view(-1, 1, 1, 1)
-        x0_hat = host.denoise(x, sigma, self._encode(prompts, metas)).float()
-        scale = host.output_scale(sigma).float().view(-1, 1, 1, 1)
-        err = (((x0_hat - x0) / scale) ** 2).mean(dim=(1, 2, 3))
+        n = objective.noised(x0, self.sigmas, self.gen, self.cfg.noise_offset)
+        sigma = n.sigma
+        x0_hat = host.denoise(n.x, sigma, self._encode(prompts, metas))
+        err = objective.native_error(host, x0_hat, x0, sigma)
         inst = err[:b]
         if self.cfg.min_snr_gamma:
             inst = inst * min_snr_weights(sigma[:b], self.cfg.min_snr_gamma, host.info.prediction).to(inst.device)
@@ -540,5 +529,4 @@ def train_dreambooth(host: Host, images: D.TrainingImages, cfg: DreamBoothConfig
     )
 
 
-__all__ = ["DreamBoothConfig", "DreamBoothResult", "MODES", "train_dreambooth", "prepare",
-           "sample_class_latents", "min_snr_weights"]
+__all__ = ["DreamBoothConfig", "DreamBoothResult", "MODES", "train_dreambooth", "prepare", "sample_class_latents"]

@@ -1,28 +1,23 @@
-"""The image side of SeedSelect's semantic loss: a differentiable CLIP image embedding.
+"""The image side of SeedSelect's semantic loss: CLIP preprocessing in torch and the target
+centroid, for any ``seam.ImageEncoder``.
 
-Implementations live with their hosts (``hosts/comfy_seedselect.py`` for ComfyUI's CLIP_VISION,
-``hosts/clip_vision_hf.py`` for a transformers ``CLIPVisionModelWithProjection``); the trainer sees
-only ``ImageEncoder``.  Preprocessing is done here, in torch, for both: ComfyUI's own
+Implementations of the encoder live with their hosts (ComfyUI's CLIP_VISION, a transformers
+``CLIPVisionModelWithProjection``); the trainer sees only ``ImageEncoder``.  Preprocessing is done here, in torch, for both: ComfyUI's own
 ``clip_preprocess`` rounds pixels to 8 bits, which zeroes the gradient, and a PIL/numpy processor
 would cut the graph altogether.
 """
 from __future__ import annotations
 
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
+from .seam import ImageEncoder
+
 #: OpenAI CLIP's normalisation, used by every SD-era CLIP vision model (and SeedSelect's code)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-@runtime_checkable
-class ImageEncoder(Protocol):
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Images ``[B, H, W, 3]`` in [0, 1] (any size) -> projected embeddings ``[B, D]`` (not
-        normalised), differentiable in the pixels.  fp32 out, on the images' device."""
 
 
 def clip_pixels(images: torch.Tensor, size: int, mean: Sequence[float] = CLIP_MEAN,
@@ -53,4 +48,4 @@ def centroid(encoder: ImageEncoder, images: torch.Tensor, batch: int = 8) -> tor
     return F.normalize(feats.mean(0), dim=-1)
 
 
-__all__ = ["ImageEncoder", "clip_pixels", "centroid", "CLIP_MEAN", "CLIP_STD"]
+__all__ = ["clip_pixels", "centroid", "CLIP_MEAN", "CLIP_STD"]

@@ -19,15 +19,24 @@ from typing import Callable, Iterable, Protocol
 
 import torch
 
+from .precision import autocast_for
+
 
 class Method(Protocol):
     def parameters(self) -> Iterable[torch.Tensor]: ...
 
     def loss(self, step: int) -> torch.Tensor: ...
 
-    # Optional: ``param_groups()`` -> [{"params": [...], "lr": float, "until": int | None}, ...]
-    # for per-group learning rates; a group with ``until`` stops learning after that step (pivotal
-    # tuning trains the new word's vectors for the first part of the run only).
+    # Optional hooks, called when the method has them:
+    # ``param_groups()`` -> [{"params": [...], "lr": float, "until": int | None}, ...] for per-group
+    #   learning rates; a group with ``until`` stops learning after that step (pivotal tuning trains
+    #   the new word's vectors for the first part of the run only).
+    # ``observe(step, loss)``: every finite loss, before backward, with the parameters that gave it
+    #   (SeedSelect keeps its best iterate here).
+    # ``should_stop(step, loss)`` -> bool: after ``observe``; True ends the run at this step, before
+    #   its update (SeedSelect's target loss).
+    # ``after_step(step)``: after the optimizer changed the parameters (SeedSelect projects its
+    #   noise back onto the Gaussian shell).
 
 
 @dataclass
@@ -53,6 +62,10 @@ class LoopConfig:
     #: full fine-tuning (a second copy of the model); then a step is only taken when the loss and
     #: every gradient are finite, which is checked before the optimizer touches anything.
     snapshot: bool = True
+    #: multiplier of every group's learning rate at a step (after warm-up); None: 1
+    lr_factor: Callable[[int], float] | None = None
+    #: run ``method.loss`` under the host's autocast (off when the method casts per call itself)
+    autocast: bool = True
 
 
 @dataclass
@@ -61,18 +74,12 @@ class LoopResult:
     steps_done: int = 0
     skipped_steps: int = 0
     cancelled: bool = False
+    stopped_early: bool = False
     seconds: float = 0.0
 
 
 #: progress(step, total, loss or None, preview image [H, W, 3] or None)
 ProgressFn = Callable[[int, int, "float | None", "torch.Tensor | None"], None]
-
-
-def autocast_for(device: torch.device, compute_dtype: torch.dtype):
-    """bf16/fp16 autocast on CUDA (the frozen model's compute dtype), nothing on CPU."""
-    if device.type == "cuda" and compute_dtype in (torch.bfloat16, torch.float16):
-        return torch.autocast("cuda", dtype=compute_dtype)
-    return contextlib.nullcontext()
 
 
 def _grads_finite(params: list[torch.Tensor]) -> bool:
@@ -148,6 +155,8 @@ def _make_optimizer(groups: list[dict], cfg: "LoopConfig") -> torch.optim.Optimi
 
 def _set_lrs(opt: torch.optim.Optimizer, cfg: "LoopConfig", step: int) -> None:
     warm = min(1.0, step / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    if cfg.lr_factor is not None:
+        warm *= cfg.lr_factor(step)
     for g in opt.param_groups:
         active = g["until"] is None or step <= g["until"]
         g["lr"] = g["base_lr"] * warm if active else 0.0
@@ -170,6 +179,95 @@ class _Snapshot:
                 p.copy_(s)
 
 
+class _Run:
+    """One run of the loop: the optimizer, the fp16 loss scaler, the snapshot and the counters.
+
+    fp16 compute uses a GradScaler so small gradients survive; bf16 needs none.  A step whose loss
+    or gradients are not finite is skipped (parameters and optimizer state untouched) and counted."""
+
+    def __init__(self, method: Method, cfg: LoopConfig, device: torch.device, compute_dtype: torch.dtype):
+        groups = _param_groups(method, cfg)
+        self.params = [p for g in groups for p in g["params"]]
+        if any(p.dtype != torch.float32 for p in self.params):
+            raise TypeError("trainable tensors must be fp32 (optimizer state follows their dtype)")
+        self.method, self.cfg, self.device, self.compute_dtype = method, cfg, device, compute_dtype
+        self.opt = _make_optimizer(groups, cfg)
+        use_scaler = device.type == "cuda" and compute_dtype == torch.float16
+        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+        self.snap = _Snapshot(self.params) if cfg.snapshot else None
+        self.result = LoopResult()
+        self.bad_run = 0
+        self.last_good = 0  # the step whose parameters the snapshot holds
+
+    def _hook(self, name: str, *args):
+        fn = getattr(self.method, name, None)
+        return fn(*args) if fn is not None else None
+
+    def _loss(self, step: int) -> torch.Tensor:
+        _set_lrs(self.opt, self.cfg, step)
+        self.opt.zero_grad(set_to_none=True)
+        ctx = autocast_for(self.device, self.compute_dtype) if self.cfg.autocast else contextlib.nullcontext()
+        with ctx:
+            return self.method.loss(step)
+
+    def _backward(self, loss: torch.Tensor) -> bool:
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+        if self.scaler:
+            self.scaler.unscale_(self.opt)
+        ok = _grads_finite(self.params)
+        if ok and self.cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        return ok
+
+    def _update(self) -> bool:
+        if self.scaler:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
+        if self.snap is None:
+            return True
+        ok = all(bool(torch.isfinite(p).all()) for p in self.params)
+        if not ok:
+            self.snap.restore()
+        return ok
+
+    def step(self, step: int) -> tuple[float, bool, bool]:
+        """One optimisation step: (loss value, whether it counted, whether the run should stop)."""
+        loss = self._loss(step)
+        value = float(loss.detach())
+        ok = math.isfinite(value)
+        if ok:
+            self._hook("observe", step, value)
+            if self._hook("should_stop", step, value):
+                self._good(step, value)
+                return value, True, True
+            ok = self._backward(loss) and self._update()
+        if ok:
+            self._hook("after_step", step)
+            self._good(step, value)
+        else:
+            self._bad()
+        return value, ok, False
+
+    def _good(self, step: int, value: float) -> None:
+        if self.snap is not None:
+            self.snap.take()
+        self.last_good, self.bad_run = step, 0
+        self.result.losses.append(value)
+
+    def _bad(self) -> None:
+        if self.scaler:  # lower the scale so the next fp16 step can succeed
+            self.scaler.update(self.scaler.get_scale() / 2)
+        self.result.skipped_steps += 1
+        self.bad_run += 1
+        if self.bad_run >= self.cfg.max_bad_steps:
+            raise FloatingPointError(
+                f"{self.bad_run} steps in a row gave a non-finite loss or gradient; the last good "
+                f"result (step {self.last_good}) was kept. Lower the learning rate, or use "
+                f"bf16/fp32 instead of fp16.")
+
+
 def run(
     method: Method,
     cfg: LoopConfig,
@@ -180,89 +278,39 @@ def run(
     progress: ProgressFn | None = None,
     preview: Callable[[int], torch.Tensor] | None = None,
 ) -> LoopResult:
-    """Optimise ``method.parameters()`` for ``cfg.steps`` steps with AdamW in fp32.
-
-    fp16 compute uses a GradScaler so small gradients survive; bf16 needs none.  A step whose loss
-    or gradients are not finite is skipped (parameters and optimizer state untouched) and counted.
-    """
-    groups = _param_groups(method, cfg)
-    params = [p for g in groups for p in g["params"]]
-    if any(p.dtype != torch.float32 for p in params):
-        raise TypeError("trainable tensors must be fp32 (optimizer state follows their dtype)")
-    opt = _make_optimizer(groups, cfg)
-    use_scaler = device.type == "cuda" and compute_dtype == torch.float16
-    scaler = torch.amp.GradScaler("cuda") if use_scaler else None
-    snap = _Snapshot(params) if cfg.snapshot else None
-    result = LoopResult()
+    """Optimise ``method.parameters()`` for ``cfg.steps`` steps (AdamW or Adafactor, state in fp32);
+    ``save(step)`` every ``save_every`` steps, at the end and on Cancel (the last good state)."""
+    r = _Run(method, cfg, device, compute_dtype)
     t0 = time.perf_counter()
-    bad_run = 0
     last_saved = 0
-    last_good = 0  # the step whose parameters the snapshot holds
 
     def report(step: int, loss: float | None) -> None:
         if progress is None:
             return
-        img = None
-        if preview is not None and cfg.preview_every and (step % cfg.preview_every == 0 or step == cfg.steps):
-            img = preview(step)
+        wanted = preview is not None and cfg.preview_every
+        img = preview(step) if wanted and (step % cfg.preview_every == 0 or step == cfg.steps) else None
         progress(step, cfg.steps, loss, img)
 
     try:
         for step in range(1, cfg.steps + 1):
-            _set_lrs(opt, cfg, step)
-            opt.zero_grad(set_to_none=True)
-            with autocast_for(device, compute_dtype):
-                loss = method.loss(step)
-            value = float(loss.detach())
-            ok = math.isfinite(value)
-            if ok:
-                (scaler.scale(loss) if scaler else loss).backward()
-                if scaler:
-                    scaler.unscale_(opt)
-                ok = _grads_finite(params)
-            if ok and cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            if ok:
-                if scaler:
-                    scaler.step(opt)
-                    scaler.update()
-                else:
-                    opt.step()
-                if snap is not None:
-                    ok = all(bool(torch.isfinite(p).all()) for p in params)
-                    if not ok:
-                        snap.restore()
-            if ok:
-                if snap is not None:
-                    snap.take()
-                last_good = step
-                bad_run = 0
-                result.losses.append(value)
-            else:
-                if scaler:  # lower the scale so the next fp16 step can succeed
-                    scaler.update(scaler.get_scale() / 2)
-                result.skipped_steps += 1
-                bad_run += 1
-                if bad_run >= cfg.max_bad_steps:
-                    raise FloatingPointError(
-                        f"{bad_run} steps in a row gave a non-finite loss or gradient; the last good "
-                        f"result (step {last_good}) was saved. Lower the learning rate, or use "
-                        f"bf16/fp32 instead of fp16."
-                    )
-            result.steps_done = step
-            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+            value, ok, stop = r.step(step)
+            r.result.steps_done = step
+            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps and not stop:
                 save(step)
                 last_saved = step
             report(step, value if ok else None)
+            if stop:
+                r.result.stopped_early = True
+                break
     except BaseException:
         # Cancel, Ctrl-C, OOM or a bug: keep the last good state on disk, then let it propagate.
-        result.cancelled = True
-        if snap is not None:
-            snap.restore()
-        if last_good > last_saved:
-            save(last_good)
-        result.seconds = time.perf_counter() - t0
+        r.result.cancelled = True
+        if r.snap is not None:
+            r.snap.restore()
+        if r.last_good > last_saved:
+            save(r.last_good)
+        r.result.seconds = time.perf_counter() - t0
         raise
-    save(cfg.steps)
-    result.seconds = time.perf_counter() - t0
-    return result
+    save(r.result.steps_done)
+    r.result.seconds = time.perf_counter() - t0
+    return r.result

@@ -19,51 +19,35 @@ brief runs on random subsets of the references starting from its seed) and its c
 for several concepts (``others``: other concepts' reference images) are here; the official code
 has neither, so they follow the paper's text (seed document 004).
 
-The model side is ``SeedModel``: a prompt-conditioned denoiser reached through ``run`` (ComfyUI
-needs its sampler machinery around every denoiser call), plus a differentiable VAE decode.  Two
-implementations: ``SeamSeedModel`` below, over a seam ``Host`` (diffusers, CLI, tests), and
-``hosts/comfy_seedselect.ComfySeedModel`` over ComfyUI's MODEL/conditioning/VAE.
+The model side is the seam's ``SeedModel``: a prompt-conditioned denoiser reached through ``run``
+(ComfyUI needs its sampler machinery around every denoiser call), plus a differentiable VAE
+decode.  ``SeamSeedModel`` below builds one over any seam ``Host`` (diffusers, CLI, tests); the
+ComfyUI host builds its own over MODEL/conditioning/VAE.  Each noise is optimised by the shared
+training loop (``trainers/loop.py``), so the non-finite guard, fp16 loss scaling, Cancel and
+progress are the same as every other method's.
 """
 from __future__ import annotations
 
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence, TypeVar
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from . import diff_sampling as DS
-from .image_encoder import ImageEncoder, centroid
-from .seam import Host
+from . import loop
+from .image_encoder import centroid
+from .objective import cfg_combine
+from .seam import Host, ImageEncoder, SeedModel
 
-T = TypeVar("T")
 #: progress(iteration, total, loss or None, preview image [H, W, 3] or None)
-ProgressFn = Callable[[int, int, "float | None", "torch.Tensor | None"], None]
+ProgressFn = loop.ProgressFn
 STARTS = ("seed", "best_of", "inversion")
 
 
-class SeedModel(Protocol):
-    device: torch.device
-    compute_dtype: torch.dtype
-    latent_channels: int
-    latent_scale: int  # pixels per latent cell (8)
-    latent_multiple: int  # the latent's sides must be multiples of this (the UNet's downsamplings)
-
-    def training_sigmas(self) -> torch.Tensor:
-        """Ascending discrete training sigmas; the last is the largest (``sigma_max``)."""
-
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """``[B, H, W, 3]`` in [0, 1] -> model-space latents, no gradients."""
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Model-space latents -> ``[B, H, W, 3]`` in [0, 1], *differentiable*, on ``device``."""
-
-    def run(self, sigmas: torch.Tensor, cfg: float, fn: Callable[[DS.Denoiser], T], shape=None) -> T:
-        """Call ``fn`` with the prompt's denoiser (CFG ``cfg`` against the negative prompt; 1: none)
-        for sampling latents of ``shape`` over ``sigmas``, and return what it returns."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -71,15 +55,13 @@ class SeedModel(Protocol):
 
 
 class SeamSeedModel:
-    """``SeedModel`` over a seam ``Host`` and a prompt; ``decode`` must be differentiable (the
-    seam's ``decode_latents`` is not), e.g. ``hosts.diffusers_seedselect.vae_decoder(host)``."""
+    """The seam's ``SeedModel`` over any ``Host`` and a prompt (negative prompt for CFG)."""
 
-    def __init__(self, host: Host, prompt: str, negative: str = "", *, decode: Callable,
-                 latent_multiple: int = 1):
-        self.host, self.prompt, self.negative, self._decode = host, prompt, negative, decode
+    def __init__(self, host: Host, prompt: str, negative: str = ""):
+        self.host, self.prompt, self.negative = host, prompt, negative
         self.device, self.compute_dtype = host.device, host.compute_dtype
         self.latent_channels, self.latent_scale = host.latent_channels, host.latent_scale
-        self.latent_multiple = latent_multiple
+        self.latent_multiple = host.latent_multiple
         self._conds: dict[str, Any] = {}
 
     def training_sigmas(self) -> torch.Tensor:
@@ -89,7 +71,7 @@ class SeamSeedModel:
         return self.host.encode_images(images)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self._decode(latents)
+        return self.host.decode_latents(latents, differentiable=True)
 
     def _cond(self, text: str):
         if text not in self._conds:
@@ -106,9 +88,8 @@ class SeamSeedModel:
             for j in range(x.shape[0]):  # the conds are for one prompt: one sample at a time
                 xj, sj = x[j:j + 1], sigma[j:j + 1]
                 den = self.host.denoise(xj, sj, cond)
-                if uncond is not None:  # ComfyUI's cfg_function: u + (c - u) * scale
-                    den_u = self.host.denoise(xj, sj, uncond)
-                    den = den_u + (den - den_u) * cfg
+                if uncond is not None:
+                    den = cfg_combine(den, self.host.denoise(xj, sj, uncond), cfg)
                 outs.append(den)
             return torch.cat(outs)
 
@@ -405,52 +386,64 @@ class _RunState:
     seconds_to_target: float | None = None
 
 
-def _optimise(objective: _Objective, denoiser, z0: torch.Tensor, emb, lat, others, *, iterations: int,
-              cfg: SeedSelectConfig, report: Callable[[float | None, torch.Tensor | None], None],
-              t0: float, state: _RunState, skip_start: bool = False) -> _RunState:
-    """``skip_start``: the starting noise itself is never the answer (bootstrap runs start from the
+class _NoiseMethod:
+    """One noise being optimised, as a method of the shared loop: the loss of the current noise,
+    the best iterate kept (``observe``), the target loss (``should_stop``) and the noise kept on its
+    starting norm after every update (``after_step``).
+
+    ``skip_start``: the starting noise itself is never the answer (bootstrap runs start from the
     main seed; returning it unchanged would give duplicate seeds)."""
-    device = objective.model.device
-    z = z0.detach().clone().to(device, torch.float32).requires_grad_(True)
-    norm0 = z0.norm().to(device)
-    opt = torch.optim.AdamW([z], lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    bad = 0
-    for it in range(iterations):
-        for g in opt.param_groups:  # the official schedule: lr / 10 from iteration 3 on
-            g["lr"] = cfg.learning_rate * (cfg.lr_drop if it >= cfg.lr_drop_at else 1.0)
-        ev = objective(denoiser, z, emb, lat, others)
-        value = float(ev.loss.detach())
-        state.iterations += 1
-        if not math.isfinite(value):
-            bad = _bad_step(state, bad, cfg)
-            report(None, None)
-            continue
-        if not (skip_start and it == 0 and iterations > 1):
-            _remember(state, value, z, ev, it, cfg, t0)
-        if cfg.target_loss is not None and value <= cfg.target_loss:
-            report(value, ev.image)
-            break
-        opt.zero_grad(set_to_none=True)
-        ev.loss.backward()
-        if not bool(torch.isfinite(z.grad).all()):
-            bad = _bad_step(state, bad, cfg)
-            report(value, ev.image)
-            continue
-        bad = 0
-        opt.step()
-        if cfg.keep_norm:
+
+    def __init__(self, objective: "_Objective", denoiser, z0: torch.Tensor, targets: tuple, *, cfg,
+                 state: "_RunState", t0: float, iterations: int, skip_start: bool = False):
+        device = objective.model.device
+        self.objective, self.denoiser, self.targets, self.cfg = objective, denoiser, targets, cfg
+        self.state, self.t0 = state, t0
+        self.z = z0.detach().clone().to(device, torch.float32).requires_grad_(True)
+        self.norm0 = z0.norm().to(device)
+        self.skip_first = skip_start and iterations > 1
+        self.ev: _Eval | None = None
+
+    def parameters(self):
+        return [self.z]
+
+    def loss(self, step: int) -> torch.Tensor:
+        self.state.iterations += 1
+        self.ev = self.objective(self.denoiser, self.z, *self.targets)
+        return self.ev.loss
+
+    def observe(self, step: int, value: float) -> None:
+        if not (self.skip_first and step == 1):
+            _remember(self.state, value, self.z, self.ev, step - 1, self.cfg, self.t0)
+
+    def should_stop(self, step: int, value: float) -> bool:
+        return self.cfg.target_loss is not None and value <= self.cfg.target_loss
+
+    def after_step(self, step: int) -> None:
+        if self.cfg.keep_norm:
             with torch.no_grad():
-                z.mul_(norm0 / z.norm())
-        report(value, ev.image)
+                self.z.mul_(self.norm0 / self.z.norm())
+
+    def preview(self, step: int) -> torch.Tensor | None:
+        ev = self.ev
+        return ev.image if ev is not None and math.isfinite(float(ev.loss.detach())) else None
+
+
+def _optimise(objective: _Objective, denoiser, z0: torch.Tensor, targets: tuple, *, iterations: int,
+              cfg: SeedSelectConfig, report: "_Reporter", t0: float, state: _RunState,
+              skip_start: bool = False) -> _RunState:
+    """Optimise one noise with the shared loop: AdamW with the official schedule (lr / 10 from
+    iteration ``lr_drop_at`` on), weight decay, the non-finite guard and fp16 loss scaling."""
+    method = _NoiseMethod(objective, denoiser, z0, targets, cfg=cfg, state=state, t0=t0,
+                          iterations=iterations, skip_start=skip_start)
+    lcfg = loop.LoopConfig(steps=iterations, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                           preview_every=1, max_bad_steps=cfg.max_bad_steps, autocast=False,
+                           lr_factor=lambda step: cfg.lr_drop if step - 1 >= cfg.lr_drop_at else 1.0)
+    res = loop.run(method, lcfg, device=objective.model.device, compute_dtype=objective.model.compute_dtype,
+                   save=lambda step: None, progress=lambda s, n, loss, img: report(loss, img),
+                   preview=method.preview)
+    state.skipped += res.skipped_steps
     return state
-
-
-def _bad_step(state: _RunState, bad: int, cfg: SeedSelectConfig) -> int:
-    state.skipped += 1
-    if bad + 1 >= cfg.max_bad_steps:
-        raise FloatingPointError(f"{bad + 1} iterations in a row gave a non-finite loss or gradient; lower the "
-                                 "learning rate, or run the model in bf16/fp32 instead of fp16")
-    return bad + 1
 
 
 def _remember(state: _RunState, value: float, z, ev: _Eval, it: int, cfg, t0: float) -> None:
@@ -530,12 +523,12 @@ def train_seedselect(model: SeedModel, vision: ImageEncoder, references: torch.T
 def _all_runs(objective, denoiser, z0, targets: _Targets, cfg, report, t0, runs: list) -> None:
     emb, lat = targets.centroids()
     runs.append(_RunState())
-    _optimise(objective, denoiser, z0, emb, lat, targets.others, iterations=cfg.iterations, cfg=cfg,
+    _optimise(objective, denoiser, z0, (emb, lat, targets.others), iterations=cfg.iterations, cfg=cfg,
               report=report, t0=t0, state=runs[0])
     for idx in _subsets(len(targets.embeds), cfg.num_seeds - 1, cfg.seed):
         e, l = targets.centroids(idx)
         runs.append(_RunState())
-        _optimise(objective, denoiser, runs[0].best_z, e, l, targets.others,
+        _optimise(objective, denoiser, runs[0].best_z, (e, l, targets.others),
                   iterations=cfg.bootstrap_iterations, cfg=cfg, report=report, t0=t0, state=runs[-1],
                   skip_start=True)
 
@@ -579,6 +572,6 @@ def render(model: SeedModel, noise: torch.Tensor, sigmas: torch.Tensor, sampler:
     return model.run(sigmas, cfg, go, (1, *noise.shape[1:]))
 
 
-__all__ = ["SeedModel", "SeamSeedModel", "SeedSelectConfig", "SeedSelectResult", "train_seedselect",
+__all__ = ["SeamSeedModel", "SeedSelectConfig", "SeedSelectResult", "train_seedselect",
            "render", "random_noise", "latent_shape", "schedule", "semantic_terms", "fit_images", "slerp",
            "gaussian_norm", "STARTS"]

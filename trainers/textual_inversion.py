@@ -19,8 +19,9 @@ from typing import Sequence
 import torch
 
 from . import data as D
-from . import formats, loop
-from .sampling import sample_euler
+from . import formats, loop, objective
+from .preview import render_preview
+from .word_vectors import initial_vectors
 from .seam import Host
 
 
@@ -76,19 +77,6 @@ def _check_config(cfg: TIConfig) -> None:
         raise ValueError("; ".join(problems))
 
 
-def initial_vectors(host: Host, init_text: str, n: int) -> dict[str, torch.Tensor]:
-    """Vector i copies the embedding of init token i*k//n (A1111's rule), so a phrase of k tokens
-    spreads over n vectors and a single word is repeated."""
-    embs = host.token_embeddings(init_text)
-    out = {}
-    for key, e in embs.items():
-        k = e.shape[0]
-        if k == 0:
-            raise ValueError(f"init text {init_text!r} has no tokens; use a word such as 'object' or 'painting'")
-        out[key] = torch.stack([e[i * k // n] for i in range(n)]).float().clone()
-    return out
-
-
 class TextualInversion:
     """The method the loop drives: one step = a batch of cached latents, fresh noise levels and
     noise, a prompt per sample, and the native denoising loss."""
@@ -109,14 +97,10 @@ class TextualInversion:
         host = self.host
         x0, idx, metas = self.cache.sample(self.batch_size, self.rng)
         prompts = [D.prompt_for(self.kind, self.name, self.captions[i], self.rng) for i in idx]
-        t = torch.randint(0, len(self.sigmas), (x0.shape[0],), generator=self.gen)
-        sigma = self.sigmas[t.to(self.sigmas.device)]
-        noise = torch.randn(x0.shape, generator=self.gen).to(x0.device)
-        x = x0 + noise * sigma.view(-1, 1, 1, 1)
+        n = objective.noised(x0, self.sigmas, self.gen)
         cond = host.encode_text(prompts, self.name, self.vectors, metas)
-        x0_hat = host.denoise(x, sigma, cond).float()
-        scale = host.output_scale(sigma).float().view(-1, 1, 1, 1)
-        return (((x0_hat - x0) / scale) ** 2).mean()
+        x0_hat = host.denoise(n.x, n.sigma, cond)
+        return objective.native_error(host, x0_hat, x0, n.sigma).mean()
 
 
 def _metadata(cfg: TIConfig, init_text: str, kind: str) -> dict[str, str]:
@@ -127,24 +111,6 @@ def _metadata(cfg: TIConfig, init_text: str, kind: str) -> dict[str, str]:
         "trained": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "trainer": "likeness textual inversion",
     }
-
-
-def render_preview(host: Host, name: str, vectors: dict[str, torch.Tensor] | None, prompt: str,
-                   *, size_hw: tuple[int, int], steps: int, cfg: float, seed: int,
-                   count: int = 1) -> torch.Tensor:
-    """Images [count, H, W, 3] for ``prompt`` with the placeholder spliced in (or, with vectors
-    None, the prompt as the model reads it without them).  A fixed seed makes previews from
-    different steps comparable."""
-    text = prompt.format(name) if "{}" in prompt else prompt
-    f = host.latent_scale
-    shape = (count, host.latent_channels, size_hw[0] // f, size_hw[1] // f)
-    meta = [D.ImageMeta(size_hw, (0, 0), size_hw)] * count
-    with torch.no_grad():
-        vecs = {k: v.detach() for k, v in vectors.items()} if vectors else None
-        cond = host.encode_text([text] * count, name if vecs else None, vecs, meta)
-        uncond = host.encode_text([""] * count, None, None, meta)
-        lat = sample_euler(host, cond, uncond, shape=shape, steps=steps, cfg=cfg, seed=seed)
-        return host.decode_latents(lat)
 
 
 def prepare(host: Host, images: D.TrainingImages, cfg: TIConfig):
@@ -206,5 +172,4 @@ def train_textual_inversion(host: Host, images: D.TrainingImages, cfg: TIConfig,
     )
 
 
-__all__ = ["TIConfig", "TIResult", "TextualInversion", "train_textual_inversion", "render_preview",
-           "initial_vectors", "prepare"]
+__all__ = ["TIConfig", "TIResult", "TextualInversion", "train_textual_inversion", "prepare"]

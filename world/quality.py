@@ -125,7 +125,7 @@ def sample_prompts(host, prompts: list[str], seed: int = 0, *, placeholder: str 
     """One image per prompt, [N, H, W, 3] in [0, 1], at the model's resolution; image i's noise
     depends only on (seed, i // batch), so every method sees the same noise for the same prompt."""
     from ..trainers import data as D
-    from ..trainers.sampling import sample_euler
+    from ..trainers.diff_sampling import sample_euler
 
     size = (RESOLUTION, RESOLUTION)
     f = host.latent_scale

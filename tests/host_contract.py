@@ -1,0 +1,363 @@
+"""The seam's contract (``trainers/seam.py``), checked once for every host.
+
+Each promise a method relies on is one test, parametrised over every host Likeness has: the
+diffusers host on tiny SD1 / SD2 (v-prediction) / SDXL models, and the ComfyUI host on tiny SD1 /
+SDXL checkpoints loaded by ComfyUI's own loader (marker ``comfyui``; skipped without
+``COMFYUI_PATH``).  A new host is done when it passes this file: add an ``Adapter`` for it (how
+to build one, how to call its raw network, how to read back what it exports) and a ``Case`` per
+model family.
+
+    python -m pytest tests/host_contract.py                         # diffusers cases
+    COMFYUI_PATH=... python -m pytest -m comfyui tests/host_contract.py
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import pytest
+import torch
+
+from likeness.trainers import families, objective
+from likeness.trainers.seam import Exportable, Host, ParameterNaming, Tunable
+
+PH = "lkxqz"  # a placeholder that is no single vocabulary token
+PROMPTS = ["a photo", "a cat"]
+
+
+# ---- adapters: what the contract needs to know about a host that the seam does not say ------------
+
+
+class DiffusersAdapter:
+    """The diffusers host (CLI, tests): built from tiny diffusers models."""
+
+    node = staticmethod(contextlib.nullcontext)  # no host program around the calls
+
+    @staticmethod
+    def raw(host, x_in: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+        """The UNet's own output (eps or v) for a scaled input ``x_in`` at timesteps ``t``."""
+        extra = {}
+        if cond.pooled is not None:
+            hw = (x_in.shape[-2] * host.latent_scale, x_in.shape[-1] * host.latent_scale)
+            extra["added_cond_kwargs"] = {"text_embeds": cond.pooled, "time_ids": cond.time_ids(hw)}
+        return host.unet(x_in, t, encoder_hidden_states=cond.context, **extra).sample.float()
+
+    @staticmethod
+    def as_host(result, like) -> Host:
+        return result  # with_lora / with_deltas return a new DiffusersHost
+
+    @staticmethod
+    def reload(path, like, workdir) -> Host:
+        """Through the single-file loader real checkpoints take, with the tiny model's own configs
+        in place of the shipped full-size ones."""
+        import tiny_models
+        from likeness.hosts.diffusers import DiffusersHost
+
+        config = tiny_models.save_diffusers_folder(tiny_models.host_parts(like), workdir / "config")
+        return DiffusersHost.load(path, device="cpu", config_dir=config, prediction=like.info.prediction)
+
+
+class ComfyAdapter:
+    """The ComfyUI host: MODEL / CLIP / VAE from ComfyUI's own checkpoint loader, called the way a
+    node calls it (under ``torch.inference_mode()``)."""
+
+    node = staticmethod(torch.inference_mode)
+
+    @staticmethod
+    def raw(host, x_in: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+        kw = host.model_kwargs(cond, x_in)
+        unet = host._input_model.model.diffusion_model  # the BaseModel the MODEL wraps
+        return unet(x_in, t.float(), context=kw["c_crossattn"], y=kw.get("y")).float()
+
+    @staticmethod
+    def as_host(result, like) -> Host:
+        from likeness.hosts.comfy import ComfyHost
+
+        model, clip = result
+        with torch.inference_mode():
+            return ComfyHost(model, clip, like._vae)
+
+    @staticmethod
+    def reload(path, like, workdir) -> Host:
+        import comfy.sd
+
+        from likeness.hosts.comfy import ComfyHost
+
+        with torch.inference_mode():
+            model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(path))[:3]
+            return ComfyHost(model, clip, vae)
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    fixture: str  # the pytest fixture that builds the host
+    family: str
+    prediction: str
+    adapter: Any
+    comfy: bool = False
+
+    def param(self):
+        marks = [pytest.mark.comfyui] if self.comfy else []
+        return pytest.param(self, id=self.id, marks=marks)
+
+
+CASES = [
+    Case("diffusers-sd1", "tiny_sd1_host", "sd1", "eps", DiffusersAdapter),
+    Case("diffusers-sd2", "tiny_sd2_host", "sd2", "v", DiffusersAdapter),
+    Case("diffusers-sdxl", "tiny_sdxl_host", "sdxl", "eps", DiffusersAdapter),
+    Case("comfy-sd1", "comfy_sd1_host", "sd1", "eps", ComfyAdapter, comfy=True),
+    Case("comfy-sdxl", "comfy_sdxl_host", "sdxl", "eps", ComfyAdapter, comfy=True),
+]
+
+
+def _comfy_host(arch: str):
+    import comfy_env
+
+    comfy_env.require_comfy()  # skips where there is no ComfyUI (CI)
+    from likeness.hosts.comfy import ComfyHost
+
+    model, clip, vae = comfy_env.load_checkpoint(comfy_env.ensure_tiny_checkpoint(arch).name)
+    with torch.inference_mode():  # constructed inside a node
+        return ComfyHost(model, clip, vae)
+
+
+@pytest.fixture(scope="module")
+def comfy_sd1_host():
+    return _comfy_host("sd15")
+
+
+@pytest.fixture(scope="module")
+def comfy_sdxl_host():
+    return _comfy_host("sdxl")
+
+
+@pytest.fixture(params=[c.param() for c in CASES])
+def case(request):
+    c: Case = request.param
+    return c, request.getfixturevalue(c.fixture)
+
+
+# ---- helpers --------------------------------------------------------------------------------------
+
+
+def _hashes(host) -> dict[str, str]:
+    """Bit-exact content of every frozen weight."""
+    return {k: hashlib.sha1(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+            for k, v in host.frozen_parameters().items()}
+
+
+def _probe(host, seed: int = 0, b: int = 2):
+    """Clean latents, grid noise levels and the noisy latents, on the host's device."""
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(b, host.latent_channels, 8, 8, generator=g).to(host.device)
+    noise = torch.randn(b, host.latent_channels, 8, 8, generator=g).to(host.device)
+    idx = torch.tensor([50, 700, 999, 300][:b])
+    sigma = host.training_sigmas()[idx.to(host.device)]
+    return x0, noise, sigma, idx
+
+
+def _denoise(host, prompts, x, sigma, placeholder=None, vectors=None):
+    cond = host.encode_text(prompts, placeholder, vectors)
+    return host.denoise(x, sigma, cond).float()
+
+
+def _a_weight(host, part: str = "unet", needle: str = "attn1.to_out.0.weight") -> str:
+    names = [n for n in host.tunable_parameters(part) if n.endswith(needle)]
+    assert names, f"no {needle} among the tunable parameters of {part}"
+    return names[0]
+
+
+# ---- the promises ---------------------------------------------------------------------------------
+
+
+def test_protocols_detection_and_shape_facts(case):
+    c, host = case
+    assert isinstance(host, Host) and isinstance(host, Tunable) and isinstance(host, Exportable)
+    fam = families.family(c.family)
+    assert (host.info.family, host.info.prediction) == (c.family, c.prediction)
+    assert [e.key for e in host.text_encoders()] == list(fam.encoder_keys)
+    assert (host.latent_channels, host.latent_scale) == (fam.latent_channels, fam.latent_scale)
+    assert host.latent_multiple >= 1 and host.latent_multiple & (host.latent_multiple - 1) == 0
+    assert isinstance(host.naming, ParameterNaming)
+    prefixes = (host.naming.unet_prefix, *host.naming.encoder_prefixes.values())
+    for part in ("unet", *fam.encoder_keys):
+        names = host.tunable_parameters(part)
+        assert names and all(n.startswith(prefixes) for n in names), part
+
+
+def test_training_context_leaves_inference_mode(case):
+    c, host = case
+    with c.adapter.node(), host.training():
+        assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+        v = torch.zeros(2, requires_grad=True)
+        (v * 2).sum().backward()
+    assert v.grad is not None
+
+
+def test_training_sigmas_are_the_discrete_schedule(case):
+    c, host = case
+    with c.adapter.node():
+        s = host.training_sigmas()
+    assert s.dtype == torch.float32 and s.ndim == 1 and len(s) == 1000 and s.device.type == host.device.type
+    assert bool((s[1:] > s[:-1]).all()) and float(s[0]) > 0
+
+
+def test_encode_and_decode_images(case):
+    c, host = case
+    images = torch.rand(2, 64, 48, 3)
+    with c.adapter.node():
+        z = host.encode_images(images)
+        px = host.decode_latents(z)
+    f = host.latent_scale
+    assert z.shape == (2, host.latent_channels, 64 // f, 48 // f) and z.dtype == torch.float32 and not z.requires_grad
+    assert px.shape == (2, 64, 48, 3) and px.device.type == "cpu" and 0 <= float(px.min()) <= float(px.max()) <= 1
+
+
+def test_differentiable_decode_matches_and_reaches_the_latents(case):
+    c, host = case
+    with c.adapter.node():
+        z = host.encode_images(torch.rand(1, 64, 64, 3))
+        plain = host.decode_latents(z)
+        with host.training():
+            zl = z.clone().requires_grad_(True)
+            px = host.decode_latents(zl, differentiable=True)
+            px.mean().backward()
+    assert px.shape == plain.shape and px.device.type == host.device.type and px.requires_grad
+    torch.testing.assert_close(px.detach().cpu(), plain, atol=2e-3, rtol=0)
+    assert zl.grad is not None and float(zl.grad.abs().sum()) > 0
+
+
+def test_token_embeddings_and_placeholder_checks(case):
+    c, host = case
+    widths = {e.key: e.width for e in host.text_encoders()}
+    with c.adapter.node():
+        emb = host.token_embeddings("red apple")
+        host.check_placeholder(PH)
+        with pytest.raises(ValueError, match="already"):
+            host.check_placeholder("cat")
+    assert set(emb) == set(widths)
+    for key, e in emb.items():
+        assert e.dtype == torch.float32 and e.shape == (2, widths[key])
+
+
+def test_placeholder_vectors_reach_the_conditioning(case):
+    """The word's own embeddings spliced in for the placeholder give the word's conditioning;
+    other vectors change it; gradients reach every encoder's vectors and no weight."""
+    c, host = case
+    before = _hashes(host)
+    with c.adapter.node(), host.training():
+        x0, noise, sigma, _ = _probe(host)
+        x = x0 + noise * sigma.view(-1, 1, 1, 1)
+        prompts = [f"a photo of {PH}", f"{PH} on a table"]
+        word = _denoise(host, ["a photo of cat", "cat on a table"], x, sigma)
+        spliced = _denoise(host, prompts, x, sigma, PH, host.token_embeddings("cat"))
+        vectors = {k: (v + 0.5 * torch.randn_like(v)).requires_grad_(True) for k, v in host.token_embeddings("cat").items()}
+        moved = host.denoise(x, sigma, host.encode_text(prompts, PH, vectors))
+        objective.native_error(host, moved, x0, sigma).mean().backward()
+    torch.testing.assert_close(spliced, word, atol=1e-4, rtol=1e-4)
+    assert float((moved.detach().float() - word).abs().max()) > 1e-5
+    for key, v in vectors.items():
+        assert v.grad is not None and bool(torch.isfinite(v.grad).all()) and float(v.grad.abs().sum()) > 0, key
+    assert _hashes(host) == before
+
+
+def test_native_loss_is_the_networks_own_loss(case):
+    """``objective.native_error`` from the x0 estimate equals the MSE of the raw network output
+    against the model's own target (eps: the noise; v: (noise - sigma x0) / sqrt(sigma^2 + 1))."""
+    c, host = case
+    with c.adapter.node(), host.training(), torch.no_grad():
+        x0, noise, sigma, idx = _probe(host, seed=3)
+        s = sigma.view(-1, 1, 1, 1)
+        cond = host.encode_text(["a photo of a cat", "a dog"])
+        native = objective.native_error(host, host.denoise(x0 + noise * s, sigma, cond), x0, sigma)
+        out = c.adapter.raw(host, (x0 + noise * s) / torch.sqrt(s ** 2 + 1), idx.to(host.device), cond)
+    target = noise if c.prediction == "eps" else (noise - s * x0) / torch.sqrt(s ** 2 + 1)
+    direct = ((out.double() - target.double()) ** 2).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(native.double(), direct, rtol=2e-4, atol=1e-7)
+
+
+def test_patches_change_the_output_and_leave_weights_bit_identical(case):
+    c, host = case
+    before = _hashes(host)
+    name = _a_weight(host)
+    with c.adapter.node(), host.training(), torch.no_grad():
+        x0, noise, sigma, _ = _probe(host)
+        x = x0 + noise * sigma.view(-1, 1, 1, 1)
+        plain = _denoise(host, PROMPTS, x, sigma)
+        with host.parameter_patches({name: lambda w: w + 0.5}):
+            patched = _denoise(host, PROMPTS, x, sigma)
+        after = _denoise(host, PROMPTS, x, sigma)
+        with pytest.raises(ValueError):
+            with host.parameter_patches({"no.such.weight": lambda w: w}):
+                pass
+    assert float((patched - plain).abs().max()) > 1e-4
+    assert torch.equal(after, plain)
+    assert _hashes(host) == before
+
+
+def _delta_for(host, name: str, seed: int = 1) -> torch.Tensor:
+    w = host.tunable_parameters("unet")[name]
+    return 0.05 * torch.randn(w.shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _patched_output(host, deltas: dict, x, sigma) -> torch.Tensor:
+    fns = {n: (lambda w, d=d: w + d.to(w.device, w.dtype)) for n, d in deltas.items()}
+    with host.parameter_patches(fns):
+        return _denoise(host, PROMPTS, x, sigma)
+
+
+def _applied_vs_patched(c: Case, host, deltas: dict, apply: Callable[[], Any]):
+    """(output of the model ``apply()`` returns, output of the host patched with ``deltas``)."""
+    with c.adapter.node(), host.training(), torch.no_grad():
+        x0, noise, sigma, _ = _probe(host)
+        x = x0 + noise * sigma.view(-1, 1, 1, 1)
+        expected = _patched_output(host, deltas, x, sigma)
+        other = c.adapter.as_host(apply(), host)
+        with other.training():
+            return _denoise(other, PROMPTS, x, sigma), expected
+
+
+def test_with_deltas_equals_the_patched_model(case):
+    c, host = case
+    before = _hashes(host)
+    name = _a_weight(host)
+    deltas = {name: _delta_for(host, name)}
+    got, expected = _applied_vs_patched(c, host, deltas, lambda: host.with_deltas(deltas))
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert _hashes(host) == before
+
+
+def test_with_lora_applies_what_a_loader_applies(case):
+    """A kohya file's tensors through ``with_lora`` equal the delta ``alpha / rank * up @ down``."""
+    from likeness.trainers import lora_format
+
+    c, host = case
+    name = _a_weight(host)
+    w = host.tunable_parameters("unet")[name]
+    g = torch.Generator().manual_seed(2)
+    down, up, alpha = torch.randn(4, w.shape[1], generator=g) * 0.2, torch.randn(w.shape[0], 4, generator=g) * 0.2, 2.0
+    sd = lora_format.lora_state_dict({name[: -len(".weight")]: (down, up, alpha)}, family=c.family,
+                                     dtype=torch.float32, layout=host.unet_layout(), naming=host.naming)
+    deltas = {name: lora_format.weight_delta(down, up, alpha)}
+    got, expected = _applied_vs_patched(c, host, deltas, lambda: host.with_lora(sd))
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_saved_checkpoint_reloads_as_the_tuned_model(case, tmp_path):
+    c, host = case
+    name = _a_weight(host)
+    deltas = {name: _delta_for(host, name, seed=4)}
+    path = tmp_path / "tuned.safetensors"
+    with c.adapter.node(), host.training(), torch.no_grad():
+        x0, noise, sigma, _ = _probe(host)
+        x = x0 + noise * sigma.view(-1, 1, 1, 1)
+        expected = _patched_output(host, deltas, x, sigma)
+        host.save_checkpoint(path, deltas, {"likeness": "contract"})
+    assert path.is_file() and not [p for p in tmp_path.iterdir() if p != path]  # no temp file left
+    other = c.adapter.reload(path, host, tmp_path / "reload")
+    with c.adapter.node(), other.training(), torch.no_grad():
+        got = _denoise(other, PROMPTS, x, sigma)
+    torch.testing.assert_close(got, expected, atol=1e-3, rtol=1e-3)
