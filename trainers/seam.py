@@ -1,6 +1,6 @@
 """The seam: what every method needs from a model, whichever program loaded it.
 
-A *host* (``hosts/comfy.py``, ``hosts/diffusers.py``) adapts a loaded model to this protocol; the
+A *host* (``hosts/comfy/``, ``hosts/diffusers/``) adapts a loaded model to this protocol; the
 methods in ``trainers/`` see nothing else.  The noise convention is k-diffusion's (Karras et al.
 2022): a clean latent ``x0`` is noised as ``x = x0 + sigma * noise`` and the denoiser returns its
 estimate of ``x0``.  The host hides the network's own parameterisation (eps, v) behind
