@@ -498,7 +498,7 @@ class DiffusersHost:
         return out
 
     def unet_layout(self):
-        from ..trainers.lora_format import UNetLayout
+        from ..trainers.formats.unet_names import UNetLayout
 
         return UNetLayout.from_config(self.unet.config)
 
@@ -519,7 +519,7 @@ class DiffusersHost:
         the model computes in half precision, else fp32 (exact)."""
         import safetensors.torch
 
-        from ..trainers.formats import atomic_write_bytes
+        from ..trainers.formats.files import atomic_write_bytes
         from .ldm_export import to_ldm_state_dict
 
         half = self.compute_dtype in (torch.float16, torch.bfloat16)

@@ -1,5 +1,5 @@
-"""Embedding files: every UI we target loads what ``trainers/formats.py`` writes, and the writer
-is safe (names, overwrites, atomic writes, no unpickling).
+"""Embedding files: every UI we target loads what ``trainers/formats/embedding.py`` writes, and the
+writer is safe (names, overwrites, atomic writes, no unpickling).
 
 The UI loaders are re-implemented here from their source (cited per function), so the tests run
 without ComfyUI or AUTOMATIC1111 installed; ``test_comfyui_mirror_matches_real_load_embed`` checks
@@ -18,21 +18,14 @@ import pytest
 import safetensors.torch
 import torch
 
-from likeness.trainers import formats
-from likeness.trainers.formats import (
-    atomic_path,
-    atomic_write_bytes,
-    check_can_write,
-    embedding_paths,
-    load_embedding,
-    safe_path,
-    save_embedding,
-    validate_name,
-)
+from likeness.trainers.families import FAMILIES
+from likeness.trainers.formats import files
+from likeness.trainers.formats.embedding import check_can_write, embedding_paths, load_embedding, save_embedding
+from likeness.trainers.formats.files import atomic_path, atomic_write_bytes, safe_path, validate_name
 from likeness.trainers.seam import ModelInfo
 
-WIDTHS = {"clip_l": 768, "clip_h": 1024, "clip_g": 1280}
-FAMILY_KEYS = {"sd1": ["clip_l"], "sd2": ["clip_h"], "sdxl": ["clip_l", "clip_g"]}
+WIDTHS = {e.key: e.width for f in FAMILIES.values() for e in f.encoders}
+FAMILY_KEYS = {name: list(f.encoder_keys) for name, f in FAMILIES.items()}
 PREDICTION = {"sd1": "eps", "sd2": "v", "sdxl": "eps"}
 
 # (embedding_key, embedding_size) each ComfyUI v0.20.1 tokenizer passes to load_embed:
@@ -511,7 +504,7 @@ def test_good_names_accepted(tmp_path, name, expected):
 def test_embedding_paths_per_family(tmp_path):
     assert [p.name for p in embedding_paths(tmp_path, "a", "sd2")] == ["a.safetensors", "a.pt"]
     assert [p.name for p in embedding_paths(tmp_path, "a", "sdxl")] == ["a.safetensors"]
-    with pytest.raises(ValueError, match="Unknown model family"):
+    with pytest.raises(ValueError, match="(?i)unknown model family"):
         embedding_paths(tmp_path, "a", "flux")
 
 
@@ -556,7 +549,7 @@ def test_check_can_write_folder_problems(tmp_path, monkeypatch):
     def deny(path):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(formats, "_open_temp", deny)
+    monkeypatch.setattr(files, "_open_temp", deny)
     with pytest.raises(PermissionError, match="choose a folder you can write to"):
         check_can_write(tmp_path, "c", "sd1")
 
