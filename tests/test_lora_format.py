@@ -33,6 +33,7 @@ from likeness.trainers.formats.kohya_lora import (
 from likeness.trainers.formats.layer_names import kohya_key, layer_key, normalize_layer_name
 from likeness.trainers.formats.unet_names import DEFAULT_LAYOUTS, UNetLayout
 
+from oracles.a1111_embedding import A1111_EXPECTED_SHAPE
 from oracles.a1111_lora import a1111_addnet_hash, a1111_apply, a1111_check, a1111_layer_mapping, a1111_load, ldm_checkpoint
 from oracles.architectures import Arch, arch
 from oracles.comfy_lora import (comfy_check, comfy_delta, comfy_key_map, comfy_load_lora, comfy_model_keys,
@@ -507,9 +508,6 @@ def test_loads_third_party_naming(tmp_path):
 # --------------------------------------------------------------------------------------------
 # 5. Bundled embeddings (pivotal tuning)
 # --------------------------------------------------------------------------------------------
-
-A1111_EXPECTED_SHAPE = {"sd1": 768, "sd2": 1024, "sdxl": 2048}
-
 
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
 def test_bundled_embeddings(tmp_path, family):

@@ -14,14 +14,17 @@ from types import SimpleNamespace
 import torch
 
 
-def comfy_checkout() -> Path | None:
+def comfy_checkout(probe: str = "comfy/lora.py") -> Path | None:
+    """The ComfyUI checkout to read (``COMFYUI_PATH`` or the test cache), if it has ``probe``."""
     for cand in (os.environ.get("COMFYUI_PATH"), Path.home() / ".cache/likeness/ComfyUI"):
-        if cand and (Path(cand) / "comfy" / "lora.py").is_file():
+        if cand and (Path(cand) / probe).is_file():
             return Path(cand)
     return None
 
 
-def _extract(path: Path, names: set[str], namespace: dict, cls: str | None = None) -> dict:
+def extract(path: Path, names: set[str], namespace: dict, cls: str | None = None) -> dict:
+    """Run the top-level functions and assignments ``names`` of a source file (of class ``cls``
+    if given) in ``namespace`` and return it; asserts they are all there."""
     tree = ast.parse(path.read_text())
     body = tree.body
     if cls is not None:
@@ -42,7 +45,7 @@ def _extract(path: Path, names: set[str], namespace: dict, cls: str | None = Non
 @functools.lru_cache(maxsize=None)
 def real_comfy() -> SimpleNamespace:
     root = comfy_checkout()
-    utils = _extract(root / "comfy" / "utils.py",
+    utils = extract(root / "comfy" / "utils.py",
                      {"UNET_MAP_ATTENTIONS", "TRANSFORMER_BLOCKS", "UNET_MAP_RESNET", "UNET_MAP_BASIC",
                       "unet_to_diffusers"}, {})
 
@@ -59,10 +62,10 @@ def real_comfy() -> SimpleNamespace:
         def __init__(self, loaded_keys, weights):
             self.loaded_keys, self.weights = loaded_keys, weights
 
-    adapter_ns = _extract(root / "comfy" / "weight_adapter" / "lora.py", {"load"},
+    adapter_ns = extract(root / "comfy" / "weight_adapter" / "lora.py", {"load"},
                           {"Optional": typing.Optional, "torch": torch}, cls="LoRAAdapter")
     LoRAAdapter.load = classmethod(adapter_ns["load"])
-    lora = _extract(root / "comfy" / "lora.py",
+    lora = extract(root / "comfy" / "lora.py",
                     {"LORA_CLIP_MAP", "load_lora", "model_lora_keys_clip", "model_lora_keys_unet"},
                     {"comfy": comfy, "weight_adapter": SimpleNamespace(adapters=[LoRAAdapter]),
                      "logging": logging, "torch": torch})
