@@ -18,13 +18,12 @@ import pickle
 from pathlib import Path
 from typing import Mapping
 
-import safetensors
 import safetensors.torch
 import torch
 
 from ..families import FAMILIES, WIDTH_TO_KEY, family as family_of
 from ..seam import ModelInfo
-from .files import atomic_write_files, check_paths_writable, safe_path, validate_name
+from .files import atomic_write_files, check_paths_writable, read_safetensors, safe_path, validate_name
 from .metadata import embedding_metadata
 
 #: CLIP token id of "*"; A1111 writes it as a constant and never reads it back.
@@ -183,17 +182,6 @@ def _load_pt(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return _vectors_from_dict(data, path.name), {}
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    try:
-        with safetensors.safe_open(str(path), framework="pt", device="cpu") as f:
-            keys = list(f.keys())
-            if len(keys) > 8:  # a model, not an embedding: do not read gigabytes
-                raise ValueError(f"{path.name} has {len(keys)} tensors; it is not an embedding.")
-            return {k: f.get_tensor(k) for k in keys}, dict(f.metadata() or {})
-    except safetensors.SafetensorError as e:
-        raise ValueError(f"{path.name} is not a readable safetensors file: {e}") from e
-
-
 def load_embedding(path: str | os.PathLike,
                    family: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read an embedding (ours or a common third-party layout) as encoder-keyed fp32 CPU vectors
@@ -205,7 +193,7 @@ def load_embedding(path: str | os.PathLike,
     path = Path(path)
     ext = path.suffix.lower()
     if ext == ".safetensors":
-        data, meta = _read_safetensors(path)
+        data, meta = read_safetensors(path, max_tensors=8, what="an embedding")
         vectors = _vectors_from_dict(data, path.name)
     elif ext in (".pt", ".bin"):
         vectors, meta = _load_pt(path)

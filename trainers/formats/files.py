@@ -2,7 +2,8 @@
 
 A name a user typed is one plain word that cannot escape its folder; a file is written to a temp
 file beside its target and renamed (a crash or Cancel never leaves a half-written file, and a set
-of files appears all together or not at all); nothing is overwritten unless asked.
+of files appears all together or not at all); nothing is overwritten unless asked; files are read
+without unpickling anything.
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import secrets
 import unicodedata
 from pathlib import Path
 from typing import Iterator, Mapping
+
+import safetensors
 
 #: Extensions a user might type into a name; the writer adds its own.
 KNOWN_EXTENSIONS = (".pt", ".safetensors", ".bin", ".ckpt")
@@ -125,6 +128,20 @@ def check_paths_writable(folder: str | os.PathLike, paths: list[Path], overwrite
     return paths
 
 
+def read_safetensors(path: Path, max_tensors: int | None = None, what: str = "file"):
+    """``({name: tensor}, metadata)`` of a safetensors file, on the CPU; ``ValueError`` if it is
+    unreadable or holds more than ``max_tensors`` tensors (a model where a small ``what`` was
+    expected: do not read gigabytes)."""
+    try:
+        with safetensors.safe_open(str(path), framework="pt", device="cpu") as f:
+            keys = list(f.keys())
+            if max_tensors is not None and len(keys) > max_tensors:
+                raise ValueError(f"{path.name} has {len(keys)} tensors; it is not {what}.")
+            return {k: f.get_tensor(k) for k in keys}, dict(f.metadata() or {})
+    except safetensors.SafetensorError as e:
+        raise ValueError(f"{path.name} is not a readable safetensors file: {e}") from e
+
+
 # --------------------------------------------------------------------------------------------
 # Atomic writes
 # --------------------------------------------------------------------------------------------
@@ -202,4 +219,4 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 __all__ = ["KNOWN_EXTENSIONS", "MAX_NAME_LENGTH", "validate_name", "safe_path", "check_paths_writable",
-           "atomic_write_files", "atomic_write_bytes", "atomic_path"]
+           "read_safetensors", "atomic_write_files", "atomic_write_bytes", "atomic_path"]

@@ -23,14 +23,12 @@ import re
 from pathlib import Path
 from typing import Iterable, Mapping, NamedTuple
 
-import safetensors
-import safetensors.torch
 import torch
 
 from ..families import FAMILIES, WIDTH_TO_KEY, family as family_of
 from ..seam import ParameterNaming
 from .embedding import check_vectors, cpu_fp32
-from .files import atomic_write_files, check_paths_writable, safe_path, validate_name
+from .files import atomic_write_files, check_paths_writable, read_safetensors, safe_path, validate_name
 from .layer_names import canonical_name, layer_key, name_of_key, normalize_layer_name, unet_key_scheme
 from .metadata import SGM, lora_metadata, with_model_hash
 from .unet_names import DEFAULT_LAYOUTS, UNetLayout
@@ -242,11 +240,7 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if path.suffix.lower() != ".safetensors":
         raise ValueError(f"{path.name}: LoRA files are read from .safetensors only (a .pt/.ckpt "
                          "could run code when unpickled).")
-    try:
-        with safetensors.safe_open(str(path), framework="pt", device="cpu") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-    except safetensors.SafetensorError as e:
-        raise ValueError(f"{path.name} is not a readable safetensors file: {e}") from e
+    return read_safetensors(path)
 
 
 def _family_of(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> str:

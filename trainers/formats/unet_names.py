@@ -138,8 +138,8 @@ class UNetLayout:
                 return _join("middle_block.1", rest)
             if kind == "resnets" and i in (0, 1):
                 return _join(f"middle_block.{2 * i}", _resnet_child(rest, _RESNET_TO_LDM, path))
-        raise ValueError(f"'{path}' is not a module of a diffusers UNet2DConditionModel that "
-                         "LoRA loaders map (expected down_blocks.*, mid_block.*, up_blocks.*, "
+        raise ValueError(f"'{path}' is not a module of a diffusers UNet2DConditionModel with an "
+                         "LDM name (expected down_blocks.*, mid_block.*, up_blocks.*, "
                          "conv_in, conv_out, time_embedding.*, add_embedding.*).")
 
     def key_to_ldm(self, key: str) -> str:
