@@ -32,6 +32,7 @@ from likeness.trainers.formats.kohya_lora import (
 )
 from likeness.trainers.formats.layer_names import kohya_key, layer_key, normalize_layer_name
 from likeness.trainers.formats.unet_names import DEFAULT_LAYOUTS, UNetLayout
+from likeness.trainers.seam import ParameterNaming
 
 from oracles.a1111_embedding import A1111_EXPECTED_SHAPE
 from oracles.a1111_lora import a1111_addnet_hash, a1111_apply, a1111_check, a1111_layer_mapping, a1111_load, ldm_checkpoint
@@ -158,6 +159,36 @@ def test_kohya_key_examples():
 def test_unmappable_layer_names_are_refused(name):
     with pytest.raises(ValueError):
         normalize_layer_name(name, "sd1")
+
+
+def test_a_host_declares_its_own_naming(tmp_path):
+    """Names are read through the host's declared ``ParameterNaming``: ComfyUI's spelling and a
+    made-up third host's give the same keys as the diffusers host's, and files read back in them."""
+    third = ParameterNaming("model.unet.", "diffusers", {"clip_l": "te.one.", "clip_g": "te.two."})
+    comfy = comfy_naming("sdxl")
+    layers = small_layers("sdxl")
+    d2l_map = d2l("sdxl")
+
+    def spelled(n, naming):
+        part, _, path = n.partition(".")
+        if part == "unet":
+            path = d2l_map[path + ".weight"][:-len(".weight")] if naming.unet_scheme == "ldm" else path
+            return naming.unet_prefix + path
+        return naming.encoder_prefixes[te_file_key("sdxl")[part]] + path
+
+    for naming in (comfy, third):
+        theirs = {spelled(n, naming): v for n, v in layers.items()}
+        assert {layer_key(n, "sdxl", naming=naming) for n in theirs} == {layer_key(n, "sdxl") for n in layers}
+        assert {normalize_layer_name(n, "sdxl", naming=naming) for n in theirs} == \
+            {normalize_layer_name(n, "sdxl") for n in layers}
+        path = save_lora(tmp_path, f"n{len(naming.unet_prefix)}", theirs, family="sdxl", naming=naming, dtype="fp32")
+        loaded, _ = load_lora(path, module_names=list(theirs), naming=naming)
+        assert set(loaded) == set(theirs)
+        assert all(torch.equal(loaded[n].down, theirs[n][0]) for n in theirs)
+    with pytest.raises(ValueError, match="LDM names"):  # ComfyUI declares LDM UNet paths
+        normalize_layer_name("diffusion_model.down_blocks.1.attentions.0.proj_in", "sdxl", naming=comfy)
+    with pytest.raises(ValueError, match="start with one of"):  # the diffusers spelling is not ComfyUI's
+        normalize_layer_name("unet.down_blocks.1.attentions.0.proj_in", "sdxl", naming=comfy)
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
