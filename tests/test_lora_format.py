@@ -35,7 +35,8 @@ from likeness.trainers.formats.unet_names import DEFAULT_LAYOUTS, UNetLayout
 from likeness.trainers.seam import ParameterNaming
 
 from oracles.a1111_embedding import A1111_EXPECTED_SHAPE
-from oracles.a1111_lora import a1111_addnet_hash, a1111_apply, a1111_check, a1111_layer_mapping, a1111_load, ldm_checkpoint
+from oracles.a1111_lora import (a1111_addnet_hash, a1111_apply, a1111_check, a1111_layer_mapping, a1111_load,
+                                ldm_checkpoint)
 from oracles.architectures import Arch, arch
 from oracles.comfy_lora import (comfy_check, comfy_delta, comfy_key_map, comfy_load_lora, comfy_model_keys,
                                 comfy_naming, comfy_unet_config, comfy_unet_to_diffusers, d2l, te_file_key)
@@ -181,7 +182,8 @@ def test_a_host_declares_its_own_naming(tmp_path):
         assert {layer_key(n, "sdxl", naming=naming) for n in theirs} == {layer_key(n, "sdxl") for n in layers}
         assert {normalize_layer_name(n, "sdxl", naming=naming) for n in theirs} == \
             {normalize_layer_name(n, "sdxl") for n in layers}
-        path = save_lora(tmp_path, f"n{len(naming.unet_prefix)}", theirs, family="sdxl", naming=naming, dtype="fp32")
+        path = save_lora(tmp_path, f"n{len(naming.unet_prefix)}", theirs, family="sdxl", naming=naming,
+                         dtype="fp32")
         loaded, _ = load_lora(path, module_names=list(theirs), naming=naming)
         assert set(loaded) == set(theirs)
         assert all(torch.equal(loaded[n].down, theirs[n][0]) for n in theirs)

@@ -148,11 +148,12 @@ def lora_metadata(layers: Mapping[str, object], name: str, family: str, *, predi
     meta = {"ss_output_name": name, "ss_training_started_at": str(time.time()), "ss_network_args": "{}",
             **caller}
     v2 = family == "sd2"
+    version = family_of(family).base_model_version + ("_v" if v2 and prediction == "v" else "")
     meta.update({
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(ranks.pop()) if len(ranks) == 1 else "Dynamic",
         "ss_network_alpha": str(alphas.pop()) if len(alphas) == 1 else "Dynamic",
-        "ss_base_model_version": family_of(family).base_model_version + ("_v" if v2 and prediction == "v" else ""),
+        "ss_base_model_version": version,
         "ss_v2": str(v2),
     })
     spec = modelspec(family, prediction, "lora", name, implementation=implementation, resolution=res)
