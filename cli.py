@@ -21,13 +21,13 @@ def _save_png(image, path: Path) -> None:
     import numpy as np
     from PIL import Image
 
-    from .trainers import formats
+    from .trainers.formats import files
 
     arr = (image.clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
     path.parent.mkdir(parents=True, exist_ok=True)  # the first preview may come before the first save
-    formats.atomic_write_bytes(path, buf.getvalue())
+    files.atomic_write_bytes(path, buf.getvalue())
 
 
 class _Printer:

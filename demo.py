@@ -95,7 +95,7 @@ def _grid_png(rows: list[torch.Tensor], labels: list[str], scale: int = 4) -> by
 def run_demo(out: Path, steps: int | None = None, overwrite: bool = False, concept: str = DEFAULT_CONCEPT) -> int:
     from .hosts.diffusers import DiffusersHost
     from .trainers import data as D
-    from .trainers import formats
+    from .trainers.formats import files
     from .trainers.textual_inversion import TIConfig, train_textual_inversion
     from .world import metrics as M
     from .world import render as R
@@ -143,7 +143,7 @@ def run_demo(out: Path, steps: int | None = None, overwrite: bool = False, conce
         f"before ('{init}'): classifier sees a {concept} in {fid_before:.0%}, similarity {sim_before:.2f}",
         f"after ('{word}', {res.steps_done} TI steps): {fid_after:.0%}, similarity {sim_after:.2f}",
     ])
-    formats.atomic_write_bytes(grid_path, png)
+    files.atomic_write_bytes(grid_path, png)
     print(f"concept fidelity {fid_before:.0%} -> {fid_after:.0%}; feature similarity "
           f"{sim_before:.2f} -> {sim_after:.2f}; {time.perf_counter() - t0:.0f} s in all")
     for f in res.files + [grid_path]:

@@ -519,7 +519,7 @@ class ComfyHost:
                 self._patches.pop(k, None)
 
     def unet_layout(self):
-        from ..trainers.lora_format import UNetLayout
+        from ..trainers.formats.unet_names import UNetLayout
 
         cfg = self._model.model.model_config.unet_config
         nrb = cfg["num_res_blocks"]
@@ -592,7 +592,7 @@ class ComfyHost:
         ``save_checkpoint`` (what its CheckpointSave node writes) to a temp name, then renamed."""
         import comfy.sd
 
-        from ..trainers.formats import atomic_path
+        from ..trainers.formats.files import atomic_path
 
         model, clip = self.diff_model({k: d.to(self.device) for k, d in deltas.items()})
         meta = {str(k): str(v) for k, v in (metadata or {}).items()}

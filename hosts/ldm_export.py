@@ -1,9 +1,10 @@
 """Diffusers-layout weights -> one single-file checkpoint in the original (CompVis/SGM) layout,
-the file ``CheckpointLoaderSimple`` and AUTOMATIC1111/Forge load (algorithms.md §4.10):
-``model.diffusion_model.*`` (UNet, LDM names), ``first_stage_model.*`` (VAE; mid-attention as 1x1
-convs) and the text encoder(s): SD1 ``cond_stage_model.transformer.text_model.*``; SD2 OpenCLIP
-``cond_stage_model.model.*`` (fused q/k/v ``in_proj``); SDXL ``conditioner.embedders.0.transformer.*``
-(CLIP-L) and ``conditioner.embedders.1.model.*`` (OpenCLIP bigG, ``text_projection`` transposed).
+the file ``CheckpointLoaderSimple`` and AUTOMATIC1111/Forge load (``docs/FORMATS.md``):
+``model.diffusion_model.*`` (UNet, LDM names as ``trainers/formats/unet_names`` maps them),
+``first_stage_model.*`` (VAE; mid-attention as 1x1 convs) and the text encoder(s): SD1
+``cond_stage_model.transformer.text_model.*``; SD2 OpenCLIP ``cond_stage_model.model.*`` (fused
+q/k/v ``in_proj``); SDXL ``conditioner.embedders.0.transformer.*`` (CLIP-L) and
+``conditioner.embedders.1.model.*`` (OpenCLIP bigG, ``text_projection`` transposed).
 
 The inverse of what diffusers' single-file loader (and ``hosts/diffusers.load_single_file``) reads.
 """
@@ -13,48 +14,7 @@ import re
 
 import torch
 
-_RESNET_TO_LDM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0",
-                  "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
-_UNET_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
-             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
-
-
-def _unet_key_to_ldm(key: str, per_level: int, up_has_attn: list[bool]) -> str:
-    """One diffusers UNet key -> the original (CompVis/SGM) name: blocks become a flat list,
-    ``per_level`` = layers_per_block + 1 entries per level (the inverse of diffusers'
-    ``convert_ldm_unet_checkpoint``)."""
-    for old, new in _UNET_TOP.items():
-        if key.startswith(old + "."):
-            return new + key[len(old):]
-    p = key.split(".")
-    if p[0] == "mid_block":
-        idx = 2 * int(p[2]) if p[1] == "resnets" else 1
-        rest = p[3:]
-    elif p[1] in ("down_blocks", "up_blocks") or p[0] in ("down_blocks", "up_blocks"):
-        b = int(p[1])
-        if p[0] == "down_blocks":
-            if p[2] == "downsamplers":
-                return f"input_blocks.{(b + 1) * per_level}.0.op." + ".".join(p[5:])
-            idx = b * per_level + int(p[3]) + 1
-        else:
-            if p[2] == "upsamplers":
-                slot = 2 if up_has_attn[b] else 1  # the upsampler follows the resnet (and attention)
-                return f"output_blocks.{(b + 1) * per_level - 1}.{slot}.conv." + ".".join(p[5:])
-            idx = b * per_level + int(p[3])
-        rest = p[4:]
-    else:
-        raise KeyError(key)
-    group = {"down_blocks": "input_blocks", "up_blocks": "output_blocks", "mid_block": "middle_block"}[p[0]]
-    if p[0] == "mid_block":
-        return f"{group}.{idx}." + ".".join(_resnet_rest(rest) if p[1] == "resnets" else rest)
-    kind = p[2]
-    slot = "0" if kind == "resnets" else "1"
-    return f"{group}.{idx}.{slot}." + ".".join(_resnet_rest(rest) if kind == "resnets" else rest)
-
-
-def _resnet_rest(rest: list[str]) -> list[str]:
-    return [_RESNET_TO_LDM.get(rest[0], rest[0]), *rest[1:]]
+from ..trainers.formats.unet_names import UNetLayout
 
 
 def _vae_key_to_ldm(key: str, n_levels: int) -> str:
@@ -138,10 +98,8 @@ def to_ldm_state_dict(parts: dict, replace: dict[str, torch.Tensor] | None = Non
     to write instead of the modules' own, keyed ``unet.<key>`` / ``text_encoder[_2].<key>`` (a
     fine-tune's weights); the modules are only read."""
     unet, vae, tes = parts["unet"], parts["vae"], parts["text_encoders"]
-    per_level = unet.config.layers_per_block + 1
-    up_attn = [t.startswith("CrossAttn") for t in unet.config.up_block_types]
-    out = {"model.diffusion_model." + _unet_key_to_ldm(k, per_level, up_attn): v
-           for k, v in _state(unet, "unet.", replace).items()}
+    layout = UNetLayout.from_config(unet.config)
+    out = {"model.diffusion_model." + layout.key_to_ldm(k): v for k, v in _state(unet, "unet.", replace).items()}
     n = len(vae.config.block_out_channels)
     for k, v in vae.state_dict().items():
         if ".mid_block.attentions." in k and k.endswith("weight") and v.ndim == 2:

@@ -19,7 +19,7 @@ from comfy_api.latest import io, ui
 
 from ..hosts.comfy import ComfyHost
 from ..trainers import data as D
-from ..trainers import lora_format
+from ..trainers.formats import kohya_lora
 from ..trainers.dreambooth import DreamBoothConfig, train_dreambooth
 from ..trainers.lora import PRESETS
 from .textual_inversion import _captions, _pil, _send_progress, embeddings_dir
@@ -131,8 +131,8 @@ def _report(cls, res, headline: str):
 
 
 def _lora_applied(host: ComfyHost, res):
-    sd = lora_format.lora_state_dict(res.lora_layers, family=host.info.family, dtype=torch.float32,
-                                     layout=host.unet_layout())
+    sd = kohya_lora.lora_state_dict(res.lora_layers, family=host.info.family, dtype=torch.float32,
+                                    layout=host.unet_layout(), naming=host.naming)
     return host.lora_model(sd)
 
 

@@ -332,16 +332,16 @@ def test_with_deltas_equals_the_patched_model(case):
 
 def test_with_lora_applies_what_a_loader_applies(case):
     """A kohya file's tensors through ``with_lora`` equal the delta ``alpha / rank * up @ down``."""
-    from likeness.trainers import lora_format
+    from likeness.trainers.formats import kohya_lora
 
     c, host = case
     name = _a_weight(host)
     w = host.tunable_parameters("unet")[name]
     g = torch.Generator().manual_seed(2)
     down, up, alpha = torch.randn(4, w.shape[1], generator=g) * 0.2, torch.randn(w.shape[0], 4, generator=g) * 0.2, 2.0
-    sd = lora_format.lora_state_dict({name[: -len(".weight")]: (down, up, alpha)}, family=c.family,
+    sd = kohya_lora.lora_state_dict({name[: -len(".weight")]: (down, up, alpha)}, family=c.family,
                                      dtype=torch.float32, layout=host.unet_layout(), naming=host.naming)
-    deltas = {name: lora_format.weight_delta(down, up, alpha)}
+    deltas = {name: kohya_lora.weight_delta(down, up, alpha)}
     got, expected = _applied_vs_patched(c, host, deltas, lambda: host.with_lora(sd))
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 

@@ -206,7 +206,7 @@ def test_unet_layout_of_the_real_models(family, cfg):
     import types
 
     from likeness.hosts.comfy import ComfyHost
-    from likeness.trainers.lora_format import DEFAULT_LAYOUTS
+    from likeness.trainers.formats.unet_names import DEFAULT_LAYOUTS
 
     fake = types.SimpleNamespace(_model=types.SimpleNamespace(model=types.SimpleNamespace(
         model_config=types.SimpleNamespace(unet_config=cfg))))

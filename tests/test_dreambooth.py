@@ -12,13 +12,13 @@ import torch
 from likeness.hosts.diffusers import DiffusersHost
 from likeness.trainers import data as D
 from likeness.trainers import loop
-from likeness.trainers import lora_format as lf
+from likeness.trainers.formats import kohya_lora, layer_names
 from likeness.trainers.dreambooth import DreamBoothConfig, train_dreambooth
 from likeness.trainers.objective import min_snr_weights
 from likeness.trainers.lora import LoraSet, extract_lora, target_weights
 
-import test_lora_format as tlf
 import tiny_models
+from oracles import a1111_lora, architectures, comfy_lora
 
 
 def images(n=3, size=64, seed=0):
@@ -51,7 +51,7 @@ def test_adapter_delta_is_the_loaders_delta():
     a = s.adapters["unet.x.weight"]
     with torch.no_grad():
         a.up.normal_()
-    assert torch.allclose(a.delta(), lf.weight_delta(a.down, a.up, 1.5), atol=1e-6)
+    assert torch.allclose(a.delta(), kohya_lora.weight_delta(a.down, a.up, 1.5), atol=1e-6)
     assert torch.equal(a.patch(w), w + a.delta())
 
 
@@ -95,10 +95,10 @@ REFERENCE_COUNTS = {  # algorithms.md §2.5 (counted on the real models)
 
 
 def _real_params(family: str, naming: str) -> dict:
-    a = tlf.arch(family)
+    a = architectures.arch(family)
     if naming == "diffusers":
         return {f"unet.{k}": torch.empty(s, device="meta") for k, s in a.unet_params.items()}
-    m = tlf.d2l(family)
+    m = comfy_lora.d2l(family)
     return {f"diffusion_model.{m[k]}": torch.empty(s, device="meta") for k, s in a.unet_params.items()}
 
 
@@ -107,7 +107,7 @@ def _real_params(family: str, naming: str) -> dict:
 def test_targets_on_the_real_models_load_in_comfyui_and_a1111(family, preset, naming):
     """The presets pick the reference number of layers on the real SD1.5 / SDXL UNets, in both
     hosts' naming, and the file they give loads with zero missing or unused keys through the
-    re-implemented ComfyUI and A1111 key maps (tests/test_lora_format.py)."""
+    re-implemented ComfyUI and A1111 key maps (tests/oracles)."""
     params = _real_params(family, naming)
     names = target_weights(params, preset)
     assert len(names) == REFERENCE_COUNTS[(family, preset)]
@@ -118,11 +118,12 @@ def test_targets_on_the_real_models_load_in_comfyui_and_a1111(family, preset, na
         down = torch.full((r, *w.shape[1:]), 0.01)
         up = torch.full((w.shape[0], r, *((1, 1) if w.ndim == 4 else ())), 0.01)
         layers[n[: -len(".weight")]] = (down, up, 1.0)
-    sd = lf.lora_state_dict(layers, family=family)
-    a = tlf.arch(family)
-    patches, missing = tlf.comfy_check(a, sd)
+    sd = kohya_lora.lora_state_dict(layers, family=family,
+                                    naming=comfy_lora.comfy_naming(family) if naming == "comfyui" else None)
+    a = architectures.arch(family)
+    patches, missing = comfy_lora.comfy_check(a, sd)
     assert missing == [] and len(patches) == len(names)
-    modules, failed, applied, _ = tlf.a1111_check(a, sd)
+    modules, failed, applied, _ = a1111_lora.a1111_check(a, sd)
     assert failed == {} and len(applied) == len(names)
 
 
@@ -144,7 +145,7 @@ def test_extract_lora_reconstructs_a_low_rank_delta():
     assert set(out) == {"unet.a", "unet.b"}
     for name, d in (("unet.a", d_lin), ("unet.b", d_conv)):
         down, up, alpha = out[name]
-        assert torch.allclose(lf.weight_delta(down, up, alpha), d, atol=1e-4)
+        assert torch.allclose(kohya_lora.weight_delta(down, up, alpha), d, atol=1e-4)
 
 
 def test_min_snr_weights_match_the_paper_forms():
@@ -171,13 +172,13 @@ def test_lora_run_writes_a_loadable_file_and_leaves_the_host_alone(request, tmp_
     assert res.class_images == 2 and len(res.losses) == 3
     (path,) = res.files
     assert path == tmp_path / "loras" / "subject.safetensors"
-    loaded, meta = lf.load_lora(path, family=family, layout=host.unet_layout())
+    loaded, meta = kohya_lora.load_lora(path, family=family, layout=host.unet_layout())
     assert meta["ss_network_module"] == "networks.lora" and meta["ss_num_reg_images"] == "2"
     assert len(loaded) == len(res.lora_layers)
     te_keys = [n for n in res.lora_layers if n.startswith("text_encoder")]
     assert te_keys, "text-encoder layers were trained and must be in the file"
     for name, (down, up, alpha) in res.lora_layers.items():
-        d2, u2, a2 = loaded[lf.normalize_layer_name(name, family, host.unet_layout())]
+        d2, u2, a2 = loaded[layer_names.normalize_layer_name(name, family, host.unet_layout())]
         assert torch.equal(d2, down) and torch.equal(u2, up) and a2 == alpha
 
 
@@ -264,7 +265,7 @@ def test_cancel_saves_the_last_good_lora(tmp_path, tiny_sd1_host):
 
     with pytest.raises(KeyboardInterrupt):
         train_dreambooth(tiny_sd1_host, images(), cfg_for(tmp_path, steps=5), progress=progress)
-    _, meta = lf.load_lora(tmp_path / "loras" / "subject.safetensors", family="sd1",
+    _, meta = kohya_lora.load_lora(tmp_path / "loras" / "subject.safetensors", family="sd1",
                            layout=tiny_sd1_host.unet_layout())
     assert meta["ss_steps"] == "2"
 

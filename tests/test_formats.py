@@ -1,16 +1,14 @@
-"""Embedding files: every UI we target loads what ``trainers/formats.py`` writes, and the writer
-is safe (names, overwrites, atomic writes, no unpickling).
+"""Embedding files: every UI we target loads what ``trainers/formats/embedding.py`` writes, and the
+writer is safe (names, overwrites, atomic writes, no unpickling).
 
-The UI loaders are re-implemented here from their source (cited per function), so the tests run
+The UI loaders are re-implemented from their source in ``tests/oracles``, so the tests run
 without ComfyUI or AUTOMATIC1111 installed; ``test_comfyui_mirror_matches_real_load_embed`` checks
 the ComfyUI mirror against the real function when a ComfyUI checkout is available.
 """
 from __future__ import annotations
 
-import ast
 import io
 import os
-import zipfile
 from datetime import datetime
 from pathlib import Path
 
@@ -18,36 +16,19 @@ import pytest
 import safetensors.torch
 import torch
 
-from likeness.trainers import formats
-from likeness.trainers.formats import (
-    atomic_path,
-    atomic_write_bytes,
-    check_can_write,
-    embedding_paths,
-    load_embedding,
-    safe_path,
-    save_embedding,
-    validate_name,
-)
+from likeness.trainers.families import FAMILIES
+from likeness.trainers.formats import files
+from likeness.trainers.formats.embedding import check_can_write, embedding_paths, load_embedding, save_embedding
+from likeness.trainers.formats.files import atomic_path, atomic_write_bytes, safe_path, validate_name
 from likeness.trainers.seam import ModelInfo
 
-WIDTHS = {"clip_l": 768, "clip_h": 1024, "clip_g": 1280}
-FAMILY_KEYS = {"sd1": ["clip_l"], "sd2": ["clip_h"], "sdxl": ["clip_l", "clip_g"]}
+from oracles.a1111_embedding import A1111_EXPECTED_SHAPE, a1111_load_dir, a1111_load_from_file
+from oracles.comfy_embedding import COMFY_TOKENIZERS, comfy_apply, comfy_load_embed, real_load_embed
+from oracles.comfy_source import comfy_checkout
+
+WIDTHS = {e.key: e.width for f in FAMILIES.values() for e in f.encoders}
+FAMILY_KEYS = {name: list(f.encoder_keys) for name, f in FAMILIES.items()}
 PREDICTION = {"sd1": "eps", "sd2": "v", "sdxl": "eps"}
-
-# (embedding_key, embedding_size) each ComfyUI v0.20.1 tokenizer passes to load_embed:
-# SD1 = sd1_clip.SDTokenizer defaults ('clip_l', 768); SD2 = text_encoders/sd2_clip.py:15
-# ('clip_h', 1024); SDXL = SDXLTokenizer's clip_l (SDTokenizer defaults) and
-# SDXLClipGTokenizer (sdxl_clip.py:21, 'clip_g', 1280).
-COMFY_TOKENIZERS = {
-    "sd1": [("clip_l", 768)],
-    "sd2": [("clip_h", 1024)],
-    "sdxl": [("clip_l", 768), ("clip_g", 1280)],
-}
-
-# A1111's EmbeddingDatabase.expected_shape: width of encode_embedding_init_text(",", 1);
-# SDXL concatenates both encoders (1280 + 768).
-A1111_EXPECTED_SHAPE = {"sd1": 768, "sd2": 1024, "sdxl": 2048}
 
 
 def make_vectors(family: str, n: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -69,134 +50,6 @@ def save(folder, family, name="my_cat", n=3, seed=0, step=150, **kw):
 
 def listing(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
-
-
-# --------------------------------------------------------------------------------------------
-# ComfyUI v0.20.1 comfy/sd1_clip.py:378-484 (load_embed and helpers), re-implemented
-# --------------------------------------------------------------------------------------------
-
-def comfy_zip_fallback(path):
-    """safe_load_embed_zip: the last ``data/*`` blob of >= 768 floats, width 768 if divisible."""
-    with zipfile.ZipFile(path) as z:
-        for member in reversed([m for m in z.namelist() if "data/" in m]):
-            raw = z.read(member)
-            count = len(raw) // 4
-            if count < 768:
-                continue
-            width = 768 if count % 768 == 0 else 1024
-            return torch.frombuffer(bytearray(raw), dtype=torch.float).reshape(-1, width).clone()
-
-
-def comfy_bundled(embed, prefix, suffix):
-    parts = [v for k, v in embed.items() if k.startswith(prefix) and k.endswith(suffix)]
-    return torch.cat(parts, dim=0) if parts else None
-
-
-def comfy_load_embed(embedding_name, directories, embedding_size, embed_key=None):
-    # Search each folder and its subfolders; the name must stay inside the folder.
-    dirs = set(directories)
-    for d in directories:
-        dirs.update(root for root, _, _ in os.walk(d, followlinks=True))
-    found = None
-    for d in dirs:
-        candidate = os.path.abspath(os.path.join(d, embedding_name))
-        d = os.path.abspath(d)
-        if os.path.commonpath((d, candidate)) != d:
-            continue
-        if os.path.isfile(candidate):
-            found = candidate
-        else:
-            found = next((candidate + e for e in (".safetensors", ".pt", ".bin")
-                          if os.path.isfile(candidate + e)), None)
-        if found:
-            break
-    if found is None:
-        return None
-    out = None
-    if found.lower().endswith(".safetensors"):
-        embed = safetensors.torch.load_file(found, device="cpu")
-    else:
-        try:
-            embed = torch.load(found, weights_only=True, map_location="cpu")
-        except Exception:
-            out = comfy_zip_fallback(found)
-    if out is not None:
-        return out
-    if "string_to_param" in embed:
-        return next(iter(embed["string_to_param"].values()))
-    if isinstance(embed, list):
-        return torch.cat([t.reshape(-1, t.shape[-1]) for x in embed for t in x.values()
-                          if t.shape[-1] == embedding_size], dim=0)
-    if embed_key is not None and embed_key in embed:
-        return embed[embed_key]
-    out = comfy_bundled(embed, "bundle_emb.", ".string_to_param.*")
-    if out is None:
-        out = comfy_bundled(embed, "bundle_emb.", f".{embed_key}")
-    if out is None:
-        out = next(iter(embed.values()))
-    return out
-
-
-def comfy_apply(emb, width):
-    """SDClipModel.process_tokens (sd1_clip.py:~237): the embedding is viewed as [1, n, last dim]
-    and spliced in only if its last dim equals the encoder's; otherwise it is ignored."""
-    emb = emb.view(1, -1, emb.shape[-1]).float()
-    return emb[0] if emb.shape[-1] == width else None
-
-
-# --------------------------------------------------------------------------------------------
-# AUTOMATIC1111 modules/textual_inversion/textual_inversion.py@22ecb78b, re-implemented
-# (EmbeddingDatabase.load_from_file / load_from_dir; image embeddings left out)
-# --------------------------------------------------------------------------------------------
-
-def a1111_load_from_file(path, filename):
-    name, ext = os.path.splitext(filename)
-    ext = ext.upper()
-    if ext in (".BIN", ".PT"):
-        # A1111 calls torch.load through modules/safe.py's restricted unpickler (tensors, dicts,
-        # OrderedDict and a few torch classes); weights_only=True is today's equivalent.
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    elif ext == ".SAFETENSORS":
-        data = safetensors.torch.load_file(path, device="cpu")
-    else:
-        return None
-    if "string_to_param" in data:
-        params = data["string_to_param"]
-        params = getattr(params, "_parameters", params)
-        assert len(params) == 1, "embedding file has multiple terms in it"
-        vec = next(iter(params.values())).detach().float()
-        shape, vectors = vec.shape[-1], vec.shape[0]
-    elif type(data) is dict and "clip_g" in data and "clip_l" in data:  # SDXL
-        vec = {k: v.detach().float() for k, v in data.items()}
-        shape = data["clip_g"].shape[-1] + data["clip_l"].shape[-1]
-        vectors = data["clip_g"].shape[0]
-    elif type(data) is dict and type(next(iter(data.values()))) is torch.Tensor:  # diffusers
-        assert len(data) == 1, "embedding file has multiple terms in it"
-        emb = next(iter(data.values()))
-        vec = (emb.unsqueeze(0) if emb.ndim == 1 else emb).detach().float()
-        shape, vectors = vec.shape[-1], vec.shape[0]
-    else:
-        raise Exception(f"Couldn't identify {filename} as textual inversion embedding")
-    return {"name": name, "vec": vec, "shape": shape, "vectors": vectors,
-            "step": data.get("step"), "sd_checkpoint": data.get("sd_checkpoint"),
-            "sd_checkpoint_name": data.get("sd_checkpoint_name")}
-
-
-def a1111_load_dir(folder, expected_shape):
-    """(registered, skipped) by trigger word; a later file with the same stem replaces the
-    earlier one (register_embedding_by_name)."""
-    registered, skipped = {}, {}
-    for root, _, files in os.walk(folder, followlinks=True):
-        for fn in files:
-            full = os.path.join(root, fn)
-            if os.stat(full).st_size == 0:
-                continue
-            emb = a1111_load_from_file(full, fn)
-            if emb is None:
-                continue
-            target = registered if emb["shape"] == expected_shape else skipped
-            target[emb["name"]] = emb
-    return registered, skipped
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,33 +93,10 @@ def test_comfyui_shape_check_rejects_wrong_family(tmp_path, family, tokenizer):
     assert comfy_apply(raw, width) is None  # ... but ignored by the width check, as ComfyUI does
 
 
-def _comfy_checkout() -> Path | None:
-    for cand in (os.environ.get("COMFYUI_PATH"), Path.home() / ".cache/likeness/ComfyUI"):
-        if cand and (Path(cand) / "comfy" / "sd1_clip.py").is_file():
-            return Path(cand)
-    return None
-
-
-def _real_load_embed(checkout: Path):
-    """Pull load_embed and its helpers out of the checkout's sd1_clip.py without importing comfy
-    (which needs a GPU stack); they only use os, zipfile, torch, safetensors and logging."""
-    source = (checkout / "comfy" / "sd1_clip.py").read_text()
-    wanted = {"safe_load_embed_zip", "expand_directory_list", "bundled_embed", "load_embed"}
-    funcs = [n for n in ast.parse(source).body
-             if isinstance(n, ast.FunctionDef) and n.name in wanted]
-    assert {f.name for f in funcs} == wanted, "ComfyUI's sd1_clip.py changed shape"
-    import logging
-    import traceback
-    namespace = {"os": os, "zipfile": zipfile, "torch": torch, "logging": logging,
-                 "traceback": traceback}
-    exec(compile(ast.Module(body=funcs, type_ignores=[]), "sd1_clip.py", "exec"), namespace)
-    return namespace["load_embed"]
-
-
-@pytest.mark.skipif(_comfy_checkout() is None, reason="no ComfyUI checkout (set COMFYUI_PATH)")
+@pytest.mark.skipif(comfy_checkout("comfy/sd1_clip.py") is None, reason="no ComfyUI checkout (set COMFYUI_PATH)")
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
 def test_comfyui_mirror_matches_real_load_embed(tmp_path, family):
-    real = _real_load_embed(_comfy_checkout())
+    real = real_load_embed(comfy_checkout("comfy/sd1_clip.py"))
     save(tmp_path, family)
     for name in ("my_cat", "my_cat.pt"):
         if family == "sdxl" and name.endswith(".pt"):
@@ -511,7 +341,7 @@ def test_good_names_accepted(tmp_path, name, expected):
 def test_embedding_paths_per_family(tmp_path):
     assert [p.name for p in embedding_paths(tmp_path, "a", "sd2")] == ["a.safetensors", "a.pt"]
     assert [p.name for p in embedding_paths(tmp_path, "a", "sdxl")] == ["a.safetensors"]
-    with pytest.raises(ValueError, match="Unknown model family"):
+    with pytest.raises(ValueError, match="(?i)unknown model family"):
         embedding_paths(tmp_path, "a", "flux")
 
 
@@ -556,7 +386,7 @@ def test_check_can_write_folder_problems(tmp_path, monkeypatch):
     def deny(path):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(formats, "_open_temp", deny)
+    monkeypatch.setattr(files, "_open_temp", deny)
     with pytest.raises(PermissionError, match="choose a folder you can write to"):
         check_can_write(tmp_path, "c", "sd1")
 

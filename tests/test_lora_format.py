@@ -1,34 +1,18 @@
-"""LoRA files (``trainers/lora_format.py``): ComfyUI, AUTOMATIC1111 and diffusers load every key of
-what we write for the real SD1.5, SD2 and SDXL architectures, and the writer is safe.
+"""LoRA files (``trainers/formats/kohya_lora.py``): ComfyUI, AUTOMATIC1111 and diffusers load
+every key of what we write for the real SD1.5, SD2 and SDXL architectures, and the writer is safe.
 
-The architectures are the real ones (``hosts/assets/*/config.json``) built on the ``meta`` device,
-so module names and shapes are exact and nothing is allocated.  The UI loaders' key handling is
-re-implemented here from their source (cited per function; written anew, not copied):
-
-* ComfyUI v0.20.1: ``comfy/utils.py`` ``unet_to_diffusers`` (:268-400), ``comfy/lora.py``
-  ``model_lora_keys_clip``/``model_lora_keys_unet``/``load_lora`` (:28-205),
-  ``comfy/weight_adapter/lora.py`` ``LoRAAdapter.load``/``calculate_weight`` (:150-281).  When a
-  ComfyUI checkout is present, the real functions are run on the same files and must agree
-  (AST-extracted, no ComfyUI import); ``-m comfyui`` also builds ComfyUI's own models.
-* AUTOMATIC1111 v1.10 ``extensions-builtin/Lora``: ``networks.py`` (``convert_diffusers_name_to_
-  compvis``, ``assign_network_names_to_compvis_modules``, ``load_network``,
-  ``network_apply_weights``), ``network_lora.py`` (module shapes), ``network.py``.  Its model's
-  module names come from the original-layout checkpoint keys (algorithms.md §4.10).
-* diffusers 0.42: the real conversion functions ``load_lora_weights`` calls.
+The architectures are the real ones built on the ``meta`` device (``oracles.architectures``), so
+module names and shapes are exact and nothing is allocated.  The UI loaders' key handling comes
+from ``tests/oracles`` (re-implemented from their source; when a ComfyUI checkout is present the
+real functions are run on the same files and must agree; ``-m comfyui`` also builds ComfyUI's own
+models).
 """
 from __future__ import annotations
 
-import ast
-import functools
-import hashlib
 import json
 import logging
 import math
-import os
 import re
-import typing
-from dataclasses import dataclass
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -36,68 +20,28 @@ import safetensors
 import safetensors.torch
 import torch
 
-import likeness
-from likeness.trainers import lora_format as lf
-from likeness.trainers.lora_format import (
-    DEFAULT_LAYOUTS,
-    UNetLayout,
-    kohya_key,
-    layer_key,
+from likeness.trainers.families import family as family_of
+from likeness.trainers.formats import layer_names
+from likeness.trainers.formats.kohya_lora import (
     load_bundled_embeddings,
     load_lora,
+    lora_state_dict,
     lora_state_dict_to_weight_delta,
-    normalize_layer_name,
     save_lora,
     weight_delta,
 )
+from likeness.trainers.formats.layer_names import kohya_key, layer_key, normalize_layer_name
+from likeness.trainers.formats.unet_names import DEFAULT_LAYOUTS, UNetLayout
+from likeness.trainers.seam import ParameterNaming
 
-ASSETS = Path(likeness.__file__).resolve().parent / "hosts" / "assets"
-ASSET_DIR = {"sd1": "sd15", "sd2": "sd2", "sdxl": "sdxl"}
-TE_FILE_KEY = {"sd1": {"text_encoder": "clip_l"}, "sd2": {"text_encoder": "clip_h"},
-               "sdxl": {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}}
-
-
-# --------------------------------------------------------------------------------------------
-# The real architectures, on the meta device
-# --------------------------------------------------------------------------------------------
-
-@dataclass
-class Arch:
-    family: str
-    unet_config: dict
-    unet_model: object                 # diffusers UNet2DConditionModel on meta
-    unet_params: dict                  # diffusers param name -> shape
-    modules: dict                      # layer name ("unet.…", "text_encoder….") -> weight shape
-    te_models: dict                    # component -> transformers model on meta
-    te_params: dict                    # component -> {canonical (text_model.) param: shape}
-
-
-@functools.lru_cache(maxsize=None)
-def arch(family: str) -> Arch:
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    root = ASSETS / ASSET_DIR[family]
-    cfg = json.loads((root / "unet" / "config.json").read_text())
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(cfg)
-    modules = {}
-    for n, m in unet.named_modules():
-        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
-            modules[f"unet.{n}"] = tuple(m.weight.shape)
-    te_models, te_params = {}, {}
-    for comp in lf.COMPONENTS[family][1:]:
-        c = json.loads((root / comp / "config.json").read_text())
-        cls = CLIPTextModelWithProjection if "WithProjection" in c["architectures"][0] else CLIPTextModel
-        with torch.device("meta"):
-            te = cls(CLIPTextConfig.from_dict(c))
-        te_models[comp] = te
-        te_params[comp] = {lf._te_path(k): tuple(v.shape) for k, v in te.state_dict().items()}
-        for n, m in te.named_modules():  # native names: transformers 5 drops CLIPTextModel's text_model.
-            if isinstance(m, torch.nn.Linear) and re.search(r"(_proj|fc[12])$", n) and "layers." in n:
-                modules[f"{comp}.{n}"] = tuple(m.weight.shape)
-    params = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
-    return Arch(family, cfg, unet, params, modules, te_models, te_params)
+from oracles.a1111_embedding import A1111_EXPECTED_SHAPE
+from oracles.a1111_lora import (a1111_addnet_hash, a1111_apply, a1111_check, a1111_layer_mapping, a1111_load,
+                                ldm_checkpoint)
+from oracles.architectures import Arch, arch
+from oracles.comfy_lora import (comfy_check, comfy_delta, comfy_key_map, comfy_load_lora, comfy_model_keys,
+                                comfy_naming, comfy_unet_config, comfy_unet_to_diffusers, d2l, te_file_key)
+from oracles.comfy_source import comfy_checkout, real_comfy
+from oracles.diffusers_lora import diffusers_load
 
 
 PRESETS = {
@@ -160,11 +104,6 @@ def assert_near(x: torch.Tensor, ref: torch.Tensor, rtol: float, atol: float = 0
     assert err <= atol + rtol * ref.abs().max().item(), err
 
 
-@functools.lru_cache(maxsize=None)
-def d2l(family: str) -> dict:
-    """ComfyUI's diffusers -> LDM weight-name map for the real model of ``family``."""
-    return comfy_unet_to_diffusers(comfy_unet_config(arch(family).unet_config))
-
 
 def expected_target(a: Arch, name: str) -> tuple[str, str]:
     """(ComfyUI internal weight key, LDM module name) of a layer, from the ComfyUI map below."""
@@ -173,448 +112,8 @@ def expected_target(a: Arch, name: str) -> tuple[str, str]:
     if comp == "unet":
         ldm = d2l(a.family)[path + ".weight"][:-len(".weight")]
         return f"diffusion_model.{ldm}.weight", ldm
-    return f"{TE_FILE_KEY[a.family][comp]}.transformer.{path}.weight", path
+    return f"{te_file_key(a.family)[comp]}.transformer.{path}.weight", path
 
-
-# --------------------------------------------------------------------------------------------
-# ComfyUI v0.20.1, re-implemented
-# --------------------------------------------------------------------------------------------
-
-# comfy/utils.py:268-334 - weight names inside SpatialTransformer / BasicTransformerBlock / ResBlock,
-# and the modules outside the blocks (LDM name, diffusers name).
-C_ATTENTION = [f"{m}.{p}" for m in ("norm", "proj_in", "proj_out") for p in ("weight", "bias")]
-C_TRANSFORMER = ([f"norm{i}.{p}" for i in (1, 2, 3) for p in ("weight", "bias")]
-                 + [f"attn{a}.to_{x}.weight" for a in (1, 2) for x in ("q", "k", "v")]
-                 + [f"attn{a}.to_out.0.{p}" for a in (1, 2) for p in ("weight", "bias")]
-                 + [f"ff.net.{x}.{p}" for x in ("0.proj", "2") for p in ("weight", "bias")])
-C_RESNET = {f"{ldm}.{p}": f"{d}.{p}" for ldm, d in
-            [("in_layers.2", "conv1"), ("emb_layers.1", "time_emb_proj"), ("out_layers.3", "conv2"),
-             ("skip_connection", "conv_shortcut"), ("in_layers.0", "norm1"), ("out_layers.0", "norm2")]
-            for p in ("weight", "bias")}
-C_BASIC = [(f"{ldm}.{p}", f"{d}.{p}") for ldm, d in
-           [("label_emb.0.0", "class_embedding.linear_1"), ("label_emb.0.2", "class_embedding.linear_2"),
-            ("label_emb.0.0", "add_embedding.linear_1"), ("label_emb.0.2", "add_embedding.linear_2"),
-            ("input_blocks.0.0", "conv_in"), ("out.0", "conv_norm_out"), ("out.2", "conv_out"),
-            ("time_embed.0", "time_embedding.linear_1"), ("time_embed.2", "time_embedding.linear_2")]
-           for p in ("weight", "bias")]
-
-
-def comfy_unet_config(dcfg: dict) -> dict:
-    """The unet_config ComfyUI's model detection produces, from a diffusers config."""
-    levels, L = len(dcfg["block_out_channels"]), dcfg["layers_per_block"]
-    depth = dcfg.get("transformer_layers_per_block") or 1
-    depth = [depth] * levels if isinstance(depth, int) else list(depth)
-    down_attn = ["CrossAttn" in t for t in dcfg["down_block_types"]]
-    up_attn = ["CrossAttn" in t for t in dcfg["up_block_types"]]
-    up_depth = list(reversed(depth))
-    pops = [up_depth[x] if up_attn[x] else 0 for x in range(levels) for _ in range(L + 1)]
-    return {"num_res_blocks": [L] * levels, "channel_mult": [1] * levels,
-            "transformer_depth": [depth[b] if down_attn[b] else 0 for b in range(levels) for _ in range(L)],
-            "transformer_depth_output": list(reversed(pops)),  # ComfyUI pops from the end
-            "transformer_depth_middle": depth[-1]}
-
-
-def comfy_unet_to_diffusers(cfg: dict) -> dict:
-    """comfy/utils.py:336-400: diffusers weight name -> LDM weight name."""
-    out = {}
-    nrb = cfg["num_res_blocks"]
-    depth, depth_out = list(cfg["transformer_depth"]), list(cfg["transformer_depth_output"])
-    levels = len(cfg["channel_mult"])
-
-    def attention(d_prefix, l_prefix, count):
-        for w in C_ATTENTION:
-            out[f"{d_prefix}.{w}"] = f"{l_prefix}.{w}"
-        for t in range(count):
-            for w in C_TRANSFORMER:
-                out[f"{d_prefix}.transformer_blocks.{t}.{w}"] = f"{l_prefix}.transformer_blocks.{t}.{w}"
-
-    for x in range(levels):
-        n = 1 + (nrb[x] + 1) * x
-        for i in range(nrb[x]):
-            for l_w, d_w in C_RESNET.items():
-                out[f"down_blocks.{x}.resnets.{i}.{d_w}"] = f"input_blocks.{n}.0.{l_w}"
-            t = depth.pop(0)
-            if t > 0:
-                attention(f"down_blocks.{x}.attentions.{i}", f"input_blocks.{n}.1", t)
-            n += 1
-        for p in ("weight", "bias"):
-            out[f"down_blocks.{x}.downsamplers.0.conv.{p}"] = f"input_blocks.{n}.0.op.{p}"
-    attention("mid_block.attentions.0", "middle_block.1", cfg["transformer_depth_middle"])
-    for i, n in enumerate((0, 2)):
-        for l_w, d_w in C_RESNET.items():
-            out[f"mid_block.resnets.{i}.{d_w}"] = f"middle_block.{n}.{l_w}"
-    rev = list(reversed(nrb))
-    for x in range(levels):
-        n, count = (rev[x] + 1) * x, rev[x] + 1
-        for i in range(count):
-            c = 1
-            for l_w, d_w in C_RESNET.items():
-                out[f"up_blocks.{x}.resnets.{i}.{d_w}"] = f"output_blocks.{n}.0.{l_w}"
-            t = depth_out.pop()
-            if t > 0:
-                c += 1
-                attention(f"up_blocks.{x}.attentions.{i}", f"output_blocks.{n}.1", t)
-            if i == count - 1:
-                for p in ("weight", "bias"):
-                    out[f"up_blocks.{x}.upsamplers.0.conv.{p}"] = f"output_blocks.{n}.{c}.conv.{p}"
-            n += 1
-    for ldm, d in C_BASIC:
-        out[d] = ldm
-    return out
-
-
-# comfy/lora.py:28-35
-C_CLIP_MAP = {"mlp.fc1": "mlp_fc1", "mlp.fc2": "mlp_fc2", "self_attn.k_proj": "self_attn_k_proj",
-              "self_attn.q_proj": "self_attn_q_proj", "self_attn.v_proj": "self_attn_v_proj",
-              "self_attn.out_proj": "self_attn_out_proj"}
-
-
-def comfy_key_map(unet_keys, unet_cfg, clip_keys) -> dict:
-    """comfy/lora.py model_lora_keys_clip (:98-176, SD/SDXL part) + model_lora_keys_unet (:179-205)."""
-    km = {}
-    clip_keys = set(clip_keys)
-    for k in clip_keys:
-        if k.endswith(".weight"):
-            km[f"text_encoders.{k[:-7]}"] = k
-    l_present = False
-    for b in range(32):
-        for c, kc in C_CLIP_MAP.items():
-            k = f"clip_h.transformer.text_model.encoder.layers.{b}.{c}.weight"
-            if k in clip_keys:
-                km[f"lora_te_text_model_encoder_layers_{b}_{kc}"] = k
-                km[f"lora_te1_text_model_encoder_layers_{b}_{kc}"] = k
-                km[f"text_encoder.text_model.encoder.layers.{b}.{c}"] = k
-            k = f"clip_l.transformer.text_model.encoder.layers.{b}.{c}.weight"
-            if k in clip_keys:
-                km[f"lora_te_text_model_encoder_layers_{b}_{kc}"] = k
-                km[f"lora_te1_text_model_encoder_layers_{b}_{kc}"] = k
-                l_present = True
-                km[f"text_encoder.text_model.encoder.layers.{b}.{c}"] = k
-            k = f"clip_g.transformer.text_model.encoder.layers.{b}.{c}.weight"
-            if k in clip_keys:
-                if l_present:
-                    km[f"lora_te2_text_model_encoder_layers_{b}_{kc}"] = k
-                    km[f"text_encoder_2.text_model.encoder.layers.{b}.{c}"] = k
-                else:
-                    km[f"lora_te_text_model_encoder_layers_{b}_{kc}"] = k
-                    km[f"text_encoder.text_model.encoder.layers.{b}.{c}"] = k
-                    km[f"lora_prior_te_text_model_encoder_layers_{b}_{kc}"] = k
-    if "clip_g.transformer.text_projection.weight" in clip_keys:
-        for name in ("lora_prior_te_text_projection", "lora_te2_text_projection"):
-            km[name] = "clip_g.transformer.text_projection.weight"
-    if "clip_l.transformer.text_projection.weight" in clip_keys:
-        km["lora_te1_text_projection"] = "clip_l.transformer.text_projection.weight"
-    for k in unet_keys:
-        if k.startswith("diffusion_model."):
-            if k.endswith(".weight"):
-                km["lora_unet_" + k[len("diffusion_model."):-7].replace(".", "_")] = k
-                km[k[:-7]] = k
-            else:
-                km[k] = k
-    for d, l in comfy_unet_to_diffusers(unet_cfg).items():
-        if d.endswith(".weight"):
-            target, base = f"diffusion_model.{l}", d[:-7]
-            km["lora_unet_" + base.replace(".", "_")] = target
-            km["lycoris_" + base.replace(".", "_")] = target
-            for p in ("", "unet."):
-                dk = p + base.replace(".to_", ".processor.to_")
-                km[dk[:-2] if dk.endswith(".to_out.0") else dk] = target
-    return km
-
-
-# comfy/weight_adapter/lora.py:159-196: (up, down, mid) suffixes, first match wins
-C_LORA_STYLES = [(".lora_up.weight", ".lora_down.weight", ".lora_mid.weight"),
-                 ("_lora.up.weight", "_lora.down.weight", None), (".lora_B.weight", ".lora_A.weight", None),
-                 (".lora.up.weight", ".lora.down.weight", None), (".lora_B", ".lora_A", None),
-                 (".lora_linear_layer.up.weight", ".lora_linear_layer.down.weight", None),
-                 (".lora_B.default.weight", ".lora_A.default.weight", None)]
-
-
-def comfy_load_lora(lora: dict, key_map: dict) -> tuple[dict, list]:
-    """comfy/lora.py load_lora (:38-96) with the LoRA adapter: (patches, keys not loaded)."""
-    patches, loaded = {}, set()
-    for x, target in key_map.items():
-        alpha = None
-        if f"{x}.alpha" in lora:
-            alpha = lora[f"{x}.alpha"].item()
-            loaded.add(f"{x}.alpha")
-        if f"{x}.dora_scale" in lora:
-            loaded.add(f"{x}.dora_scale")
-        for up_s, down_s, mid_s in C_LORA_STYLES:
-            if x + up_s in lora:
-                mid = lora.get(x + mid_s) if mid_s else None
-                if mid is not None:
-                    loaded.add(x + mid_s)
-                loaded.update({x + up_s, x + down_s})
-                patches[target] = (lora[x + up_s], lora[x + down_s], alpha, mid)
-                break
-        for suffix in (".w_norm", ".b_norm", ".diff", ".diff_b", ".set_weight"):
-            if x + suffix in lora:
-                loaded.add(x + suffix)
-    return patches, [k for k in lora if k not in loaded]
-
-
-def comfy_delta(patch, weight_shape, rows: int | None = None) -> torch.Tensor:
-    """weight_adapter/lora.py calculate_weight (:224-281), strength 1, no DoRA/mid; ``rows``: only
-    the first output rows."""
-    up, down, alpha, _ = patch
-    scale = alpha / down.shape[0] if alpha is not None else 1.0
-    rows = rows or weight_shape[0]
-    return scale * (up.flatten(1)[:rows].double() @ down.flatten(1).double()).reshape(rows, *weight_shape[1:])
-
-
-def comfy_model_keys(a: Arch) -> tuple[dict, dict]:
-    """ComfyUI's internal weight keys and shapes of this model: UNet via its diffusers->LDM map
-    (the real map covers every diffusers weight, checked below), text encoders as
-    ``clip_x.transformer.<HF name>``."""
-    m = d2l(a.family)
-    unet = {f"diffusion_model.{m[k]}": s for k, s in a.unet_params.items()}
-    clip = {f"{TE_FILE_KEY[a.family][comp]}.transformer.{k}": s
-            for comp, ps in a.te_params.items() for k, s in ps.items()}
-    return unet, clip
-
-
-def comfy_check(a: Arch, lora: dict, key_map: dict | None = None) -> tuple[dict, list]:
-    """Load our file as ComfyUI's LoraLoader would; assert every patch lands on a real weight with a
-    compatible shape (``add_patches`` drops unknown keys; ``calculate_weight`` reshapes to the
-    weight).  Returns (patches, keys not loaded)."""
-    unet, clip = comfy_model_keys(a)
-    km = key_map if key_map is not None else comfy_key_map(unet, comfy_unet_config(a.unet_config), clip)
-    patches, missing = comfy_load_lora(lora, km)
-    shapes = {**unet, **clip}
-    for target, (up, down, _, _) in patches.items():
-        assert target in shapes, f"ComfyUI would drop the patch for {target}"
-        assert up.flatten(1).shape[0] * down.flatten(1).shape[1] == math.prod(shapes[target]), target
-    return patches, missing
-
-
-# --------------------------------------------------------------------------------------------
-# AUTOMATIC1111 v1.10 (extensions-builtin/Lora), re-implemented
-# --------------------------------------------------------------------------------------------
-
-A_SUFFIX = {"resnets": {"conv1": "in_layers_2", "conv2": "out_layers_3", "norm1": "in_layers_0",
-                        "norm2": "out_layers_0", "time_emb_proj": "emb_layers_1",
-                        "conv_shortcut": "skip_connection"}}
-
-
-def a1111_convert(key: str, is_sd2: bool) -> str:
-    """networks.py convert_diffusers_name_to_compvis."""
-    def match(rx):
-        m = re.match(rx, key)
-        return None if m is None else [int(g) if re.match(r"\d+", g) else g for g in m.groups()]
-
-    if (m := match(r"lora_unet_conv_in(.*)")) is not None:
-        return f"diffusion_model_input_blocks_0_0{m[0]}"
-    if (m := match(r"lora_unet_conv_out(.*)")) is not None:
-        return f"diffusion_model_out_2{m[0]}"
-    if (m := match(r"lora_unet_time_embedding_linear_(\d+)(.*)")) is not None:
-        return f"diffusion_model_time_embed_{m[0] * 2 - 2}{m[1]}"
-    if (m := match(r"lora_unet_down_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)")) is not None:
-        suffix = A_SUFFIX.get(m[1], {}).get(m[3], m[3])
-        sub = 1 if m[1] == "attentions" else 0
-        return f"diffusion_model_input_blocks_{1 + m[0] * 3 + m[2]}_{sub}_{suffix}"
-    if (m := match(r"lora_unet_mid_block_(attentions|resnets)_(\d+)_(.+)")) is not None:
-        suffix = A_SUFFIX.get(m[0], {}).get(m[2], m[2])
-        return f"diffusion_model_middle_block_{1 if m[0] == 'attentions' else m[1] * 2}_{suffix}"
-    if (m := match(r"lora_unet_up_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)")) is not None:
-        suffix = A_SUFFIX.get(m[1], {}).get(m[3], m[3])
-        sub = 1 if m[1] == "attentions" else 0
-        return f"diffusion_model_output_blocks_{m[0] * 3 + m[2]}_{sub}_{suffix}"
-    if (m := match(r"lora_unet_down_blocks_(\d+)_downsamplers_0_conv")) is not None:
-        return f"diffusion_model_input_blocks_{3 + m[0] * 3}_0_op"
-    if (m := match(r"lora_unet_up_blocks_(\d+)_upsamplers_0_conv")) is not None:
-        return f"diffusion_model_output_blocks_{2 + m[0] * 3}_{2 if m[0] > 0 else 1}_conv"
-    if (m := match(r"lora_te_text_model_encoder_layers_(\d+)_(.+)")) is not None:
-        if is_sd2:
-            rest = m[1]
-            rest = (rest.replace("mlp_fc1", "mlp_c_fc") if "mlp_fc1" in rest else
-                    rest.replace("mlp_fc2", "mlp_c_proj") if "mlp_fc2" in rest else
-                    rest.replace("self_attn", "attn"))
-            return f"model_transformer_resblocks_{m[0]}_{rest}"
-        return f"transformer_text_model_encoder_layers_{m[0]}_{m[1]}"
-    if (m := match(r"lora_te2_text_model_encoder_layers_(\d+)_(.+)")) is not None:
-        rest = m[1]
-        rest = (rest.replace("mlp_fc1", "mlp_c_fc") if "mlp_fc1" in rest else
-                rest.replace("mlp_fc2", "mlp_c_proj") if "mlp_fc2" in rest else
-                rest.replace("self_attn", "attn"))
-        return f"1_model_transformer_resblocks_{m[0]}_{rest}"
-    return key
-
-
-@dataclass
-class AModule:
-    kind: str                # "linear", "conv", "mha", "other"
-    shape: tuple = ()        # weight shape (MHA: in_proj_weight)
-    mha_child: bool = False  # out_proj of an nn.MultiheadAttention: applied only through its parent
-
-
-OPENCLIP = [(r"self_attn\.[qkv]_proj\.weight", "attn.in_proj_weight"),
-            (r"self_attn\.out_proj", "attn.out_proj"), (r"mlp\.fc1", "mlp.c_fc"),
-            (r"mlp\.fc2", "mlp.c_proj"), (r"layer_norm1", "ln_1"), (r"layer_norm2", "ln_2")]
-
-
-def ldm_checkpoint(a: Arch) -> dict:
-    """Original-layout checkpoint keys and shapes (algorithms.md §4.10): ``model.diffusion_model.*``;
-    SD1 ``cond_stage_model.transformer.text_model.*``; SD2 / SDXL-G OpenCLIP
-    ``….model.transformer.resblocks.N.{attn.in_proj_weight (q;k;v), attn.out_proj, mlp.c_fc, …}``;
-    SDXL ``conditioner.embedders.{0,1}``.  Only the encoder layers are needed here."""
-    m = d2l(a.family)
-    out = {f"model.diffusion_model.{m[k]}": s for k, s in a.unet_params.items()}
-    prefixes = {"sd1": {"text_encoder": ("cond_stage_model.transformer.", False)},
-                "sd2": {"text_encoder": ("cond_stage_model.model.", True)},
-                "sdxl": {"text_encoder": ("conditioner.embedders.0.transformer.", False),
-                         "text_encoder_2": ("conditioner.embedders.1.model.", True)}}[a.family]
-    for comp, (prefix, openclip) in prefixes.items():
-        for k, s in a.te_params[comp].items():
-            if ".encoder.layers." not in k:
-                continue
-            if not openclip:
-                out[prefix + k] = s
-                continue
-            m = re.match(r"text_model\.encoder\.layers\.(\d+)\.(.+)$", k)
-            i, rest = m.group(1), m.group(2)
-            for rx, repl in OPENCLIP:
-                if re.match(rx, rest):
-                    if repl.endswith("in_proj_weight"):
-                        rest, s = repl, (3 * s[0], s[1])
-                    else:
-                        rest = re.sub(rx, repl, rest)
-                    break
-            out[f"{prefix}transformer.resblocks.{i}.{rest}"] = s
-    return out
-
-
-def a1111_layer_mapping(ckpt: dict, family: str) -> dict:
-    """assign_network_names_to_compvis_modules: every module of ``sd_model.model`` and of the
-    text encoder(s) (SDXL: ``f"{i}_"`` + embedder i's), dots as underscores."""
-    modules: dict[str, AModule] = {}
-    for key, shape in ckpt.items():
-        if key.startswith("model."):
-            name = key[len("model."):]
-        elif key.startswith("cond_stage_model."):
-            name = key[len("cond_stage_model."):]
-        elif key.startswith("conditioner.embedders."):
-            i, _, rest = key[len("conditioner.embedders."):].partition(".")
-            name = f"{i}.{rest}"
-        else:
-            continue
-        if name.endswith(".in_proj_weight"):
-            modules[name[:-len(".in_proj_weight")]] = AModule("mha", shape)
-        elif name.endswith(".weight"):
-            mod = name[:-len(".weight")]
-            kind = {2: "linear", 4: "conv"}.get(len(shape), "other")
-            modules[mod] = AModule(kind, shape, mod.endswith(".attn.out_proj") and ".resblocks." in mod)
-    for mod in list(modules):  # containers (ModuleList etc.) are named modules too
-        parts = mod.split(".")
-        for j in range(1, len(parts)):
-            modules.setdefault(".".join(parts[:j]), AModule("other"))
-    # SDXL: f"{i}_{name}" for embedder i - the same as replacing the dot after "i"
-    return {n.replace(".", "_"): m for n, m in modules.items()}
-
-
-def a1111_updown(mod: AModule, orig_shape: tuple, up: torch.Tensor, down: torch.Tensor, alpha):
-    """network_lora.NetworkModuleLora (create_module + calc_updown) and network.finalize_updown:
-    raises where A1111 would; returns a function computing the update (float64), so that checking
-    every layer of SDXL does not materialise every ΔW."""
-    if mod.kind in ("linear", "mha"):
-        up_shape = (up.shape[0], math.prod(up.shape[1:]))
-        down_shape = (down.shape[0], math.prod(down.shape[1:]))
-    elif mod.kind == "conv":
-        d = tuple(down.shape) if down.ndim == 4 else (down.shape[0], down.shape[1], 1, 1)
-        kernel = d[2:] if d[2:] == (1, 1) else tuple(mod.shape[2:])
-        down_shape = (d[0], d[1], *kernel)             # Conv2d(in, r, kernel).weight
-        if math.prod(down_shape) != down.numel():
-            raise RuntimeError(f"cannot reshape down {tuple(down.shape)} to {down_shape}")
-        up_shape = (up.shape[0], up.shape[1], 1, 1)    # Conv2d(r, out, 1x1).weight
-        if math.prod(up_shape) != up.numel():
-            raise RuntimeError(f"cannot reshape up {tuple(up.shape)} to {up_shape}")
-    else:
-        raise AssertionError(f"LoRA matched a layer of unsupported type {mod.kind}")
-    if up_shape[1] != down_shape[0]:
-        raise RuntimeError("rank mismatch")
-    out_shape = [up_shape[0], down_shape[1]] + list(down_shape[2:])
-    final = tuple(orig_shape) if math.prod(out_shape) == math.prod(orig_shape) else tuple(out_shape)
-    if final != tuple(orig_shape):
-        raise RuntimeError(f"size mismatch {final} vs {tuple(orig_shape)}")
-    scale = alpha / down_shape[0] if alpha is not None else 1.0
-
-    def updown(rows: int | None = None):  # rows: only the first output rows
-        rows = rows or final[0]
-        u, dn = up.reshape(up_shape[0], -1)[:rows].double(), down.reshape(down_shape[0], -1).double()
-        return (u @ dn).reshape(rows, *out_shape[1:]).reshape(rows, *final[1:]) * scale
-
-    return updown
-
-
-def a1111_load(lora: dict, mapping: dict) -> tuple[dict, dict, dict]:
-    """networks.load_network: (modules by network layer name, unmatched keys, bundled embeddings)."""
-    is_sd2 = "model_transformer_resblocks" in mapping
-    matched, failed, bundle = {}, {}, {}
-    for key, w in lora.items():
-        base, _, part = key.partition(".")
-        if base == "bundle_emb":
-            emb_name, vec_name = part.split(".", 1)
-            d = bundle.setdefault(emb_name, {})
-            if vec_name.split(".")[0] == "string_to_param":
-                d["string_to_param"] = {vec_name.split(".", 1)[1]: w}
-            else:
-                d[vec_name] = w
-        name = a1111_convert(base, is_sd2)
-        mod = mapping.get(name)
-        if mod is None and (m := re.match(r"(.*)_([qkv]_proj)$", name)):
-            mod = mapping.get(m.group(1))
-        if mod is None and "lora_unet" in base:
-            name = base.replace("lora_unet", "diffusion_model")
-            mod = mapping.get(name)
-        elif mod is None and "lora_te1_text_model" in base:
-            name = base.replace("lora_te1_text_model", "0_transformer_text_model")
-            mod = mapping.get(name)
-            if mod is None:
-                name = base.replace("lora_te1_text_model", "transformer_text_model")
-                mod = mapping.get(name)
-        if mod is None:
-            failed[key] = name
-            continue
-        matched.setdefault(name, (mod, {}, base))[1][part] = w
-    modules = {}
-    for name, (mod, w, base) in matched.items():
-        if not {"lora_up.weight", "lora_down.weight"} <= set(w):
-            raise AssertionError(f"no module type accepts {sorted(w)} for {name}")
-        alpha = w["alpha"].item() if "alpha" in w else None
-        modules[name] = (mod, w["lora_up.weight"], w["lora_down.weight"], alpha, base)
-    return modules, failed, bundle
-
-
-def a1111_apply(modules: dict, mapping: dict) -> dict:
-    """network_apply_weights over every patched layer: {network module name: ΔW function}; a LoRA
-    module that no layer applies is missing from the result."""
-    applied = {}
-    for layer, mod in mapping.items():
-        if mod.kind in ("linear", "conv") and not mod.mha_child and layer in modules:
-            m, up, down, alpha, _ = modules[layer]
-            applied[layer] = a1111_updown(m, mod.shape, up, down, alpha)
-        elif mod.kind == "mha":
-            parts = {p: modules.get(f"{layer}_{p}_proj") for p in ("q", "k", "v", "out")}
-            if all(v is not None for v in parts.values()):
-                d = mod.shape[1]
-                for p, (m, up, down, alpha, _) in parts.items():
-                    applied[f"{layer}_{p}_proj"] = a1111_updown(m, (d, d), up, down, alpha)
-    return applied
-
-
-def a1111_check(a: Arch, lora: dict, ckpt: dict | None = None):
-    mapping = a1111_layer_mapping(ckpt if ckpt is not None else ldm_checkpoint(a), a.family)
-    modules, failed, bundle = a1111_load(lora, mapping)
-    applied = a1111_apply(modules, mapping)
-    return modules, failed, applied, bundle
-
-
-def a1111_addnet_hash(path: Path) -> str:
-    """modules/hashes.py addnet_hash_safetensors."""
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        f.seek(n + 8)
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 # --------------------------------------------------------------------------------------------
@@ -638,9 +137,10 @@ def test_kohya_key_examples():
     assert layer_key("unet.up_blocks.0.attentions.0.proj_out", "sdxl") == \
         "lora_unet_output_blocks_0_1_proj_out"
     assert layer_key("unet.input_blocks.1.1.proj_in", "sd1") == "lora_unet_down_blocks_0_attentions_0_proj_in"
-    assert layer_key("diffusion_model.input_blocks.4.1.proj_in", "sdxl") == \
+    comfy = comfy_naming("sdxl")  # a host's own names, as it declares them
+    assert layer_key("diffusion_model.input_blocks.4.1.proj_in", "sdxl", naming=comfy) == \
         "lora_unet_input_blocks_4_1_proj_in"
-    assert layer_key("clip_g.transformer.text_model.encoder.layers.3.mlp.fc1", "sdxl") == \
+    assert layer_key("clip_g.transformer.text_model.encoder.layers.3.mlp.fc1", "sdxl", naming=comfy) == \
         "lora_te2_text_model_encoder_layers_3_mlp_fc1"
     for bad in ("bad", "lora_vae"):
         with pytest.raises(ValueError):
@@ -660,6 +160,37 @@ def test_kohya_key_examples():
 def test_unmappable_layer_names_are_refused(name):
     with pytest.raises(ValueError):
         normalize_layer_name(name, "sd1")
+
+
+def test_a_host_declares_its_own_naming(tmp_path):
+    """Names are read through the host's declared ``ParameterNaming``: ComfyUI's spelling and a
+    made-up third host's give the same keys as the diffusers host's, and files read back in them."""
+    third = ParameterNaming("model.unet.", "diffusers", {"clip_l": "te.one.", "clip_g": "te.two."})
+    comfy = comfy_naming("sdxl")
+    layers = small_layers("sdxl")
+    d2l_map = d2l("sdxl")
+
+    def spelled(n, naming):
+        part, _, path = n.partition(".")
+        if part == "unet":
+            path = d2l_map[path + ".weight"][:-len(".weight")] if naming.unet_scheme == "ldm" else path
+            return naming.unet_prefix + path
+        return naming.encoder_prefixes[te_file_key("sdxl")[part]] + path
+
+    for naming in (comfy, third):
+        theirs = {spelled(n, naming): v for n, v in layers.items()}
+        assert {layer_key(n, "sdxl", naming=naming) for n in theirs} == {layer_key(n, "sdxl") for n in layers}
+        assert {normalize_layer_name(n, "sdxl", naming=naming) for n in theirs} == \
+            {normalize_layer_name(n, "sdxl") for n in layers}
+        path = save_lora(tmp_path, f"n{len(naming.unet_prefix)}", theirs, family="sdxl", naming=naming,
+                         dtype="fp32")
+        loaded, _ = load_lora(path, module_names=list(theirs), naming=naming)
+        assert set(loaded) == set(theirs)
+        assert all(torch.equal(loaded[n].down, theirs[n][0]) for n in theirs)
+    with pytest.raises(ValueError, match="LDM names"):  # ComfyUI declares LDM UNet paths
+        normalize_layer_name("diffusion_model.down_blocks.1.attentions.0.proj_in", "sdxl", naming=comfy)
+    with pytest.raises(ValueError, match="start with one of"):  # the diffusers spelling is not ComfyUI's
+        normalize_layer_name("unet.down_blocks.1.attentions.0.proj_in", "sdxl", naming=comfy)
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
@@ -780,44 +311,11 @@ def test_diffusers_converts_every_key(tmp_path_factory, family, preset):
     ``lora_state_dict``, ``load_lora_into_unet`` -> peft.py ``load_lora_adapter``,
     lora_base.py ``_load_lora_into_text_encoder``): every key converts, and every converted key
     names a real module with factor shapes PEFT's LoRA layer for it has."""
-    from diffusers.loaders.lora_conversion_utils import (
-        _convert_non_diffusers_lora_to_diffusers, _maybe_map_sgm_blocks_to_diffusers)
-    from diffusers.utils.state_dict_utils import (
-        convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft)
-
     a = arch(family)
     _, layers, sd = saved(tmp_path_factory, family, preset)
     assert all(k.startswith(("lora_te_", "lora_unet_", "lora_te1_", "lora_te2_")) for k in sd)
-    sd = _maybe_map_sgm_blocks_to_diffusers(dict(sd), a.unet_model.config)
-    converted, alphas = _convert_non_diffusers_lora_to_diffusers(sd)  # raises on leftover keys
+    seen, alphas = diffusers_load(a, sd)  # asserts every module exists, with PEFT's factor shapes
     assert len(alphas) == len(layers)
-
-    def check(peft_sd, model):
-        mods = dict(model.named_modules())
-        seen = set()
-        for k, t in peft_sd.items():
-            m = re.match(r"^(.*)\.lora_([AB])\.weight$", k)
-            assert m, k
-            mod = mods.get(m.group(1))
-            assert mod is not None, f"diffusers finds no module {m.group(1)}"
-            w = mod.weight.shape
-            if isinstance(mod, torch.nn.Conv2d):
-                want = (t.shape[0], w[1], *w[2:]) if m.group(2) == "A" else (w[0], t.shape[1], 1, 1)
-            else:
-                want = (t.shape[0], w[1]) if m.group(2) == "A" else (w[0], t.shape[1])
-            assert tuple(t.shape) == tuple(want), k
-            seen.add(m.group(1))
-        return seen
-
-    unet_sd = convert_unet_state_dict_to_peft(
-        {k[len("unet."):]: v for k, v in converted.items() if k.startswith("unet.")})
-    seen = {f"unet.{m}" for m in check(unet_sd, a.unet_model)}
-    for comp, te in a.te_models.items():
-        te_sd = {k[len(comp) + 1:]: v for k, v in converted.items() if k.startswith(comp + ".")}
-        te_sd = convert_state_dict_to_peft(convert_state_dict_to_diffusers(te_sd))
-        if not hasattr(te, "text_model"):
-            te_sd = {k.removeprefix("text_model."): v for k, v in te_sd.items()}
-        seen |= {f"{comp}.{m}" for m in check(te_sd, te)}
     assert seen == set(layers)
 
 
@@ -1024,12 +522,12 @@ def test_loads_third_party_naming(tmp_path):
     """A kohya SDXL file read as diffusers names, and an SD1 file in LDM names (what ComfyUI's
     LoraSave / other tools write) read the same as ours; no alpha reads as scale 1."""
     layers = small_layers("sd1", rank=2)
-    ours = lf.lora_state_dict(layers, family="sd1", dtype="fp32")
+    ours = lora_state_dict(layers, family="sd1", dtype="fp32")
     ldm = {}
     for k, v in ours.items():
         base, _, part = k.partition(".")
         if base.startswith("lora_unet_"):
-            canon = normalize_layer_name("unet." + lf._dotted(base[len("lora_unet_"):]), "sd1")
+            canon = normalize_layer_name("unet." + layer_names.dotted_path(base[len("lora_unet_"):]), "sd1")
             base = "lora_unet_" + DEFAULT_LAYOUTS["sd1"].to_ldm(canon[5:]).replace(".", "_")
         if part != "alpha":
             ldm[f"{base}.{part}"] = v
@@ -1044,13 +542,10 @@ def test_loads_third_party_naming(tmp_path):
 # 5. Bundled embeddings (pivotal tuning)
 # --------------------------------------------------------------------------------------------
 
-A1111_EXPECTED_SHAPE = {"sd1": 768, "sd2": 1024, "sdxl": 2048}
-
-
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
 def test_bundled_embeddings(tmp_path, family):
     g = torch.Generator().manual_seed(0)
-    widths = dict(lf.FAMILY_ENCODERS[family])
+    widths = {e.key: e.width for e in family_of(family).encoders}
     vectors = {k: torch.randn(2, w, generator=g) for k, w in widths.items()}
     layers = {n: v for n, v in small_layers(family).items() if n.startswith("unet.")}
     path = save_lora(tmp_path, "piv", layers, family=family, bundle_emb={"sks": vectors})
@@ -1118,66 +613,7 @@ def test_bad_bundles_write_nothing(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# 6. Against ComfyUI's own source (a checkout; no import of comfy needed)
-# --------------------------------------------------------------------------------------------
-
-def _comfy_checkout() -> Path | None:
-    for cand in (os.environ.get("COMFYUI_PATH"), Path.home() / ".cache/likeness/ComfyUI"):
-        if cand and (Path(cand) / "comfy" / "lora.py").is_file():
-            return Path(cand)
-    return None
-
-
-def _extract(path: Path, names: set[str], namespace: dict, cls: str | None = None) -> dict:
-    tree = ast.parse(path.read_text())
-    body = tree.body
-    if cls is not None:
-        body = next(n for n in body if isinstance(n, ast.ClassDef) and n.name == cls).body
-    nodes = []
-    for n in body:
-        if isinstance(n, ast.FunctionDef) and n.name in names:
-            n.decorator_list = []
-            nodes.append(n)
-        elif isinstance(n, ast.Assign) and any(getattr(t, "id", None) in names for t in n.targets):
-            nodes.append(n)
-    found = {getattr(n, "name", None) or n.targets[0].id for n in nodes}
-    assert found == names, f"{path.name} changed shape: missing {names - found}"
-    exec(compile(ast.Module(body=nodes, type_ignores=[]), str(path), "exec"), namespace)
-    return namespace
-
-
-@functools.lru_cache(maxsize=None)
-def real_comfy() -> SimpleNamespace:
-    root = _comfy_checkout()
-    utils = _extract(root / "comfy" / "utils.py",
-                     {"UNET_MAP_ATTENTIONS", "TRANSFORMER_BLOCKS", "UNET_MAP_RESNET", "UNET_MAP_BASIC",
-                      "unet_to_diffusers"}, {})
-
-    class _Dummy:  # isinstance(model, comfy.model_base.<Other>) is False for our stub model
-        pass
-
-    comfy = SimpleNamespace(utils=SimpleNamespace(unet_to_diffusers=utils["unet_to_diffusers"]),
-                            model_base=SimpleNamespace(**{n: type(n, (_Dummy,), {}) for n in (
-                                "StableCascade_C", "SD3", "AuraFlow", "PixArt", "HunyuanDiT", "Flux",
-                                "GenmoMochi", "HunyuanVideo", "HiDream", "ACEStep", "Omnigen2",
-                                "QwenImage", "Lumina2", "Kandinsky5", "ACEStep15", "ErnieImage")}))
-
-    class LoRAAdapter:
-        def __init__(self, loaded_keys, weights):
-            self.loaded_keys, self.weights = loaded_keys, weights
-
-    adapter_ns = _extract(root / "comfy" / "weight_adapter" / "lora.py", {"load"},
-                          {"Optional": typing.Optional, "torch": torch}, cls="LoRAAdapter")
-    LoRAAdapter.load = classmethod(adapter_ns["load"])
-    lora = _extract(root / "comfy" / "lora.py",
-                    {"LORA_CLIP_MAP", "load_lora", "model_lora_keys_clip", "model_lora_keys_unet"},
-                    {"comfy": comfy, "weight_adapter": SimpleNamespace(adapters=[LoRAAdapter]),
-                     "logging": logging, "torch": torch})
-    return SimpleNamespace(unet_to_diffusers=utils["unet_to_diffusers"], **{
-        k: lora[k] for k in ("load_lora", "model_lora_keys_clip", "model_lora_keys_unet")})
-
-
-needs_checkout = pytest.mark.skipif(_comfy_checkout() is None,
+needs_checkout = pytest.mark.skipif(comfy_checkout() is None,
                                     reason="no ComfyUI checkout (set COMFYUI_PATH)")
 
 

@@ -31,9 +31,9 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from likeness.hosts.diffusers import DiffusersHost, clip_tokenizer
+from likeness.trainers.families import FAMILIES
 from likeness.hosts.ldm_export import to_ldm_state_dict  # noqa: F401  (tests import it from here)
 
-FAMILIES = ("sd1", "sd2", "sdxl")
 IMAGE_SIZE = 64  # pixels; latents are 8x8
 SDXL_TIME_DIM = 8  # addition_time_embed_dim: 6 size numbers x 8 = 48 inputs next to the pooled 64
 

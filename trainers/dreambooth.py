@@ -7,7 +7,7 @@ in the model's own parameterisation (eps or v, through ``seam.Host.output_scale`
 are samples the *frozen* model drew for the class prompt.  Three modes:
 
 * ``lora`` - low-rank adapters (``trainers/lora.py``) on the UNet and optionally the text
-  encoders; the file is kohya's format (``lora_format.save_lora``).
+  encoders; the file is kohya's format (``formats.kohya_lora.save_lora``).
 * ``full`` - every UNet parameter (optionally the text encoders') gets an fp32 *delta*; the host's
   weights stay untouched and the result is a single-file checkpoint (plus, optionally, the delta
   distilled into a LoRA).
@@ -32,7 +32,10 @@ from typing import Callable
 import torch
 
 from . import data as D
-from . import formats, lora_format, loop, objective
+from . import loop, objective
+from .formats import embedding, kohya_lora
+from .formats.files import check_paths_writable, safe_path, validate_name
+from .formats.layer_names import normalize_layer_name
 from .lora import PRESETS, LoraSet, extract_lora, target_weights
 from .diff_sampling import sample_euler
 from .objective import min_snr_weights
@@ -189,15 +192,15 @@ def _prompts(images: D.TrainingImages, how: str, cfg: DreamBoothConfig) -> list[
 def _output_files(host: Host, cfg: DreamBoothConfig, name: str) -> dict[str, Path]:
     files = {}
     if cfg.mode == "full":
-        files["checkpoint"] = formats.safe_path(cfg.output_dir, name + ".safetensors")
-        formats.check_paths_writable(cfg.output_dir, [files["checkpoint"]], cfg.overwrite)
+        files["checkpoint"] = safe_path(cfg.output_dir, name + ".safetensors")
+        check_paths_writable(cfg.output_dir, [files["checkpoint"]], cfg.overwrite)
         if cfg.extract_rank:
-            files["lora"] = lora_format.check_can_write_lora(cfg.lora_dir or cfg.output_dir, name + "_lora",
+            files["lora"] = kohya_lora.check_can_write_lora(cfg.lora_dir or cfg.output_dir, name + "_lora",
                                                               cfg.overwrite)
     else:
-        files["lora"] = lora_format.check_can_write_lora(cfg.output_dir, name, cfg.overwrite)
+        files["lora"] = kohya_lora.check_can_write_lora(cfg.output_dir, name, cfg.overwrite)
     if cfg.mode == "pivotal":
-        formats.check_can_write(cfg.embedding_dir or cfg.output_dir, cfg.token, host.info.family, cfg.overwrite)
+        embedding.check_can_write(cfg.embedding_dir or cfg.output_dir, cfg.token, host.info.family, cfg.overwrite)
     return files
 
 
@@ -210,9 +213,9 @@ def prepare(host: Host, images: D.TrainingImages, cfg: DreamBoothConfig,
     if not isinstance(host, Tunable):
         raise ValueError(f"this model ({type(host).__name__}) cannot be fine-tuned by Likeness: it does not "
                          "expose its weights for patching (SD1.x, SD2.x and SDXL checkpoints do)")
-    name = formats.validate_name(cfg.name)
+    name = validate_name(cfg.name)
     if cfg.mode == "pivotal":
-        formats.validate_name(cfg.token)
+        validate_name(cfg.token)
         host.check_placeholder(cfg.token)
     if len(images) == 0:
         raise D.DatasetError("no instance images: connect 3-5 images of the subject")
@@ -454,30 +457,30 @@ class _Saver:
             files.append(self.plan.files["checkpoint"])
             if cfg.extract_rank:
                 layers = extract_lora(deltas, cfg.extract_rank)
-                layers = {n: l for n, l in layers.items() if _loader_maps(n, fam, layout)}
+                layers = {n: l for n, l in layers.items() if _loader_maps(n, fam, layout, host.naming)}
                 if layers:
                     p = self.plan.files["lora"]
-                    files.append(lora_format.save_lora(p.parent, p.stem, layers, family=fam, metadata=meta,
-                                                       dtype=cfg.save_dtype, prediction=pred, layout=layout,
-                                                       overwrite=True))
+                    files.append(kohya_lora.save_lora(p.parent, p.stem, layers, family=fam, metadata=meta,
+                                                      dtype=cfg.save_dtype, prediction=pred, layout=layout,
+                                                      naming=host.naming, overwrite=True))
         else:
             p = self.plan.files["lora"]
             vecs = self.tr.vector_tensors()
             bundle = {cfg.token: vecs} if (cfg.mode == "pivotal" and cfg.bundle_embedding) else None
-            files.append(lora_format.save_lora(p.parent, p.stem, self.tr.lora_layers(), family=fam, metadata=meta,
-                                               dtype=cfg.save_dtype, prediction=pred, layout=layout,
-                                               bundle_emb=bundle, bundle_widths=self.widths, overwrite=True))
+            files.append(kohya_lora.save_lora(p.parent, p.stem, self.tr.lora_layers(), family=fam, metadata=meta,
+                                              dtype=cfg.save_dtype, prediction=pred, layout=layout, naming=host.naming,
+                                              bundle_emb=bundle, bundle_widths=self.widths, overwrite=True))
             if cfg.mode == "pivotal":
-                files += formats.save_embedding(cfg.embedding_dir or cfg.output_dir, cfg.token, vecs, host.info,
-                                                step=step, metadata={"trainer": "likeness pivotal tuning",
-                                                                     "steps_done": str(step)},
-                                                overwrite=True, widths=self.widths)
+                files += embedding.save_embedding(cfg.embedding_dir or cfg.output_dir, cfg.token, vecs, host.info,
+                                                  step=step, metadata={"trainer": "likeness pivotal tuning",
+                                                                       "steps_done": str(step)},
+                                                  overwrite=True, widths=self.widths)
         self.files = files
 
 
-def _loader_maps(name: str, family: str, layout) -> bool:
+def _loader_maps(name: str, family: str, layout, naming) -> bool:
     try:
-        lora_format.normalize_layer_name(name, family, layout)
+        normalize_layer_name(name, family, layout, naming)
         return True
     except ValueError:
         return False

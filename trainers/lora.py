@@ -25,7 +25,7 @@ from typing import Iterable
 
 import torch
 
-from .lora_format import weight_delta
+from .formats.kohya_lora import weight_delta
 
 PRESETS = ("attention", "transformer", "cross_kv")
 
@@ -68,7 +68,7 @@ class LoraAdapter:
         return self.down.shape[0]
 
     def delta(self) -> torch.Tensor:
-        # the loaders' own formula (lora_format.weight_delta), differentiable in the factors
+        # the loaders' own formula (kohya_lora.weight_delta), differentiable in the factors
         return weight_delta(self.down, self.up, self.alpha)
 
     def patch(self, w: torch.Tensor) -> torch.Tensor:
@@ -116,7 +116,7 @@ class LoraSet:
         return {name: a.patch for name, a in self.adapters.items()}
 
     def layers(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-        """``{module name: (down, up, alpha)}`` on the CPU, fp32 - what ``lora_format.save_lora``
+        """``{module name: (down, up, alpha)}`` on the CPU, fp32 - what ``kohya_lora.save_lora``
         takes (module names: the weight names without ``.weight``)."""
         return {name[: -len(".weight")]: (a.down.detach().float().cpu(), a.up.detach().float().cpu(), a.alpha)
                 for name, a in self.adapters.items()}

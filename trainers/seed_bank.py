@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from . import formats
+from .formats import files
 
 SUFFIX = ".seed.safetensors"
 FORMAT = "likeness.seed/1"
@@ -51,7 +51,7 @@ class SeedEntry:
 
 
 def seed_path(folder: str | os.PathLike, name: str) -> Path:
-    return formats.safe_path(folder, formats.validate_name(name) + SUFFIX)
+    return files.safe_path(folder, files.validate_name(name) + SUFFIX)
 
 
 def list_seeds(folder: str | os.PathLike) -> list[str]:
@@ -74,7 +74,7 @@ def save_seed(folder: str | os.PathLike, name: str, entry: SeedEntry, *, overwri
     path.parent.mkdir(parents=True, exist_ok=True)
     data = save({"noise": noise, "sigmas": entry.sigmas.detach().float().cpu().contiguous()},
                 metadata=entry.metadata())
-    return formats.atomic_write_bytes(path, data)
+    return files.atomic_write_bytes(path, data)
 
 
 def load_seed(path_or_folder: str | os.PathLike, name: str | None = None) -> SeedEntry:

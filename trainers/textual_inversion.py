@@ -19,7 +19,9 @@ from typing import Sequence
 import torch
 
 from . import data as D
-from . import formats, loop, objective
+from . import loop, objective
+from .formats import embedding
+from .formats.files import validate_name
 from .preview import render_preview
 from .word_vectors import initial_vectors
 from .seam import Host
@@ -117,11 +119,11 @@ def prepare(host: Host, images: D.TrainingImages, cfg: TIConfig):
     """Every check that can fail, before any model work: config, name, output files, images,
     captions.  Returns (kind, captions, planned images, init text)."""
     _check_config(cfg)
-    name = formats.validate_name(cfg.name)
+    name = validate_name(cfg.name)
     host.check_placeholder(name)
     if len(images) == 0:
         raise D.DatasetError("no training images")
-    formats.check_can_write(cfg.output_dir, name, host.info.family, cfg.overwrite)
+    embedding.check_can_write(cfg.output_dir, name, host.info.family, cfg.overwrite)
     kind, captions = D.resolve_prompts(images, name, cfg.templates)
     planned = D.plan_geometry(images, cfg.resolution, host.latent_scale)
     init_text = cfg.init_text.strip() or ("painting" if kind == "style" else "object")
@@ -146,11 +148,11 @@ def train_textual_inversion(host: Host, images: D.TrainingImages, cfg: TIConfig,
 
     def save(step: int) -> None:
         vecs = {k: v.detach().float().cpu() for k, v in method.vectors.items()}
-        files[:] = formats.save_embedding(cfg.output_dir, name, vecs, host.info, step=step,
+        files[:] = embedding.save_embedding(cfg.output_dir, name, vecs, host.info, step=step,
                                           metadata=dict(meta, steps_done=str(step)), overwrite=True,
                                           widths=widths)
         if cfg.keep_snapshots and step < cfg.steps:
-            formats.save_embedding(Path(cfg.output_dir) / "snapshots", f"{name}-{step}", vecs, host.info,
+            embedding.save_embedding(Path(cfg.output_dir) / "snapshots", f"{name}-{step}", vecs, host.info,
                                    step=step, metadata=meta, overwrite=True, widths=widths)
 
     last_preview: list[torch.Tensor] = []

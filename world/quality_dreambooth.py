@@ -39,7 +39,7 @@ def _sampler(host, patches: dict, steps: int, word: str | None = None, vectors: 
 
 def _lora_patches(layers: dict) -> dict:
     """Patches computing ``W + (alpha/r) up @ down`` for result layers ``{module: (down, up, alpha)}``."""
-    from ..trainers.lora_format import weight_delta
+    from ..trainers.formats.kohya_lora import weight_delta
 
     out = {}
     for name, (down, up, alpha) in layers.items():

@@ -4,19 +4,19 @@ a single-file checkpoint in the original layout.  The formats themselves live in
 (kohya LoRA, atomic writes) and ``hosts/ldm_export`` (the original key names)."""
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import torch
 
-from ...trainers import lora_format
-from ...trainers.formats import atomic_write_bytes
+from ...trainers.formats.files import atomic_write_bytes
+from ...trainers.formats.kohya_lora import lora_layers, weight_delta
+from ...trainers.formats.unet_names import UNetLayout
 from ..ldm_export import to_ldm_state_dict
 
 
-def unet_layout(unet_config) -> lora_format.UNetLayout:
+def unet_layout(unet_config) -> UNetLayout:
     """The UNet's block layout (res blocks per level, where attention is), to name its LoRA keys."""
-    return lora_format.UNetLayout.from_config(unet_config)
+    return UNetLayout.from_config(unet_config)
 
 
 def lora_weight_deltas(state_dict: dict[str, torch.Tensor], *, family: str, layout,
@@ -24,18 +24,11 @@ def lora_weight_deltas(state_dict: dict[str, torch.Tensor], *, family: str, layo
     """``{module name: ΔW}`` (fp32, ``alpha / rank · up @ down``, no strength) of a kohya LoRA state
     dict, each layer placed on the module of ``module_names`` it patches.
 
-    The kohya file reader does the naming (both UNet namings the loaders accept, every prefix
-    spelling, refusal of LoRA variants and of layers that match no module); it reads files, so
-    the state dict passes through one in a temporary folder."""
-    import safetensors.torch
-
-    with tempfile.TemporaryDirectory(prefix="likeness-lora-") as tmp:
-        path = Path(tmp) / "lora.safetensors"
-        # copies: the file format refuses tensors that share memory (e.g. views of one buffer)
-        tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state_dict.items()}
-        safetensors.torch.save_file(tensors, str(path))
-        layers, _meta = lora_format.load_lora(path, family=family, layout=layout, module_names=module_names)
-    return {name: lora_format.weight_delta(*layer) for name, layer in layers.items()}
+    The kohya reader does the naming (both UNet namings the loaders accept, every prefix spelling,
+    refusal of LoRA variants and of layers that match no module)."""
+    tensors = {k: v.detach().cpu() for k, v in state_dict.items()}
+    layers = lora_layers(tensors, family=family, layout=layout, module_names=module_names)
+    return {name: weight_delta(*layer) for name, layer in layers.items()}
 
 
 def write_checkpoint(path: Path, parts: dict, replace: dict[str, torch.Tensor], dtype: torch.dtype,
