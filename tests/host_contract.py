@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from likeness.trainers import families, objective
-from likeness.trainers.seam import Exportable, Host, ParameterNaming, Tunable
+from likeness.trainers.seam import DIFFUSERS_NAMING, Exportable, Host, ImageMeta, ParameterNaming, Tunable
 
 PH = "lkxqz"  # a placeholder that is no single vocabulary token
 PROMPTS = ["a photo", "a cat"]
@@ -34,6 +34,11 @@ class DiffusersAdapter:
     """The diffusers host (CLI, tests): built from tiny diffusers models."""
 
     node = staticmethod(contextlib.nullcontext)  # no host program around the calls
+    decode_atol = 0.0  # the differentiable decode is the preview decode, to the bit
+
+    @staticmethod
+    def naming(family: str) -> ParameterNaming:
+        return DIFFUSERS_NAMING[family]
 
     @staticmethod
     def raw(host, x_in: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
@@ -64,6 +69,12 @@ class ComfyAdapter:
     node calls it (under ``torch.inference_mode()``)."""
 
     node = staticmethod(torch.inference_mode)
+    decode_atol = 2e-3  # ComfyUI's own VAE.decode (previews) batches and casts on its own path
+
+    @staticmethod
+    def naming(family: str) -> ParameterNaming:
+        keys = families.family(family).encoder_keys
+        return ParameterNaming("diffusion_model.", "ldm", {k: f"{k}.transformer." for k in keys})
 
     @staticmethod
     def raw(host, x_in: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
@@ -181,7 +192,7 @@ def test_protocols_detection_and_shape_facts(case):
     assert [e.key for e in host.text_encoders()] == list(fam.encoder_keys)
     assert (host.latent_channels, host.latent_scale) == (fam.latent_channels, fam.latent_scale)
     assert host.latent_multiple >= 1 and host.latent_multiple & (host.latent_multiple - 1) == 0
-    assert isinstance(host.naming, ParameterNaming)
+    assert host.naming == c.adapter.naming(c.family)
     prefixes = (host.naming.unet_prefix, *host.naming.encoder_prefixes.values())
     for part in ("unet", *fam.encoder_keys):
         names = host.tunable_parameters(part)
@@ -190,10 +201,12 @@ def test_protocols_detection_and_shape_facts(case):
 
 def test_training_context_leaves_inference_mode(case):
     c, host = case
-    with c.adapter.node(), host.training():
-        assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
-        v = torch.zeros(2, requires_grad=True)
-        (v * 2).sum().backward()
+    with c.adapter.node(), torch.no_grad():
+        with host.training():
+            assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+            v = torch.zeros(2, requires_grad=True)
+            (v * 2).sum().backward()
+        assert not torch.is_grad_enabled()  # only inside
     assert v.grad is not None
 
 
@@ -226,8 +239,9 @@ def test_differentiable_decode_matches_and_reaches_the_latents(case):
             px = host.decode_latents(zl, differentiable=True)
             px.mean().backward()
     assert px.shape == plain.shape and px.device.type == host.device.type and px.requires_grad
-    torch.testing.assert_close(px.detach().cpu(), plain, atol=2e-3, rtol=0)
-    assert zl.grad is not None and float(zl.grad.abs().sum()) > 0
+    torch.testing.assert_close(px.detach().cpu(), plain, atol=c.adapter.decode_atol, rtol=0)
+    assert zl.grad is not None and bool(torch.isfinite(zl.grad).all()) and float(zl.grad.abs().sum()) > 0
+    assert all(p.grad is None for p in host.frozen_parameters().values())  # never the VAE's weights
 
 
 def test_token_embeddings_and_placeholder_checks(case):
@@ -235,32 +249,53 @@ def test_token_embeddings_and_placeholder_checks(case):
     widths = {e.key: e.width for e in host.text_encoders()}
     with c.adapter.node():
         emb = host.token_embeddings("red apple")
-        host.check_placeholder(PH)
-        with pytest.raises(ValueError, match="already"):
-            host.check_placeholder("cat")
+        for good in (PH, "sks-cat", "xyzw", "<my-thing>"):
+            host.check_placeholder(good)
+        for bad in ("cat", "Cat", " dog ", "!", "", "   "):  # existing words, empty
+            with pytest.raises(ValueError):
+                host.check_placeholder(bad)
     assert set(emb) == set(widths)
     for key, e in emb.items():
-        assert e.dtype == torch.float32 and e.shape == (2, widths[key])
+        assert e.dtype == torch.float32 and e.shape == (2, widths[key]) and not e.requires_grad
 
 
-def test_placeholder_vectors_reach_the_conditioning(case):
-    """The word's own embeddings spliced in for the placeholder give the word's conditioning;
-    other vectors change it; gradients reach every encoder's vectors and no weight."""
+def test_placeholder_with_a_words_embeddings_is_that_word(case):
+    """One vector ("cat") or several ("red apple"), the placeholder once or twice, in the middle or
+    at the end: the spliced conditioning is the word's own; a prompt without the placeholder
+    ignores the vectors."""
+    c, host = case
+    with c.adapter.node(), host.training(), torch.no_grad():
+        x0, noise, sigma, _ = _probe(host)
+        x = x0 + noise * sigma.view(-1, 1, 1, 1)
+        pairs = [(["a photo of cat", "cat on a table"], [f"a photo of {PH}", f"{PH} on a table"], "cat"),
+                 (["red apple and red apple, painted"] * 2, [f"{PH} and {PH}, painted"] * 2, "red apple"),
+                 (["a photo of a dog"] * 2, ["a photo of a dog"] * 2, "cat")]
+        for words, spliced, init in pairs:
+            vectors = host.token_embeddings(init)
+            torch.testing.assert_close(_denoise(host, spliced, x, sigma, PH, vectors),
+                                       _denoise(host, words, x, sigma), atol=1e-4, rtol=1e-4)
+
+
+def test_gradients_reach_every_encoders_vectors_and_no_weight(case):
+    """Trainable vectors (with SDXL-style size conditioning in the batch) change the output, get
+    finite non-zero gradients in every encoder, and an optimizer step on them changes no weight."""
     c, host = case
     before = _hashes(host)
     with c.adapter.node(), host.training():
         x0, noise, sigma, _ = _probe(host)
         x = x0 + noise * sigma.view(-1, 1, 1, 1)
-        prompts = [f"a photo of {PH}", f"{PH} on a table"]
-        word = _denoise(host, ["a photo of cat", "cat on a table"], x, sigma)
-        spliced = _denoise(host, prompts, x, sigma, PH, host.token_embeddings("cat"))
-        vectors = {k: (v + 0.5 * torch.randn_like(v)).requires_grad_(True) for k, v in host.token_embeddings("cat").items()}
-        moved = host.denoise(x, sigma, host.encode_text(prompts, PH, vectors))
+        prompts = [f"a photo of {PH}", f"{PH} on a table, {PH}"]
+        word = _denoise(host, prompts, x, sigma, PH, host.token_embeddings("red apple")).detach()
+        vectors = {k: (v + 0.5 * torch.randn_like(v)).requires_grad_(True)
+                   for k, v in host.token_embeddings("red apple").items()}
+        meta = [ImageMeta((64, 64)), ImageMeta((80, 72), (8, 4))]
+        moved = host.denoise(x, sigma, host.encode_text(prompts, PH, vectors, meta))
         objective.native_error(host, moved, x0, sigma).mean().backward()
-    torch.testing.assert_close(spliced, word, atol=1e-4, rtol=1e-4)
+        torch.optim.AdamW(list(vectors.values()), lr=1e-2).step()
     assert float((moved.detach().float() - word).abs().max()) > 1e-5
     for key, v in vectors.items():
         assert v.grad is not None and bool(torch.isfinite(v.grad).all()) and float(v.grad.abs().sum()) > 0, key
+    assert all(p.grad is None and not p.requires_grad for p in host.frozen_parameters().values())
     assert _hashes(host) == before
 
 
@@ -331,7 +366,7 @@ def test_with_deltas_equals_the_patched_model(case):
 
 
 def test_with_lora_applies_what_a_loader_applies(case):
-    """A kohya file's tensors through ``with_lora`` equal the delta ``alpha / rank * up @ down``."""
+    """A kohya file's tensors through ``with_lora`` equal the delta ``strength * alpha / rank * up @ down``."""
     from likeness.trainers.formats import kohya_lora
 
     c, host = case
@@ -341,9 +376,10 @@ def test_with_lora_applies_what_a_loader_applies(case):
     down, up, alpha = torch.randn(4, w.shape[1], generator=g) * 0.2, torch.randn(w.shape[0], 4, generator=g) * 0.2, 2.0
     sd = kohya_lora.lora_state_dict({name[: -len(".weight")]: (down, up, alpha)}, family=c.family,
                                      dtype=torch.float32, layout=host.unet_layout(), naming=host.naming)
-    deltas = {name: kohya_lora.weight_delta(down, up, alpha)}
-    got, expected = _applied_vs_patched(c, host, deltas, lambda: host.with_lora(sd))
-    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    for strength in (1.0, 0.5):
+        deltas = {name: kohya_lora.weight_delta(down, up, alpha) * strength}
+        got, expected = _applied_vs_patched(c, host, deltas, lambda: host.with_lora(sd, strength_model=strength))
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
 def test_saved_checkpoint_reloads_as_the_tuned_model(case, tmp_path):
