@@ -133,7 +133,7 @@ def _report(cls, res, headline: str):
 def _lora_applied(host: ComfyHost, res):
     sd = kohya_lora.lora_state_dict(res.lora_layers, family=host.info.family, dtype=torch.float32,
                                     layout=host.unet_layout(), naming=host.naming)
-    return host.lora_model(sd)
+    return host.with_lora(sd)
 
 
 _OUT_MODEL = io.Model.Output(display_name="model", tooltip="A clone of the input model with the result applied.")
@@ -218,7 +218,7 @@ class TrainDreamBoothFull(io.ComfyNode):
                       train_text_encoder=kw["train_text_encoder"], text_encoder_lr=kw["text_encoder_lr"],
                       extract_rank=kw["extract_lora_rank"], lora_dir=_folder("loras"))
         host, res = _train(cls, kw, cfg)
-        model, clip = host.diff_model(res.deltas)
+        model, clip = host.with_deltas(res.deltas)
         preview, loss, show = _report(cls, res, f"checkpoint {res.files[0].name}")
         return io.NodeOutput(model, clip, res.files[0].name, preview, loss, ui=show)
 

@@ -2,7 +2,7 @@
 ``SamplerCustomAdvanced``; keep good seeds in a seed bank.
 
 The node only wires ComfyUI's objects to the method (``trainers/seedselect.py``) through
-``hosts/comfy_seedselect.py``; progress, previews and Cancel work as in the Textual Inversion node.
+``hosts/comfy/seedselect.py``; progress, previews and Cancel work as in the Textual Inversion node.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io, ui
 
-from ..hosts.comfy_seedselect import ComfyClipVision, ComfySeedModel, OptimizedNoise
+from ..hosts.comfy import ComfyClipVision, ComfySeedModel, OptimizedNoise
 from ..trainers import diff_sampling as DS
 from ..trainers import seed_bank as B
 from ..trainers.seedselect import STARTS, SeedSelectConfig, SeedSelectResult, train_seedselect

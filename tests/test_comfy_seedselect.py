@@ -102,6 +102,34 @@ def test_samplers_match_comfyuis(sampler):
     assert torch.allclose(ours.detach(), theirs, rtol=1e-5, atol=1e-5), float((ours - theirs).abs().max())
 
 
+# ---- the SeedSelect objects ------------------------------------------------------------------------
+
+def test_seed_model_and_clip_vision_keep_the_seam(sd1, clip_vision):
+    """ComfySeedModel is a ``seam.SeedModel`` whose decode is the ComfyUI host's differentiable decode;
+    ComfyClipVision a ``seam.ImageEncoder`` differentiable in the pixels."""
+    import nodes
+
+    from likeness.hosts.comfy import ComfyClipVision, ComfyHost, ComfySeedModel
+    from likeness.trainers.seam import ImageEncoder, SeedModel
+
+    model, clip, vae = sd1
+    with torch.inference_mode():
+        (pos,) = nodes.CLIPTextEncode().encode(clip, "a photo of a tiger cat")
+        seed_model, vision = ComfySeedModel(model, pos, None, vae), ComfyClipVision(clip_vision)
+        host = ComfyHost(model, clip, vae)
+    assert isinstance(seed_model, SeedModel) and isinstance(vision, ImageEncoder)
+    assert seed_model.latent_multiple == host.latent_multiple and seed_model.family == "sd1"
+    sig = seed_model.training_sigmas()
+    assert sig.device.type == "cpu" and torch.equal(sig, host.training_sigmas().cpu())
+    with torch.inference_mode(), host.training():
+        lat = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+        img = seed_model.decode(lat)
+        assert torch.equal(img, host.decode_latents(lat, differentiable=True))
+        emb = vision.embed(img)
+        emb.sum().backward()
+    assert emb.shape == (1, 16) and lat.grad is not None and float(lat.grad.norm()) > 0
+
+
 # ---- the node ---------------------------------------------------------------------------------------
 
 def _inputs(sd1, cv, **kw):

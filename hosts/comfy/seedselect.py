@@ -1,26 +1,26 @@
-"""SeedSelect on ComfyUI's objects: the ``SeedModel`` over MODEL + CONDITIONING + VAE, the
-``ImageEncoder`` over CLIP_VISION, and the NOISE object ``SamplerCustomAdvanced`` takes.
+"""SeedSelect on ComfyUI's objects: the ``seam.SeedModel`` over MODEL + CONDITIONING + VAE, the
+``seam.ImageEncoder`` over CLIP_VISION, and the NOISE object ``SamplerCustomAdvanced`` takes.
 
-Importable only inside ComfyUI.  Why it looks the way it does (``shared/reference/
-comfyui-internals.md`` §4, §8):
+Why it looks the way it does:
 
 * **The denoiser is ComfyUI's own.**  ``run`` calls ``CFGGuider.sample`` - the very path
-  ``SamplerCustomAdvanced`` takes - with a ``Sampler`` whose ``sample`` runs our function instead
-  of a k-diffusion loop.  Inside, the model is loaded, the conditioning is processed for the
-  latent's size (SDXL's size embeddings, area/mask conds, ControlNets, model patches), and
+  ``SamplerCustomAdvanced`` takes - with a ``FunctionSampler`` whose ``sample`` runs our function
+  instead of a k-diffusion loop.  Inside, the model is loaded, the conditioning is processed for
+  the latent's size (SDXL's size embeddings, area/mask conds, ControlNets, model patches), and
   ``KSamplerX0Inpaint(guider)`` is exactly the callable ComfyUI's samplers call every step.  So
   the optimised noise reproduces through ``SamplerCustomAdvanced`` with the same sampler, sigmas
   and cfg, bar floating-point noise.  The noise scaling ComfyUI applies before the first step
   (``sqrt(1 + sigma^2)`` when the schedule starts at sigma_max, else ``sigma``) is applied by the
   trainer (``diff_sampling.initial_latent``), differentiably.
 * **Autograd through inference tensors**: the MODEL, VAE and CLIP_VISION are used through patcher
-  clones with identity weight/bias wrappers (``hosts.comfy._add_identity_wrappers``), so every
-  weight is copied per forward and the shared modules are never touched; all work runs inside
+  clones with identity weight/bias wrappers (``patching.add_identity_wrappers``), so every weight
+  is copied per forward and the shared modules are never touched; all work runs inside
   ``inference_mode(False)`` with tensors made there.
 * ``VAE.decode`` and ``ClipVisionModel.encode_image`` are not differentiable (in-place output
-  buffer; 8-bit rounding in ``clip_preprocess``): ``decode`` calls the first-stage model directly,
-  ``embed`` does its own resize/normalise (``trainers.image_encoder.clip_pixels``) and runs the
-  vision tower with ComfyUI's CLIP layers swapped for an out-of-place forward.
+  buffer; 8-bit rounding in ``clip_preprocess``): ``decode`` is the host's differentiable decode
+  (``vae.ComfyVAE``), ``embed`` does its own resize/normalise
+  (``trainers.image_encoder.clip_pixels``) and runs the vision tower with ComfyUI's CLIP layers
+  swapped for an out-of-place forward.
 """
 from __future__ import annotations
 
@@ -29,15 +29,10 @@ import torch
 import comfy.model_management
 import comfy.samplers
 
-from ..trainers.image_encoder import CLIP_MEAN, CLIP_STD, clip_pixels
-from .comfy import _add_identity_wrappers as _shared_identity_wrappers
-from .comfy import _family, _prediction, out_of_place_clip_layers
-
-
-def _add_identity_wrappers(patcher) -> None:
-    """The ComfyUI host's identity wrappers (per-forward weight copies autograd may keep), with no
-    trainer patches: SeedSelect trains no weights."""
-    _shared_identity_wrappers(patcher, {})
+from ...trainers.image_encoder import CLIP_MEAN, CLIP_STD, clip_pixels
+from .detection import check_vae, model_facts
+from .patching import add_identity_wrappers, out_of_place_clip_layers
+from .vae import ComfyVAE
 
 
 class OptimizedNoise:
@@ -63,7 +58,7 @@ class OptimizedNoise:
         return n.to(dtype=samples.dtype).clone()
 
 
-class _FunctionSampler(comfy.samplers.Sampler):
+class FunctionSampler(comfy.samplers.Sampler):
     """A ComfyUI sampler whose ``sample`` hands the step denoiser to ``fn`` (the TrainLoraNode trick:
     ComfyUI's machinery around, our loop inside).  Returns the latent unchanged; ``fn``'s result is
     kept in ``result``."""
@@ -84,70 +79,47 @@ class _FunctionSampler(comfy.samplers.Sampler):
         return latent_image
 
 
-def _unet_downsamplings(model) -> int:
-    cfg = getattr(model.model, "model_config", None)
-    mult = (getattr(cfg, "unet_config", None) or {}).get("channel_mult")
-    return len(mult) - 1 if mult else 3
-
-
 class ComfySeedModel:
-    """``trainers.seedselect.SeedModel`` over ComfyUI's MODEL, positive/negative CONDITIONING and
-    VAE (SD1.x, SD2.x, SDXL).  The inputs are never modified."""
+    """``seam.SeedModel`` over ComfyUI's MODEL, positive/negative CONDITIONING and VAE (SD1.x,
+    SD2.x, SDXL).  The inputs are never modified."""
 
     def __init__(self, model, positive, negative, vae):
         if model is None or vae is None:
             raise ValueError("SeedSelect needs the MODEL and the VAE of the checkpoint.")
         if not positive:
             raise ValueError("SeedSelect needs the positive conditioning (the prompt that names the concept).")
-        self.family = _family(model)
-        self._ms = model.get_model_object("model_sampling")
-        self.prediction = _prediction(self._ms, type(model.model).__name__)
-        fmt = model.model.latent_format
-        if getattr(vae, "latent_channels", None) != fmt.latent_channels:
-            raise ValueError(f"This VAE makes {getattr(vae, 'latent_channels', '?')}-channel latents but the MODEL "
-                             f"expects {fmt.latent_channels}; connect the VAE of the same checkpoint.")
-        self.device = torch.device(model.load_device)
-        manual = model.get_model_object("manual_cast_dtype")
-        self.compute_dtype = manual if manual is not None else model.model_dtype()
-        self.latent_channels = int(fmt.latent_channels)
-        self.latent_scale = int(fmt.spacial_downscale_ratio)
-        self.latent_multiple = 2 ** _unet_downsamplings(model)
+        facts = model_facts(model)
+        check_vae(vae, model)
+        self._facts = facts
+        self.family, self.prediction = facts.family, facts.prediction
+        self.device, self.compute_dtype = facts.device, facts.compute_dtype
+        self.latent_channels, self.latent_scale = facts.latent_channels, facts.latent_scale
+        self.latent_multiple = facts.latent_multiple
         self.positive, self.negative = positive, negative if negative is not None else []
         self._model = model.clone()
-        _add_identity_wrappers(self._model)
-        self._vae = vae
-        self._vae_patcher = vae.patcher.clone()
-        _add_identity_wrappers(self._vae_patcher)
+        add_identity_wrappers(self._model)
+        self._codec = ComfyVAE(vae, self._model.model, self.device)
 
     # -- the protocol ----------------------------------------------------------------------------
     def training_sigmas(self) -> torch.Tensor:
-        with torch.inference_mode(False):
-            s = self._ms.sigmas.detach().float().cpu().clone()
-        return s.flip(0) if s[0] > s[-1] else s
+        return self._facts.training_sigmas("cpu")
 
     def process_latent_out(self, latents: torch.Tensor) -> torch.Tensor:
+        """Model-space latents -> the VAE's own (what a LATENT output holds)."""
         with torch.inference_mode(False):
             return self._model.model.process_latent_out(latents.float().clone())
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            raw = self._vae.encode(images[..., :3].clone())
-        with torch.inference_mode(False), torch.no_grad():
-            lat = raw.clone().to(self.device, torch.float32)
-            return self._model.model.process_latent_in(lat).float()
+        return self._codec.encode(images)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        comfy.model_management.load_models_gpu([self._vae_patcher])
-        vae = self._vae
-        raw = self._model.model.process_latent_out(latents.float())
-        img = vae.first_stage_model.decode(raw.to(vae.device, vae.vae_dtype)).float()
-        return ((img + 1) / 2).clamp(0, 1).movedim(1, -1)[..., :3].to(self.device)
+        return self._codec.decode(latents, differentiable=True)
 
     def run(self, sigmas, cfg, fn, shape=None):
         guider = comfy.samplers.CFGGuider(self._model)
         guider.set_conds(self.positive, self.negative)
         guider.set_cfg(cfg)
-        sampler = _FunctionSampler(fn)
+        sampler = FunctionSampler(fn)
         with torch.inference_mode(False):
             latent = torch.zeros(shape)  # empty latent: nothing to add to the noise
             sigmas = sigmas.detach().float().cpu().clone()
@@ -156,7 +128,7 @@ class ComfySeedModel:
 
 
 class ComfyClipVision:
-    """``trainers.image_encoder.ImageEncoder`` over ComfyUI's CLIP_VISION (projected image embeds)."""
+    """``seam.ImageEncoder`` over ComfyUI's CLIP_VISION (projected image embeds)."""
 
     def __init__(self, clip_vision):
         if clip_vision is None or not hasattr(clip_vision, "model"):
@@ -170,7 +142,7 @@ class ComfyClipVision:
         self.mean = tuple(getattr(clip_vision, "image_mean", CLIP_MEAN))
         self.std = tuple(getattr(clip_vision, "image_std", CLIP_STD))
         self.patcher = clip_vision.patcher.clone()
-        _add_identity_wrappers(self.patcher)
+        add_identity_wrappers(self.patcher)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         comfy.model_management.load_models_gpu([self.patcher])
@@ -181,4 +153,4 @@ class ComfyClipVision:
         return out[2].float().to(images.device)
 
 
-__all__ = ["ComfySeedModel", "ComfyClipVision", "OptimizedNoise"]
+__all__ = ["ComfySeedModel", "ComfyClipVision", "OptimizedNoise", "FunctionSampler"]
