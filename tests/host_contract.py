@@ -328,7 +328,7 @@ def test_patches_change_the_output_and_leave_weights_bit_identical(case):
         with pytest.raises(ValueError):
             with host.parameter_patches({"no.such.weight": lambda w: w}):
                 pass
-    assert float((patched - plain).abs().max()) > 1e-4
+    assert float((patched - plain).detach().abs().max()) > 1e-4
     assert torch.equal(after, plain)
     assert _hashes(host) == before
 
@@ -355,14 +355,23 @@ def _applied_vs_patched(c: Case, host, deltas: dict, apply: Callable[[], Any]):
             return _denoise(other, PROMPTS, x, sigma), expected
 
 
+def _own_output(c: Case, host) -> torch.Tensor:
+    with c.adapter.node(), host.training(), torch.no_grad():
+        x0, noise, sigma, _ = _probe(host)
+        return _denoise(host, PROMPTS, x0 + noise * sigma.view(-1, 1, 1, 1), sigma)
+
+
 def test_with_deltas_equals_the_patched_model(case):
+    """The returned model computes as the host patched with the deltas; the host itself still
+    computes what it did (ComfyUI shares one set of weights between a MODEL and its clones and
+    patches them in place while a clone runs, so the promise is about outputs, not storage)."""
     c, host = case
-    before = _hashes(host)
+    plain = _own_output(c, host)
     name = _a_weight(host)
     deltas = {name: _delta_for(host, name)}
     got, expected = _applied_vs_patched(c, host, deltas, lambda: host.with_deltas(deltas))
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
-    assert _hashes(host) == before
+    assert torch.equal(_own_output(c, host), plain)
 
 
 def test_with_lora_applies_what_a_loader_applies(case):
@@ -370,6 +379,7 @@ def test_with_lora_applies_what_a_loader_applies(case):
     from likeness.trainers.formats import kohya_lora
 
     c, host = case
+    plain = _own_output(c, host)
     name = _a_weight(host)
     w = host.tunable_parameters("unet")[name]
     g = torch.Generator().manual_seed(2)
@@ -380,6 +390,7 @@ def test_with_lora_applies_what_a_loader_applies(case):
         deltas = {name: kohya_lora.weight_delta(down, up, alpha) * strength}
         got, expected = _applied_vs_patched(c, host, deltas, lambda: host.with_lora(sd, strength_model=strength))
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert torch.equal(_own_output(c, host), plain)
 
 
 def test_saved_checkpoint_reloads_as_the_tuned_model(case, tmp_path):
