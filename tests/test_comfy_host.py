@@ -91,27 +91,20 @@ def _trainable(host, text="cat"):
     ("sd15", "sd1", {"clip_l": 768}), ("sd2", "sd2", {"clip_h": 1024}),
     pytest.param("sdxl", "sdxl", {"clip_l": 768, "clip_g": 1280}, marks=pytest.mark.slow)])
 def test_info_and_encoders(request, arch, family, keys):
-    from likeness.trainers.seam import Exportable, Host, Tunable
-
+    """What the contract cannot know: the real encoder widths, the checkpoint's file name, and that
+    what the host returns to a node running under inference mode is an ordinary tensor."""
     objs = request.getfixturevalue({"sd15": "sd1", "sd2": "sd2", "sdxl": "sdxl"}[arch])
     host = _host(objs)
-    assert isinstance(host, Host) and isinstance(host, Tunable) and isinstance(host, Exportable)
     assert host.info.family == family and host.info.prediction == "eps"
     assert host.info.name == comfy_env.CHECKPOINTS[arch] and host.info.hash is None
     assert {e.key: e.width for e in host.text_encoders()} == keys
     assert [e.key for e in host.text_encoders()] == list(keys)  # file order
-    assert host.latent_channels == 4 and host.latent_scale == 8
     assert host.latent_multiple == 2 ** (len(objs[0].model.model_config.unet_config["channel_mult"]) - 1)
-    assert host.naming.unet_prefix == "diffusion_model." and host.naming.unet_scheme == "ldm"
-    assert host.naming.encoder_prefixes == {k: f"{k}.transformer." for k in keys}
-    for part, prefix in [("unet", "diffusion_model."), *host.naming.encoder_prefixes.items()]:
-        names = list(host.tunable_parameters(part))
-        assert names and all(n.startswith(prefix) and n.endswith((".weight", ".bias")) for n in names), part
+    for part in ["unet", *keys]:
+        assert all(n.endswith((".weight", ".bias")) for n in host.tunable_parameters(part)), part
     if host.device.type == "cpu":
         assert host.compute_dtype == torch.float32
-    sig = host.training_sigmas()
-    assert sig.shape == (1000,) and sig.dtype == torch.float32 and bool((sig[1:] > sig[:-1]).all())
-    assert not sig.is_inference()
+    assert not host.training_sigmas().is_inference()
     emb = host.token_embeddings("tabby cat")
     assert {k: tuple(v.shape) for k, v in emb.items()} == {k: (2, w) for k, w in keys.items()}
     assert all(v.dtype == torch.float32 and not v.is_inference() for v in emb.values())
@@ -183,23 +176,6 @@ def test_encode_decode_images(sd1):
     assert out.shape == (2, 64, 48, 3) and out.device.type == "cpu" and not out.is_inference()
     with pytest.raises(ValueError, match="multiple of 8"):
         host.encode_images(torch.rand(1, 60, 64, 3))
-
-
-def test_differentiable_decode(sd1):
-    """decode_latents(differentiable=True) keeps the graph to the latents, on the host's device,
-    and decodes what ComfyUI's own VAE.decode does; the VAE's weights are untouched."""
-    vae = sd1[2]
-    before = _fingerprint(vae.first_stage_model)
-    host = _host(sd1)
-    with torch.inference_mode(), host.training():
-        lat = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2)).requires_grad_(True)
-        img = host.decode_latents(lat, differentiable=True)
-        img.square().mean().backward()
-        preview = host.decode_latents(lat)
-    assert img.shape == (1, 64, 64, 3) and img.device == host.device and img.requires_grad
-    assert lat.grad is not None and float(lat.grad.norm()) > 0
-    assert torch.allclose(img.detach().cpu(), preview, atol=1e-4)
-    assert _fingerprint(vae.first_stage_model) == before
 
 
 # ---------------------------------------------------------------------------------------- text
@@ -284,7 +260,7 @@ def test_sdxl_train_step(sdxl):
     assert after == before
 
 
-@pytest.mark.parametrize("prediction", ["eps", "v"])
+@pytest.mark.parametrize("prediction", ["v"])  # eps: tests/host_contract.py
 def test_native_loss_identity(sd1, prediction):
     """((x0_hat - x0) / output_scale)^2 from the host equals the MSE of the raw UNet output against
     the model's own target (eps: the noise; v: (noise - sigma*x0) / sqrt(sigma^2 + 1))."""
