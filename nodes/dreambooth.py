@@ -142,7 +142,8 @@ class TrainDreamBoothLoRA(io.ComfyNode):
                 io.Boolean.Input("train_text_encoder", default=False, tooltip="Also put LoRA layers on the text "
                                  "encoder(s)."),
                 io.Float.Input("text_encoder_lr", default=MODE_DEFAULTS["lora"].text_encoder_lr, min=1e-7, max=1.0,
-                               step=1e-6, round=1e-7, advanced=True, tooltip="Learning rate of the text-encoder LoRA layers."),
+                               step=1e-6, round=1e-7, advanced=True, tooltip="Learning rate of the text-encoder "
+                               "LoRA layers."),
             ],
             outputs=[_OUT_MODEL, _OUT_CLIP, io.String.Output(display_name="lora_name", tooltip="The file "
                      "name, as LoraLoader lists it."), _OUT_PREVIEW, _OUT_LOSS],
@@ -222,7 +223,8 @@ class TrainPivotal(io.ComfyNode):
                                tooltip="Learning rate of the word's vectors."),
                 io.Float.Input("ti_fraction", default=0.5, min=0.05, max=1.0, step=0.05, tooltip="Part of the "
                                "run the word trains (the pivot); afterwards only the LoRA."),
-                io.Int.Input("rank", default=8, min=1, max=256, tooltip="LoRA rank."),
+                io.Int.Input("rank", default=8, min=1, max=256, tooltip="LoRA rank (dimension): higher keeps more "
+                             "detail, in a larger file."),
                 io.Combo.Input("targets", options=list(PRESETS), default="attention", tooltip="LoRA layers."),
                 io.Boolean.Input("bundle_embedding", default=False, advanced=True, tooltip="Also store the word "
                                  "inside the LoRA file (A1111 reads it; ComfyUI's LoraLoader logs those keys as "
