@@ -3,9 +3,12 @@
 ``installed(base_dir)`` puts fake ``comfy_api.latest`` (``io``, ``ui``, ``ComfyExtension``),
 ``comfy.utils`` (``ProgressBar``), ``comfy.model_management``, ``comfy.samplers``,
 ``folder_paths`` (every folder under ``base_dir``) and ``server`` (``PromptServer.instance = None``)
-into ``sys.modules`` - only when the real ComfyUI is not importable - and takes them out again,
-together with every ``likeness`` module imported meanwhile (those hold references to the fakes),
-so no test sees them unless it asks.  Any other ``comfy.*`` module (what the ComfyUI host imports
+into ``sys.modules`` - only when the real ComfyUI is absent from the process (not loaded: in CI
+it is not even importable) - and takes them out again, together with every ``likeness`` module
+imported meanwhile (those hold references to the fakes), so no test sees them unless it asks.
+Where a test session has loaded the real ComfyUI (``tests/test_comfy_*.py`` set it up with its
+arguments, CPU and folders), the real modules are used instead: importing them raw would start
+ComfyUI's device setup.  Any other ``comfy.*`` module (what the ComfyUI host imports
 for its type checks) is an empty module whose attributes are placeholder classes: enough to
 import, never enough to run a model.
 
@@ -19,7 +22,6 @@ import contextlib
 import enum
 import importlib.abc
 import importlib.machinery
-import importlib.util
 import os
 import sys
 import types
@@ -37,9 +39,9 @@ IO_TYPES = {
 MODEL_FOLDERS = ("checkpoints", "loras", "embeddings", "vae", "clip_vision")
 
 
-def comfy_available() -> bool:
-    """Whether the real ComfyUI is importable (then the stand-in is never installed)."""
-    return all(importlib.util.find_spec(name) is not None for name in ("comfy_api", "folder_paths"))
+def comfy_loaded() -> bool:
+    """Whether this process has loaded the real ComfyUI (then the stand-in is never installed)."""
+    return any(name in sys.modules for name in ("comfy", "comfy_api", "folder_paths"))
 
 
 # ---- comfy_api.latest ------------------------------------------------------------------------
@@ -256,12 +258,12 @@ def _forget(name: str) -> None:
 
 @contextlib.contextmanager
 def installed(base_dir: str):
-    """The stand-in in ``sys.modules`` for the duration (a no-op when ComfyUI is importable):
-    yields True when it was installed."""
-    if comfy_available():
+    """The stand-in in ``sys.modules`` for the duration (a no-op when ComfyUI is loaded): yields
+    True when it was installed."""
+    if comfy_loaded():
         yield False
         return
-    before = set(sys.modules)
+    before, other_server = set(sys.modules), sys.modules.get("server")
     latest, io, ui = _latest()
     api = types.ModuleType("comfy_api")
     api.__path__, api.latest = [], latest
@@ -276,6 +278,8 @@ def installed(base_dir: str):
         for name in sorted(set(sys.modules) - before, key=len, reverse=True):
             if _is_stubbed(name) or name.split(".")[0] == "likeness":
                 _forget(name)
+        if other_server is not None:  # a module of that name that is not ComfyUI's comes back
+            sys.modules["server"] = other_server
 
 
-__all__ = ["installed", "comfy_available", "ProgressBar", "InterruptProcessingException", "IO_TYPES"]
+__all__ = ["installed", "comfy_loaded", "ProgressBar", "InterruptProcessingException", "IO_TYPES"]
