@@ -225,6 +225,18 @@ def test_base_model_loads_offline_and_samples(monkeypatch):
     assert total <= 20 * 1024 * 1024
 
 
+def test_base_model_keeps_no_copy_of_the_shipped_tokenizer():
+    """The BPE files are the package's (hosts' shipped CLIP tokenizer); the model folder names only
+    its pad token, and its loader reads the shipped files."""
+    from likeness.world.model import BASE_MODEL_DIR, load_tokenizer, tokenizer_dir
+    folder = BASE_MODEL_DIR / "tokenizer"
+    assert sorted(p.name for p in folder.iterdir()) == ["tokenizer_config.json"]
+    if not (tokenizer_dir() / "vocab.json").exists():
+        pytest.skip("CLIP tokenizer files not shipped")
+    tok = load_tokenizer()
+    assert tok("a red circle").input_ids == [49406, 320, 736, 7117, 49407] and tok.pad_token == "<|endoftext|>"
+
+
 # ------------------------------------------------------------------------------------------ evaluation
 def test_evaluation_samples_at_the_models_resolution():
     """The first evaluations sampled 64 px (16×16 latents the UNet never saw) and read shapes at chance."""
