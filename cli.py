@@ -51,6 +51,8 @@ class _Printer:
 
 
 def _ti_parser(sub) -> None:
+    from .trainers.data import TEMPLATE_KINDS
+
     p = sub.add_parser("ti", help="train a Textual Inversion embedding")
     p.add_argument("--model", required=True, help="diffusers folder, or a single-file .safetensors/.ckpt checkpoint")
     p.add_argument("--images", required=True, help="folder of RGB images; same-named .txt/.caption files are captions")
@@ -61,7 +63,7 @@ def _ti_parser(sub) -> None:
     p.add_argument("--lr", type=float, default=5e-3, help="AdamW learning rate for the vectors")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--templates", default="auto", choices=["auto", "object", "style", "captions"],
+    p.add_argument("--templates", default="auto", choices=TEMPLATE_KINDS,
                    help="prompts: auto = captions when every image has one, else object templates")
     p.add_argument("--resolution", type=int, default=None,
                    help="resize the short side to this and train on square crops (default: images' own size)")
@@ -100,32 +102,46 @@ def _run_ti(args) -> int:
     return 0
 
 
+def _per_mode(field: str) -> str:
+    """'lora 500, full 800, pivotal 500': a mode default for --help, read from the one table."""
+    from .trainers.dreambooth import MODE_DEFAULTS
+
+    return ", ".join(f"{mode} {getattr(d, field)}" for mode, d in MODE_DEFAULTS.items())
+
+
 def _dreambooth_parser(sub) -> None:
+    from .trainers.dreambooth import MODES, PROMPT_SOURCES
+    from .trainers.lora import PRESETS
+
     p = sub.add_parser("dreambooth", help="DreamBooth: a LoRA, a full fine-tune or pivotal tuning")
     p.add_argument("--model", required=True, help="diffusers folder, or a single-file .safetensors/.ckpt checkpoint")
     p.add_argument("--images", required=True, help="folder of 3-5 (up to ~20) images of the subject")
     p.add_argument("--name", required=True, help="file name of the LoRA / checkpoint (<name>.safetensors)")
     p.add_argument("--instance-prompt", required=True, help="identifier + class, e.g. 'a photo of sks dog'")
-    p.add_argument("--mode", default="lora", choices=["lora", "full", "pivotal"])
+    p.add_argument("--mode", default="lora", choices=MODES)
+    p.add_argument("--prompts", default="auto", choices=PROMPT_SOURCES,
+                   help="what each image is trained with: auto = its caption when every image has one, "
+                        "else the instance prompt")
     p.add_argument("--class-prompt", default="", help="e.g. 'a photo of a dog': turns on prior preservation")
     p.add_argument("--class-images", default=None, help="folder of class images (default: sampled by the model)")
     p.add_argument("--num-class-images", type=int, default=50, help="class images to sample when none are given")
     p.add_argument("--prior-weight", type=float, default=1.0, help="λ of the prior-preservation loss")
-    p.add_argument("--steps", type=int, default=None, help="default: 500 (lora, pivotal), 800 (full)")
-    p.add_argument("--lr", type=float, default=None, help="default: 1e-4 (lora, pivotal), 5e-6 (full)")
+    p.add_argument("--steps", type=int, default=None, help=f"default per mode: {_per_mode('steps')}")
+    p.add_argument("--lr", type=float, default=None, help=f"default per mode: {_per_mode('learning_rate')}")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--rank", type=int, default=8, help="LoRA rank")
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: = rank)")
-    p.add_argument("--targets", default="attention", choices=["attention", "transformer", "cross_kv"])
+    p.add_argument("--targets", default="attention", choices=PRESETS)
     p.add_argument("--train-text-encoder", action="store_true")
-    p.add_argument("--text-encoder-lr", type=float, default=None, help="default: 5e-5 (LoRA), 2e-6 (full)")
+    p.add_argument("--text-encoder-lr", type=float, default=None,
+                   help=f"default per mode: {_per_mode('text_encoder_lr')}")
     p.add_argument("--token", default="", help="pivotal: the new word (must appear in the instance prompt)")
     p.add_argument("--num-vectors", type=int, default=2, help="pivotal: tokens the new word takes")
     p.add_argument("--ti-lr", type=float, default=5e-3, help="pivotal: learning rate of the word's vectors")
     p.add_argument("--ti-fraction", type=float, default=0.5, help="pivotal: part of the run the word trains")
     p.add_argument("--bundle-embedding", action="store_true", help="pivotal: also store the word in the LoRA")
     p.add_argument("--optimizer", default=None, choices=["adamw", "adafactor"],
-                   help="default: adamw (lora, pivotal), adafactor (full: almost no optimizer memory)")
+                   help=f"default per mode: {_per_mode('optimizer')} (adafactor: almost no optimizer memory)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="less memory, ~25%% slower")
     p.add_argument("--min-snr-gamma", type=float, default=0.0, help="Min-SNR-γ weighting (5 is typical); 0: off")
     p.add_argument("--noise-offset", type=float, default=0.0)
@@ -133,9 +149,10 @@ def _dreambooth_parser(sub) -> None:
     p.add_argument("--resolution", type=int, default=None)
     p.add_argument("--flip", action="store_true", help="also train on mirrored images")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=None, help="default: 100 (lora, pivotal), 0 = end only (full)")
+    p.add_argument("--save-every", type=int, default=None,
+                   help=f"default per mode: {_per_mode('save_every')} (0: at the end only)")
     p.add_argument("--preview-every", type=int, default=50)
-    p.add_argument("--out", default=None, help="output folder (default: loras/, or checkpoints/ for full)")
+    p.add_argument("--out", default=None, help=f"output folder (default per mode: {_per_mode('folder')})")
     p.add_argument("--embeddings-out", default="embeddings", help="pivotal: folder for the embedding")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--device", default=None)
@@ -145,24 +162,23 @@ def _dreambooth_parser(sub) -> None:
 def _run_dreambooth(args) -> int:
     from .hosts.diffusers import DiffusersHost
     from .trainers import data as D
-    from .trainers.dreambooth import DreamBoothConfig, train_dreambooth
+    from .trainers.dreambooth import MODE_DEFAULTS, DreamBoothConfig, train_dreambooth
 
-    full = args.mode == "full"
-    out = Path(args.out or ("checkpoints" if full else "loras"))
+    defaults = MODE_DEFAULTS[args.mode]
+    given = dict(steps=args.steps, learning_rate=args.lr, text_encoder_lr=args.text_encoder_lr,
+                 optimizer=args.optimizer, save_every=args.save_every)
+    per_mode = {**defaults.config_fields(), **{k: v for k, v in given.items() if v is not None}}
+    out = Path(args.out or defaults.folder)
     cfg = DreamBoothConfig(
-        name=args.name, output_dir=out, instance_prompt=args.instance_prompt, mode=args.mode,
+        name=args.name, output_dir=out, instance_prompt=args.instance_prompt, mode=args.mode, prompts=args.prompts,
         class_prompt=args.class_prompt, prior_weight=args.prior_weight, num_class_images=args.num_class_images,
         rank=args.rank, alpha=args.alpha, targets=args.targets, train_text_encoder=args.train_text_encoder,
-        steps=args.steps or (800 if full else 500), learning_rate=args.lr or (5e-6 if full else 1e-4),
-        text_encoder_lr=args.text_encoder_lr or (2e-6 if full else 5e-5), batch_size=args.batch_size,
-        min_snr_gamma=args.min_snr_gamma, noise_offset=args.noise_offset,
-        optimizer=args.optimizer or ("adafactor" if full else "adamw"),
+        batch_size=args.batch_size, min_snr_gamma=args.min_snr_gamma, noise_offset=args.noise_offset,
         gradient_checkpointing=args.gradient_checkpointing, seed=args.seed, resolution=args.resolution,
         flip=args.flip, token=args.token, embedding_dir=args.embeddings_out, num_vectors=args.num_vectors,
         ti_learning_rate=args.ti_lr, ti_fraction=args.ti_fraction, bundle_embedding=args.bundle_embedding,
-        extract_rank=args.extract_rank, lora_dir=None if args.out else "loras",
-        save_every=args.save_every if args.save_every is not None else (0 if full else 100),
-        preview_every=args.preview_every, overwrite=args.overwrite,
+        extract_rank=args.extract_rank, lora_dir=None if args.out else MODE_DEFAULTS["lora"].folder,
+        preview_every=args.preview_every, overwrite=args.overwrite, **per_mode,
     )
     images = D.load_image_folder(args.images)
     class_images = D.load_image_folder(args.class_images) if args.class_images else None
@@ -187,8 +203,9 @@ def _demo_parser(sub) -> None:
     p.add_argument("--out", default="likeness-demo", help="folder for the embedding and the before/after grid")
     p.add_argument("--steps", type=int, default=None, help="override the demo's step count")
     p.add_argument("--overwrite", action="store_true", help="replace the demo's earlier output")
-    p.add_argument("--concept", default="checked", choices=["checked", "moon"],
-                   help="the held-out concept to teach (moon: a shape TI cannot teach this small model)")
+    # no `choices`: they live in demo.py, which --help does not import; run_demo names them on a typo
+    p.add_argument("--concept", default="checked",
+                   help="the held-out concept to teach: checked, or moon (a shape TI cannot teach this small model)")
 
 
 def _run_demo(args) -> int:
@@ -200,20 +217,23 @@ def _run_demo(args) -> int:
 def _bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks (not timed tests): `likeness bench quality`")
     bsub = p.add_subparsers(dest="bench", required=True)
-    q = bsub.add_parser("quality", help="teach the world base model its new concepts with each method; "
-                                        "fidelity / prompt fidelity / wall-time table (world/quality.py)")
-    from .world.quality import add_arguments
+    # The benchmark's options (and its --help) are the testbed's own (world/quality.py): they are
+    # parsed there, so that nothing of the world is imported until a benchmark runs.
+    bsub.add_parser("quality", add_help=False,
+                    help="teach the world base model its new concepts with each method; fidelity / prompt "
+                         "fidelity / wall-time table (`likeness bench quality --help` lists its options)")
 
-    add_arguments(q)
 
+def _run_bench(args, rest: list[str]) -> int:
+    from .world.quality import main
 
-def _run_bench(args) -> int:
-    from .world.quality import run_from_args
-
-    return run_from_args(args)
+    return main(rest, prog="likeness bench quality")
 
 
 def _seedselect_parser(sub) -> None:
+    from .trainers.diff_sampling import SAMPLERS, SCHEDULERS
+    from .trainers.seedselect import STARTS
+
     p = sub.add_parser("seedselect", help="optimise starting noise so the model draws a concept like the references")
     p.add_argument("--model", required=True, help="diffusers folder, or a single-file .safetensors/.ckpt checkpoint")
     p.add_argument("--references", required=True, help="folder of 3-10 images of the concept")
@@ -223,16 +243,15 @@ def _seedselect_parser(sub) -> None:
                    help="local folder of a transformers CLIPVisionModelWithProjection (e.g. CLIP-ViT-H-14)")
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--height", type=int, default=512)
-    p.add_argument("--sampler", default="ddim", choices=["euler", "ddim", "dpmpp_2m"])
-    p.add_argument("--scheduler", default="ddim_uniform",
-                   choices=["normal", "simple", "ddim_uniform", "karras", "exponential"])
+    p.add_argument("--sampler", default="ddim", choices=SAMPLERS)
+    p.add_argument("--scheduler", default="ddim_uniform", choices=SCHEDULERS)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cfg", type=float, default=7.5)
     p.add_argument("--optimise-without-cfg", action="store_true", help="optimise at cfg 1 (half the cost)")
     p.add_argument("--iterations", type=int, default=30)
     p.add_argument("--lr", type=float, default=0.1, help="AdamW learning rate on the noise (/10 after 3 iterations)")
     p.add_argument("--seed", type=int, default=0, help="the noise to start from (ComfyUI's RandomNoise(seed))")
-    p.add_argument("--start", default="seed", choices=["seed", "best_of", "inversion"])
+    p.add_argument("--start", default="seed", choices=STARTS)
     p.add_argument("--candidates", type=int, default=4, help="starts scored by best_of / inversion")
     p.add_argument("--num-seeds", type=int, default=1, help=">1: bootstrap that many varied seeds")
     p.add_argument("--target-loss", type=float, default=None, help="stop once the loss is at or below this")
@@ -289,9 +308,13 @@ def main(argv: list[str] | None = None) -> int:
     _demo_parser(sub)
     _bench_parser(sub)
     _seedselect_parser(sub)
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "bench":  # only a benchmark takes options this parser does not know
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    runs = {"ti": _run_ti, "dreambooth": _run_dreambooth, "demo": _run_demo, "seedselect": _run_seedselect,
+            "bench": lambda a: _run_bench(a, rest)}
     try:
-        return {"ti": _run_ti, "dreambooth": _run_dreambooth, "demo": _run_demo, "bench": _run_bench, "seedselect": _run_seedselect}[args.command](args)
+        return runs[args.command](args)
     except (ValueError, FileExistsError, FileNotFoundError, PermissionError) as exc:
         print(f"likeness: error: {exc}", file=sys.stderr)
         return 2

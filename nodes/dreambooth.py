@@ -11,28 +11,22 @@ the class prompt) or are sampled by the node with the frozen model.
 """
 from __future__ import annotations
 
-import comfy.model_management
-import comfy.utils
-import folder_paths
 import torch
-from comfy_api.latest import io, ui
+from comfy_api.latest import io
 
 from ..hosts.comfy import ComfyHost
 from ..trainers import data as D
 from ..trainers.formats import kohya_lora
-from ..trainers.dreambooth import DreamBoothConfig, train_dreambooth
+from ..trainers.dreambooth import MODE_DEFAULTS, DreamBoothConfig, train_dreambooth
 from ..trainers.lora import PRESETS
-from .textual_inversion import _captions, _pil, _send_progress, embeddings_dir
-
-CATEGORY = "Likeness/training"
-
-
-def _folder(kind: str) -> str:
-    return folder_paths.get_folder_paths(kind)[0]
+from .common import (TRAINING_CATEGORY, batch_captions, count_reporter, embeddings_dir, model_folder, node_id_of,
+                     progress_reporter, training_report)
 
 
-def _common_inputs(steps: int, lr: float, save_every: int) -> list:
-    """Inputs every DreamBooth node shares, in the order ``_config`` reads them."""
+def _common_inputs(mode: str) -> list:
+    """Inputs every DreamBooth node shares, in the order ``_config`` reads them; the defaults that
+    differ per mode come from ``trainers.dreambooth.MODE_DEFAULTS``, as the CLI's do."""
+    d = MODE_DEFAULTS[mode]
     return [
         io.Model.Input("model", tooltip="The diffusion model to fine-tune (SD1.x, SD2.x or SDXL). It is not "
                        "modified: the outputs are clones with the result applied."),
@@ -51,8 +45,8 @@ def _common_inputs(steps: int, lr: float, save_every: int) -> list:
                        "prior-preservation loss (the paper uses 1)."),
         io.Int.Input("num_class_images", default=50, min=0, max=2000, tooltip="Without a class_images input: "
                      "how many class images the node samples with the frozen model first (Euler, 20 steps)."),
-        io.Int.Input("steps", default=steps, min=1, max=100000, tooltip="Optimisation steps."),
-        io.Float.Input("learning_rate", default=lr, min=1e-7, max=1.0, step=1e-6, round=1e-7,
+        io.Int.Input("steps", default=d.steps, min=1, max=100000, tooltip="Optimisation steps."),
+        io.Float.Input("learning_rate", default=d.learning_rate, min=1e-7, max=1.0, step=1e-6, round=1e-7,
                        tooltip="Learning rate of the trained weights."),
         io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Subject images per step (as many "
                      "class images join them)."),
@@ -71,7 +65,7 @@ def _common_inputs(steps: int, lr: float, save_every: int) -> list:
                      "and class samples: same inputs and seed give the same result (and a cached re-run)."),
         io.Int.Input("preview_every", default=50, min=0, max=100000, tooltip="Preview the instance prompt "
                      "every N steps (0: never)."),
-        io.Int.Input("save_every", default=save_every, min=0, max=100000, advanced=True, tooltip="Also write "
+        io.Int.Input("save_every", default=d.save_every, min=0, max=100000, advanced=True, tooltip="Also write "
                      "the file every N steps (it is always written at the end and on Cancel)."),
         io.Boolean.Input("overwrite", default=False, tooltip="Replace existing files of the same name; off: "
                          "refuse to start."),
@@ -82,52 +76,35 @@ def _common_inputs(steps: int, lr: float, save_every: int) -> list:
     ]
 
 
-def _config(kw: dict, **mode) -> DreamBoothConfig:
+def _config(kw: dict, mode: str, **extra) -> DreamBoothConfig:
+    """The node's inputs as a config; the file goes to the models/ folder of the mode."""
     return DreamBoothConfig(
+        mode=mode, output_dir=model_folder(MODE_DEFAULTS[mode].folder),
         name=kw["name"], instance_prompt=kw["instance_prompt"], class_prompt=kw["class_prompt"],
         prior_weight=kw["prior_weight"], num_class_images=kw["num_class_images"], steps=kw["steps"],
         learning_rate=kw["learning_rate"], batch_size=kw["batch_size"], resolution=kw["resolution"] or None,
         flip=kw["flip"], min_snr_gamma=kw["min_snr_gamma"], noise_offset=kw["noise_offset"],
         gradient_checkpointing=kw["gradient_checkpointing"], seed=kw["seed"], preview_every=kw["preview_every"],
-        save_every=kw["save_every"], overwrite=kw["overwrite"], **mode)
+        save_every=kw["save_every"], overwrite=kw["overwrite"], **extra)
 
 
 def _train(cls, kw: dict, cfg: DreamBoothConfig):
     """Run the trainer with ComfyUI's progress bar, previews, loss chart and Cancel; returns
     (host, result)."""
     images = kw["images"]
-    data = D.images_from_batch(images, _captions(kw.get("captions"), 0 if images is None else images.shape[0]))
+    data = D.images_from_batch(images, batch_captions(images, kw.get("captions")))
     class_data = D.images_from_batch(kw["class_images"]) if kw.get("class_images") is not None else None
     host = ComfyHost(kw["model"], kw["clip"], kw["vae"])
-    node_id = getattr(cls.hidden, "unique_id", None)
-    pbar = comfy.utils.ProgressBar(cfg.steps, node_id=node_id)
-
-    def class_progress(done, total):
-        comfy.model_management.throw_exception_if_processing_interrupted()
-        comfy.utils.ProgressBar(total, node_id=node_id).update_absolute(done, total)
-
-    def progress(step, total, loss, preview):
-        comfy.model_management.throw_exception_if_processing_interrupted()
-        _send_progress(node_id, step, total, loss)
-        pbar.update_absolute(step, total, ("JPEG", _pil(preview), 512) if preview is not None else None)
-
+    node_id = node_id_of(cls)
     with host.training():
-        res = train_dreambooth(host, data, cfg, class_images=class_data, progress=progress,
-                               class_progress=class_progress)
+        res = train_dreambooth(host, data, cfg, class_images=class_data, progress=progress_reporter(node_id, cfg.steps),
+                               class_progress=count_reporter(node_id))
     return host, res
 
 
 def _report(cls, res, headline: str):
-    preview = res.preview[None].cpu() if res.preview is not None else torch.zeros(1, 64, 64, 3)
-    last = f"{res.losses[-1]:.4f}" if res.losses else "n/a"
-    text = (f"{headline} - {res.steps_done} steps in {res.seconds:.0f} s, last loss {last}"
-            + (f", {res.class_images} class images" if res.class_images else "")
-            + (f", {res.skipped_steps} non-finite steps skipped" if res.skipped_steps else "")
-            + "\n" + "\n".join(str(f) for f in res.files) + "\n" + res.data_summary)
-    show = ui.PreviewText(text).as_dict()
-    if res.preview is not None:
-        show = ui.PreviewImage(preview, cls=cls).as_dict() | show
-    return preview, {"loss": list(res.losses)}, show
+    notes = (f"{res.class_images} class images",) if res.class_images else ()
+    return training_report(cls, res, headline, notes)
 
 
 def _lora_applied(host: ComfyHost, res):
@@ -149,12 +126,12 @@ class TrainDreamBoothLoRA(io.ComfyNode):
         return io.Schema(
             node_id="LikenessTrainDreamBoothLoRA",
             display_name="Train DreamBooth LoRA (Likeness)",
-            category=CATEGORY,
+            category=TRAINING_CATEGORY,
             description=("DreamBooth as a LoRA: binds the instance prompt's identifier to the subject, with "
                          "prior preservation. Writes models/loras/<name>.safetensors in kohya's format (loads in "
                          "ComfyUI's LoraLoader, A1111/Forge and diffusers) and outputs the model with it applied."),
             search_aliases=["dreambooth", "lora", "train lora", "likeness"],
-            inputs=_common_inputs(500, 1e-4, 100) + [
+            inputs=_common_inputs("lora") + [
                 io.Int.Input("rank", default=8, min=1, max=256, tooltip="LoRA rank (dimension)."),
                 io.Float.Input("alpha", default=0.0, min=0.0, max=256.0, step=0.5, tooltip="LoRA alpha: the "
                                "update is scaled by alpha/rank. 0: alpha = rank (scale 1)."),
@@ -164,8 +141,9 @@ class TrainDreamBoothLoRA(io.ComfyNode):
                                "Diffusion)."),
                 io.Boolean.Input("train_text_encoder", default=False, tooltip="Also put LoRA layers on the text "
                                  "encoder(s)."),
-                io.Float.Input("text_encoder_lr", default=5e-5, min=1e-7, max=1.0, step=1e-6, round=1e-7,
-                               advanced=True, tooltip="Learning rate of the text-encoder LoRA layers."),
+                io.Float.Input("text_encoder_lr", default=MODE_DEFAULTS["lora"].text_encoder_lr, min=1e-7, max=1.0,
+                               step=1e-6, round=1e-7, advanced=True, tooltip="Learning rate of the text-encoder "
+                               "LoRA layers."),
             ],
             outputs=[_OUT_MODEL, _OUT_CLIP, io.String.Output(display_name="lora_name", tooltip="The file "
                      "name, as LoraLoader lists it."), _OUT_PREVIEW, _OUT_LOSS],
@@ -175,7 +153,7 @@ class TrainDreamBoothLoRA(io.ComfyNode):
 
     @classmethod
     def execute(cls, **kw) -> io.NodeOutput:
-        cfg = _config(kw, mode="lora", output_dir=_folder("loras"), rank=kw["rank"], alpha=kw["alpha"] or None,
+        cfg = _config(kw, "lora", rank=kw["rank"], alpha=kw["alpha"] or None,
                       targets=kw["targets"], train_text_encoder=kw["train_text_encoder"],
                       text_encoder_lr=kw["text_encoder_lr"])
         host, res = _train(cls, kw, cfg)
@@ -190,19 +168,20 @@ class TrainDreamBoothFull(io.ComfyNode):
         return io.Schema(
             node_id="LikenessTrainDreamBoothFull",
             display_name="Train DreamBooth Full (Likeness)",
-            category=CATEGORY,
+            category=TRAINING_CATEGORY,
             description=("Full DreamBooth: fine-tunes every weight of the denoiser (optionally the text encoders) "
                          "with prior preservation. Writes models/checkpoints/<name>.safetensors (loads in "
                          "CheckpointLoaderSimple and A1111) and, optionally, the change as a LoRA."),
             search_aliases=["dreambooth", "fine-tune", "finetune", "likeness"],
-            inputs=_common_inputs(800, 5e-6, 0) + [
-                io.Combo.Input("optimizer", options=["adafactor", "adamw"], default="adafactor", tooltip=
-                               "adafactor: almost no optimizer memory (SD1.5 fits 12 GB with gradient "
+            inputs=_common_inputs("full") + [
+                io.Combo.Input("optimizer", options=["adafactor", "adamw"], default=MODE_DEFAULTS["full"].optimizer,
+                               tooltip="adafactor: almost no optimizer memory (SD1.5 fits 12 GB with gradient "
                                "checkpointing); adamw: two more fp32 copies of the model."),
                 io.Boolean.Input("train_text_encoder", default=False, tooltip="Also fine-tune the text "
                                  "encoder(s)."),
-                io.Float.Input("text_encoder_lr", default=2e-6, min=1e-8, max=1.0, step=1e-7, round=1e-8,
-                               advanced=True, tooltip="Learning rate of the text encoder(s)."),
+                io.Float.Input("text_encoder_lr", default=MODE_DEFAULTS["full"].text_encoder_lr, min=1e-8, max=1.0,
+                               step=1e-7, round=1e-8, advanced=True, tooltip="Learning rate of the text "
+                               "encoder(s)."),
                 io.Int.Input("extract_lora_rank", default=0, min=0, max=256, tooltip="Also write the change "
                              "as models/loras/<name>_lora.safetensors of this rank (0: no)."),
             ],
@@ -214,9 +193,9 @@ class TrainDreamBoothFull(io.ComfyNode):
 
     @classmethod
     def execute(cls, **kw) -> io.NodeOutput:
-        cfg = _config(kw, mode="full", output_dir=_folder("checkpoints"), optimizer=kw["optimizer"],
+        cfg = _config(kw, "full", optimizer=kw["optimizer"],
                       train_text_encoder=kw["train_text_encoder"], text_encoder_lr=kw["text_encoder_lr"],
-                      extract_rank=kw["extract_lora_rank"], lora_dir=_folder("loras"))
+                      extract_rank=kw["extract_lora_rank"], lora_dir=model_folder(MODE_DEFAULTS["lora"].folder))
         host, res = _train(cls, kw, cfg)
         model, clip = host.with_deltas(res.deltas)
         preview, loss, show = _report(cls, res, f"checkpoint {res.files[0].name}")
@@ -229,12 +208,12 @@ class TrainPivotal(io.ComfyNode):
         return io.Schema(
             node_id="LikenessTrainPivotal",
             display_name="Train Pivotal Tuning (Likeness)",
-            category=CATEGORY,
+            category=TRAINING_CATEGORY,
             description=("Pivotal tuning: a new word's embedding (Textual Inversion) and a LoRA trained together, "
                          "the word for the first part of the run. Writes models/embeddings/<token> and "
                          "models/loras/<name>.safetensors; prompt with embedding:<token>."),
             search_aliases=["pivotal", "dreambooth", "lora", "textual inversion", "likeness"],
-            inputs=_common_inputs(500, 1e-4, 100) + [
+            inputs=_common_inputs("pivotal") + [
                 io.String.Input("token", default="sks_lk", tooltip="The new word; the instance prompt must "
                                 "contain it (e.g. 'a photo of sks_lk dog'). Not an existing vocabulary word."),
                 io.String.Input("init_text", default="", tooltip="Word(s) the vectors start from; empty: the "
@@ -244,7 +223,8 @@ class TrainPivotal(io.ComfyNode):
                                tooltip="Learning rate of the word's vectors."),
                 io.Float.Input("ti_fraction", default=0.5, min=0.05, max=1.0, step=0.05, tooltip="Part of the "
                                "run the word trains (the pivot); afterwards only the LoRA."),
-                io.Int.Input("rank", default=8, min=1, max=256, tooltip="LoRA rank."),
+                io.Int.Input("rank", default=8, min=1, max=256, tooltip="LoRA rank (dimension): higher keeps more "
+                             "detail, in a larger file."),
                 io.Combo.Input("targets", options=list(PRESETS), default="attention", tooltip="LoRA layers."),
                 io.Boolean.Input("bundle_embedding", default=False, advanced=True, tooltip="Also store the word "
                                  "inside the LoRA file (A1111 reads it; ComfyUI's LoraLoader logs those keys as "
@@ -261,7 +241,7 @@ class TrainPivotal(io.ComfyNode):
     @classmethod
     def execute(cls, **kw) -> io.NodeOutput:
         token = kw["token"].strip()
-        cfg = _config(kw, mode="pivotal", output_dir=_folder("loras"), token=token, embedding_dir=embeddings_dir(),
+        cfg = _config(kw, "pivotal", token=token, embedding_dir=embeddings_dir(),
                       init_text=kw["init_text"], num_vectors=kw["num_vectors"],
                       ti_learning_rate=kw["ti_learning_rate"], ti_fraction=kw["ti_fraction"], rank=kw["rank"],
                       targets=kw["targets"], bundle_embedding=kw["bundle_embedding"])

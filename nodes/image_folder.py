@@ -18,8 +18,7 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from ..trainers import data as D
-
-CATEGORY = "Likeness/training"
+from .common import TRAINING_CATEGORY
 
 
 def resolve_folder(folder: str) -> Path:
@@ -106,7 +105,7 @@ class LoadTrainingImages(io.ComfyNode):
         return io.Schema(
             node_id="LikenessLoadImageFolder",
             display_name="Load Training Images (Likeness)",
-            category=CATEGORY,
+            category=TRAINING_CATEGORY,
             description=(
                 "Loads every image in a folder (png, jpg, webp, bmp; sorted by name) as one IMAGE batch for "
                 "the Likeness trainers, with per-image captions from same-named .txt or .caption files. "

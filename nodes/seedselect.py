@@ -10,9 +10,7 @@ import os
 
 import torch
 
-import comfy.model_management
 import comfy.samplers
-import comfy.utils
 import folder_paths
 from comfy_api.latest import io, ui
 
@@ -20,7 +18,7 @@ from ..hosts.comfy import ComfyClipVision, ComfySeedModel, OptimizedNoise
 from ..trainers import diff_sampling as DS
 from ..trainers import seed_bank as B
 from ..trainers.seedselect import STARTS, SeedSelectConfig, SeedSelectResult, train_seedselect
-from .textual_inversion import _pil, _send_progress
+from .common import model_folder, node_id_of, progress_reporter
 
 CATEGORY = "Likeness/seeds"
 FOLDER = "likeness_seeds"
@@ -31,7 +29,7 @@ def seeds_dir() -> str:
     """``models/likeness_seeds`` (registered with ComfyUI's folder_paths on first use)."""
     if FOLDER not in folder_paths.folder_names_and_paths:
         folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER), is_default=True)
-    return folder_paths.get_folder_paths(FOLDER)[0]
+    return model_folder(FOLDER)
 
 
 def _sigmas(model, sigmas, scheduler: str, steps: int) -> torch.Tensor:
@@ -150,14 +148,7 @@ class SeedSelect(io.ComfyNode):
             optimise_cfg=1.0 if optimise_without_cfg else None, iterations=iterations, learning_rate=learning_rate,
             seed=seed, start=start, candidates=candidates, target_loss=target_loss or None, num_seeds=num_seeds,
             bootstrap_iterations=bootstrap_iterations)
-        node_id = getattr(cls.hidden, "unique_id", None)
-        total = iterations + (num_seeds - 1) * bootstrap_iterations
-        pbar = comfy.utils.ProgressBar(total, node_id=node_id)
-
-        def progress(i, n, loss, image):
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            _send_progress(node_id, i, n, loss)
-            pbar.update_absolute(i, n, ("JPEG", _pil(image), 512) if image is not None else None)
+        progress = progress_reporter(node_id_of(cls), iterations + (num_seeds - 1) * bootstrap_iterations)
 
         def on_cancel(partial):
             B.save_seed(folder, save_name or CANCEL_NAME, _entry(partial, model, conf, scheduler, steps, sigmas is not None),

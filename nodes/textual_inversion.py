@@ -7,64 +7,18 @@ the first ``models/embeddings`` folder, where ``embedding:<name>`` in any prompt
 """
 from __future__ import annotations
 
-import math
-import sys
-
-import numpy as np
 import torch
-from PIL import Image
 
-import comfy.model_management
-import comfy.utils
-import folder_paths
-from comfy_api.latest import io, ui
+from comfy_api.latest import io
 
 from ..hosts.comfy import ComfyHost
 from ..trainers import data as D
 from ..trainers.textual_inversion import TIConfig, train_textual_inversion
-
-CATEGORY = "Likeness/training"
-
-
-def _pil(image: torch.Tensor) -> Image.Image:
-    arr = (image.detach().float().clamp(0, 1).cpu().numpy() * 255.0).round().astype(np.uint8)
-    return Image.fromarray(arr)
-
-
-def _captions(text: str | None, count: int) -> list[str | None] | None:
-    """Line i is the caption of image i, an empty line means "no caption" (the layout the
-    Load Training Images node outputs); None when there is no caption at all.  Blank lines after
-    the last image are ignored; missing lines at the end are images without a caption, and more
-    captions than images is an error (raised by ``images_from_batch``)."""
-    lines = [ln.strip() for ln in (text or "").splitlines()]
-    if not any(lines):
-        return None
-    while len(lines) > count and not lines[-1]:
-        lines.pop()
-    lines += [""] * (count - len(lines))
-    return [ln or None for ln in lines]
-
-
-def _send_progress(node_id, step: int, total: int, loss: float | None) -> None:
-    """The ``likeness.progress`` websocket event that web/likeness.js draws as a loss chart."""
-    # ComfyUI's main.py has imported its ``server`` module before any node runs; outside a server
-    # (tests, scripts) there is none, or no PromptServer instance, and nothing is sent.
-    module = sys.modules.get("server")
-    srv = getattr(getattr(module, "PromptServer", None), "instance", None)
-    if srv is None or node_id is None:
-        return
-    value = loss if loss is not None and math.isfinite(loss) else None
-    srv.send_sync("likeness.progress", {"node": str(node_id), "step": int(step), "total": int(total),
-                                        "loss": value}, getattr(srv, "client_id", None))
+from .common import TRAINING_CATEGORY, batch_captions, embeddings_dir, node_id_of, progress_reporter, training_report
 
 
 def _prompt_text(prompt: str, name: str) -> str:
     return prompt.replace("{}", name)
-
-
-def embeddings_dir() -> str:
-    """Where ComfyUI looks first for ``embedding:NAME`` files."""
-    return folder_paths.get_folder_paths("embeddings")[0]
 
 
 class TrainTextualInversion(io.ComfyNode):
@@ -73,7 +27,7 @@ class TrainTextualInversion(io.ComfyNode):
         return io.Schema(
             node_id="LikenessTrainTextualInversion",
             display_name="Train Textual Inversion (Likeness)",
-            category=CATEGORY,
+            category=TRAINING_CATEGORY,
             description=(
                 "Teaches the loaded checkpoint a new word from a few images (Textual Inversion): the model "
                 "and text encoders stay frozen, only the new word's embedding is learned. Saves "
@@ -155,7 +109,7 @@ class TrainTextualInversion(io.ComfyNode):
     def execute(cls, model, clip, vae, images, name, init_text, templates, num_vectors, steps, learning_rate,
                 batch_size, resolution, flip, random_crop, seed, prompt, preview_every, preview_steps, save_every,
                 overwrite, captions="") -> io.NodeOutput:
-        data = D.images_from_batch(images, _captions(captions, 0 if images is None else images.shape[0]))
+        data = D.images_from_batch(images, batch_captions(images, captions))
         cfg = TIConfig(
             name=name, output_dir=embeddings_dir(), init_text=init_text, num_vectors=num_vectors, steps=steps,
             learning_rate=learning_rate, batch_size=batch_size, seed=seed, templates=templates,
@@ -163,31 +117,15 @@ class TrainTextualInversion(io.ComfyNode):
             preview_every=preview_every, preview_steps=preview_steps, preview_prompt=prompt, overwrite=overwrite,
         )
         host = ComfyHost(model, clip, vae)
-        node_id = getattr(cls.hidden, "unique_id", None)
-        pbar = comfy.utils.ProgressBar(steps, node_id=node_id)
-
-        def progress(step, total, loss, preview):
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            _send_progress(node_id, step, total, loss)
-            pv = ("JPEG", _pil(preview), 512) if preview is not None else None
-            pbar.update_absolute(step, total, pv)
-
         with host.training():
-            res = train_textual_inversion(host, data, cfg, progress=progress)
+            res = train_textual_inversion(host, data, cfg, progress=progress_reporter(node_id_of(cls), steps))
             word = name.strip()
             with torch.no_grad():
                 cond = host.encode_text([_prompt_text(prompt, word)], word, res.vectors)
         extra = dict(cond.extra[0]) if cond.extra else {}
         conditioning = [[cond.cross_attn[0].detach().cpu(), {"pooled_output": _cpu(cond.pooled[0]), **extra}]]
-        preview = res.preview[None].cpu() if res.preview is not None else torch.zeros(1, 64, 64, 3)
-        last = f"{res.losses[-1]:.4f}" if res.losses else "n/a"
-        text = (f"embedding:{word} - {res.steps_done} steps in {res.seconds:.0f} s, last loss {last}"
-                + (f", {res.skipped_steps} non-finite steps skipped" if res.skipped_steps else "")
-                + "\n" + "\n".join(str(f) for f in res.files) + "\n" + res.data_summary)
-        show = ui.PreviewText(text).as_dict()
-        if res.preview is not None:
-            show = ui.PreviewImage(preview, cls=cls).as_dict() | show
-        return io.NodeOutput(conditioning, f"embedding:{word}", preview, {"loss": list(res.losses)}, ui=show)
+        preview, loss, show = training_report(cls, res, f"embedding:{word}")
+        return io.NodeOutput(conditioning, f"embedding:{word}", preview, loss, ui=show)
 
 
 def _cpu(t):

@@ -290,7 +290,8 @@ def test_image_folder_node_outputs_images_captions_summary(node_classes, input_d
 
 def test_image_folder_captions_feed_the_training_node(node_classes, input_dir):
     ti_module = sys.modules[node_classes["LikenessTrainTextualInversion"].__module__]  # as ComfyUI loaded it
-    _captions, D = ti_module._captions, ti_module.D
+    common = sys.modules[ti_module.__name__.rpartition(".")[0] + ".common"]
+    _captions, D = common.parse_captions, ti_module.D
 
     folder = input_dir / "set"
     folder.mkdir()

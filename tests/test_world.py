@@ -121,7 +121,7 @@ def test_metrics_behave(held_out):
 
 # ------------------------------------------------------------------------------------------ training script
 def test_training_script_runs_end_to_end(tmp_path, monkeypatch):
-    from likeness.world import train_base
+    from devtools.world import train_base
     from likeness.world.model import tokenizer_dir
     if not (tokenizer_dir() / "vocab.json").exists():
         pytest.skip("CLIP tokenizer files not shipped")
@@ -149,7 +149,7 @@ def test_training_script_runs_end_to_end(tmp_path, monkeypatch):
 
 
 def test_position_phases_parse_and_reject_unknown_losses():
-    from likeness.world.train_base import POSITION_PHASES, parse_phases
+    from devtools.world.train_base import POSITION_PHASES, parse_phases
     assert parse_phases("high:800:1e-3,plain:400:2.5e-4") == [("high", 800, 1e-3), ("plain", 400, 2.5e-4)]
     assert [p[0] for p in parse_phases(POSITION_PHASES)][0] == "high"
     with pytest.raises(ValueError, match="not one of high, weighted, plain"):
@@ -160,8 +160,9 @@ def test_attribute_probe_reads_the_words_each_caption_states():
     """Training a text encoder through the probes makes a stated attribute readable from its
     states — the pressure that keeps position words from fading in stage 2c."""
     from transformers import CLIPTextConfig, CLIPTextModel
-    from likeness.world.model import TEXT_CONFIG, load_tokenizer, tokenizer_dir
-    from likeness.world.text_probe import AttributeProbe
+    from devtools.world.architecture import TEXT_CONFIG
+    from devtools.world.text_probe import AttributeProbe
+    from likeness.world.model import load_tokenizer, tokenizer_dir
     if not (tokenizer_dir() / "vocab.json").exists():
         pytest.skip("CLIP tokenizer files not shipped")
     torch.manual_seed(0)
@@ -198,8 +199,8 @@ def test_attribute_probe_reads_the_words_each_caption_states():
 
 
 def test_timestep_weights_favour_high_noise_and_keep_the_mean():
-    from likeness.world.train_base import timestep_weights
-    from likeness.world.model import build_scheduler
+    from devtools.world.architecture import build_scheduler
+    from devtools.world.train_base import timestep_weights
     acp = build_scheduler().alphas_cumprod
     assert torch.equal(timestep_weights(acp, 0.0), torch.ones_like(acp))      # plain SD loss
     w = timestep_weights(acp, 20.0)
@@ -211,12 +212,11 @@ def test_timestep_weights_favour_high_noise_and_keep_the_mean():
 
 # ------------------------------------------------------------------------------------------ base model
 def test_base_model_loads_offline_and_samples(monkeypatch):
-    from likeness.world.model import BASE_MODEL_DIR, RESOLUTION
+    from likeness.world.model import BASE_MODEL_DIR, RESOLUTION, load_pipeline
     if not (BASE_MODEL_DIR / "model_index.json").exists():
         pytest.skip("world/base_model not trained yet")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from diffusers import StableDiffusionPipeline
-    pipe = StableDiffusionPipeline.from_pretrained(str(BASE_MODEL_DIR), safety_checker=None).to(torch.float32)
+    pipe = load_pipeline()            # the folder's tokenizer is the package's shipped BPE files
     pipe.set_progress_bar_config(disable=True)
     img = pipe("a red circle on a white background", num_inference_steps=4,
                generator=torch.Generator().manual_seed(0)).images[0]
@@ -225,11 +225,24 @@ def test_base_model_loads_offline_and_samples(monkeypatch):
     assert total <= 20 * 1024 * 1024
 
 
+def test_base_model_keeps_no_copy_of_the_shipped_tokenizer():
+    """The BPE files are the package's (hosts' shipped CLIP tokenizer); the model folder names only
+    its pad token, and its loader reads the shipped files."""
+    from likeness.world.model import BASE_MODEL_DIR, load_tokenizer, tokenizer_dir
+    folder = BASE_MODEL_DIR / "tokenizer"
+    assert sorted(p.name for p in folder.iterdir()) == ["tokenizer_config.json"]
+    if not (tokenizer_dir() / "vocab.json").exists():
+        pytest.skip("CLIP tokenizer files not shipped")
+    tok = load_tokenizer()
+    assert tok("a red circle").input_ids == [49406, 320, 736, 7117, 49407] and tok.pad_token == "<|endoftext|>"
+
+
 # ------------------------------------------------------------------------------------------ evaluation
 def test_evaluation_samples_at_the_models_resolution():
     """The first evaluations sampled 64 px (16×16 latents the UNet never saw) and read shapes at chance."""
-    from likeness.world import evaluate_base as E
-    from likeness.world.model import RESOLUTION, SCHEDULER_CONFIG
+    from devtools.world import evaluate_base as E
+    from devtools.world.architecture import SCHEDULER_CONFIG
+    from likeness.world.model import RESOLUTION
     seen = {}
 
     class FakePipe:
@@ -248,7 +261,7 @@ def test_evaluation_samples_at_the_models_resolution():
 
 
 def test_evaluation_markdown_block_is_replaced(tmp_path):
-    from likeness.world import evaluate_base as E
+    from devtools.world import evaluate_base as E
     res = {"n": 4, "steps": 25, "guidance": 4.0, "seed": 0, "time_s": 3.0, "prompt_fidelity": 0.5,
            "all_attributes_right": 0.25, "diversity": 0.3,
            "per_attribute_accuracy": {k: 0.5 for k in R.ATTRIBUTES},

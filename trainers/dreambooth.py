@@ -532,4 +532,37 @@ def train_dreambooth(host: Host, images: D.TrainingImages, cfg: DreamBoothConfig
     )
 
 
-__all__ = ["DreamBoothConfig", "DreamBoothResult", "MODES", "train_dreambooth", "prepare", "sample_class_latents"]
+# ---- per-mode defaults (read by the CLI and the ComfyUI nodes; one home so they cannot drift) ----
+
+
+@dataclass(frozen=True)
+class ModeDefaults:
+    """What a mode starts from when the user does not say: a full fine-tune moves every weight, so
+    it takes a smaller learning rate, more steps and Adafactor (no optimizer copies of the model),
+    and writes a multi-GB checkpoint only at the end."""
+
+    steps: int
+    learning_rate: float
+    text_encoder_lr: float
+    optimizer: str  # "adamw" | "adafactor" (trainers/loop.py)
+    save_every: int  # 0: only at the end (and on Cancel)
+    folder: str  # the models/ folder the file belongs in (ComfyUI's name for it)
+
+    def config_fields(self) -> dict:
+        """The DreamBoothConfig fields these defaults fill."""
+        return dict(steps=self.steps, learning_rate=self.learning_rate, text_encoder_lr=self.text_encoder_lr,
+                    optimizer=self.optimizer, save_every=self.save_every)
+
+
+MODE_DEFAULTS = {
+    "lora": ModeDefaults(steps=500, learning_rate=1e-4, text_encoder_lr=5e-5, optimizer="adamw", save_every=100,
+                         folder="loras"),
+    "full": ModeDefaults(steps=800, learning_rate=5e-6, text_encoder_lr=2e-6, optimizer="adafactor", save_every=0,
+                         folder="checkpoints"),
+    "pivotal": ModeDefaults(steps=500, learning_rate=1e-4, text_encoder_lr=5e-5, optimizer="adamw", save_every=100,
+                            folder="loras"),
+}
+
+
+__all__ = ["DreamBoothConfig", "DreamBoothResult", "MODES", "MODE_DEFAULTS", "ModeDefaults", "train_dreambooth",
+           "prepare", "sample_class_latents"]

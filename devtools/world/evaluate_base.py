@@ -1,6 +1,6 @@
 """How well the base model draws what it is asked, read by the world classifier.
 
-    python -m likeness.world.evaluate_base [--model world/base_model] [--n 256] [--grid out.png]
+    python -m devtools.world.evaluate_base [--model world/base_model] [--n 256] [--grid out.png]
 
 Prompts are full captions of held-out train-split scenes with common concepts only (no rare
 "diamond"); each image is classified and compared with what its prompt states, per attribute.
@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import metrics
-from .model import RESOLUTION
-from .render import caption, grid, sample_scene, render
+from likeness.world import metrics
+from likeness.world.model import RESOLUTION
+from likeness.world.render import caption, grid, sample_scene, render
 
 
 def common_prompts(n: int, seed: int = 777) -> list[str]:
@@ -56,8 +56,8 @@ def ceilings(prompts) -> dict:
     """Per-attribute accuracy of the classifier on the prompts' own renders, at 32 px and through
     the base model's autoencoder: what a perfect denoiser could score with this VAE."""
     from diffusers import AutoencoderKL
-    from .model import BASE_MODEL_DIR
-    from .render import Scene, parse_caption
+    from likeness.world.model import BASE_MODEL_DIR
+    from likeness.world.render import Scene, parse_caption
     scenes = [Scene(**parse_caption(t)) for t in prompts]
     x = torch.from_numpy(np.stack([np.asarray(render(s), np.float32) / 255 for s in scenes])).permute(0, 3, 1, 2)
     x32 = torch.nn.functional.avg_pool2d(x, x.shape[-1] // RESOLUTION)
@@ -92,7 +92,7 @@ def write_markdown(path, res: dict, command: str) -> None:
 
 
 def main(argv=None):
-    from .model import BASE_MODEL_DIR, load_pipeline
+    from likeness.world.model import BASE_MODEL_DIR, load_pipeline
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(BASE_MODEL_DIR))
     p.add_argument("--n", type=int, default=256)
@@ -110,8 +110,8 @@ def main(argv=None):
     images = generate(pipe, prompts, a.seed, a.steps, a.guidance)
     acc = metrics.attribute_accuracy(images, prompts)
     pf = metrics.prompt_fidelity(images, prompts)
-    from .render import parse_caption
-    from .classifier import predict
+    from likeness.world.classifier import predict
+    from likeness.world.render import parse_caption
     preds = predict(images)
     all_ok = float(np.mean([all(p[k] == v for k, v in parse_caption(t).items()) for p, t in zip(preds, prompts)]))
     res = {"n": a.n, "steps": a.steps, "guidance": a.guidance, "seed": a.seed,
@@ -121,11 +121,11 @@ def main(argv=None):
     res["ceilings"] = {k: {a_: round(v, 4) for a_, v in d.items()} for k, d in ceilings(prompts).items()}
     print(json.dumps(res, indent=1))
     if a.markdown:
-        cmd = "python -m likeness.world.evaluate_base" + (f" --n {a.n}" if a.n != 256 else "") + \
+        cmd = "python -m devtools.world.evaluate_base" + (f" --n {a.n}" if a.n != 256 else "") + \
               (f" --threads {a.threads}" if a.threads != 1 else "") + f" --markdown {Path(a.markdown).name}"
         write_markdown(a.markdown, res, cmd)
     if a.grid:
-        from .render import Scene
+        from likeness.world.render import Scene
         refs = []
         for t in prompts[:32]:
             d = parse_caption(t)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .render import ATTRIBUTES, parse_caption
+from likeness.world.render import ATTRIBUTES, parse_caption
 
 
 class AttributeProbe(nn.Module):

@@ -1,10 +1,10 @@
 """Train the shapes-world base model (reproducible; every number of the recipe is printed).
 
-    python -m likeness.world.train_base --stage vae  --out /tmp/world_run      # stage 1
-    python -m likeness.world.train_base --stage unet --out /tmp/world_run      # stage 2
-    python -m likeness.world.train_base --stage position --out /tmp/world_run  # stage 2c
-    python -m likeness.world.train_base --stage save --out /tmp/world_run --dest world/base_model
-    python -m likeness.world.train_base --stage all  --out /tmp/world_run --full   # the long recipe
+    python -m devtools.world.train_base --stage vae  --out /tmp/world_run      # stage 1
+    python -m devtools.world.train_base --stage unet --out /tmp/world_run      # stage 2
+    python -m devtools.world.train_base --stage position --out /tmp/world_run  # stage 2c
+    python -m devtools.world.train_base --stage save --out /tmp/world_run --dest world/base_model
+    python -m devtools.world.train_base --stage all  --out /tmp/world_run --full   # the long recipe
 
 Stage 1 trains the AutoencoderKL on renders of every concept (split "all": like SD's autoencoder,
 it is concept-agnostic, so methods that cannot touch the VAE can still learn the new concepts).
@@ -29,8 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import model as M
-from .render import render, sample_scene, sample_caption
+from likeness.world.render import render, sample_scene, sample_caption
+
+from . import architecture as M
 
 # Stage 2c's phases, "loss:steps:lr" (train_position): high noise only with the x0 loss, then back
 # to stage 2's weighted loss at two learning rates, then the plain epsilon loss, which weights the
@@ -323,7 +324,7 @@ def train_position(out: Path, R: dict, seed: int):
     loss — that places shapes but bends the rest of the model; "weighted" is stage 2's loss over all
     timesteps, "plain" the unweighted epsilon loss (most weight on the low-noise steps that draw
     fine patterns): they bring back what "high" bent.  In every phase the attribute probes
-    (``world.text_probe``) keep each stated word apart in the text encoder.  No EMA: the weights
+    (``devtools.world.text_probe``) keep each stated word apart in the text encoder.  No EMA: the weights
     saved are the last.  Reads ``unet/`` and ``text_encoder/`` in ``out``; writes ``unet_pos/`` and
     ``text_encoder_pos/``, which ``save_pipeline`` prefers."""
     from diffusers import UNet2DConditionModel
@@ -413,7 +414,7 @@ def save_pipeline(out: Path, dest: Path, fp16: bool = True):
     if fp16:
         pipe.to(torch.float16)
     pipe.save_pretrained(dest, safe_serialization=True)
-    M.write_tokenizer(Path(dest) / "tokenizer")      # the BPE files only (no 3.6 MB tokenizer.json)
+    M.write_tokenizer(Path(dest) / "tokenizer")      # its config only: the BPE files are the shipped ones
     # transformers 5 loads a model in its config's dtype: say float32, so a plain from_pretrained
     # upcasts the fp16 file and the pipeline is fp32 throughout (diffusers already upcasts)
     cfg = Path(dest) / "text_encoder" / "config.json"
@@ -446,7 +447,8 @@ def main(argv=None):
     p.add_argument("--full", action="store_true", help="the long recipe (GPU or many CPU hours)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--set", nargs="*", default=[], help="override recipe entries, e.g. unet_steps=3000")
-    p.add_argument("--unet-config", default="{}", help="JSON entries replacing world.model.UNET_CONFIG's")
+    p.add_argument("--unet-config", default="{}",
+                   help="JSON entries replacing devtools.world.architecture.UNET_CONFIG's")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     R = dict(FULL if a.full else QUICK)

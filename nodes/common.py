@@ -1,0 +1,124 @@
+"""What every Likeness node shares: ComfyUI's folders, caption text, progress and the result panel.
+
+Kept here, not in one feature's module, so no node imports another node's private helpers and
+the progress reporting (progress bar + preview, loss chart event, Cancel) exists once.
+"""
+from __future__ import annotations
+
+import math
+import sys
+
+import numpy as np
+import torch
+from PIL import Image
+
+import comfy.model_management
+import comfy.utils
+import folder_paths
+from comfy_api.latest import ui
+
+TRAINING_CATEGORY = "Likeness/training"
+#: the websocket event web/likeness.js draws as a loss chart
+PROGRESS_EVENT = "likeness.progress"
+#: the longest side of the preview ComfyUI shows on a node's progress bar
+PREVIEW_SIZE = 512
+
+
+def model_folder(kind: str) -> str:
+    """The first folder ComfyUI searches for ``kind`` ("embeddings", "loras", "checkpoints"): files
+    written there are listed by ComfyUI's own loaders without a restart."""
+    return folder_paths.get_folder_paths(kind)[0]
+
+
+def embeddings_dir() -> str:
+    """Where ComfyUI looks first for ``embedding:NAME`` files."""
+    return model_folder("embeddings")
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """One ComfyUI IMAGE ``[H, W, 3]`` in 0..1 as an 8-bit PIL image (what previews take)."""
+    arr = (image.detach().float().clamp(0, 1).cpu().numpy() * 255.0).round().astype(np.uint8)
+    return Image.fromarray(arr)
+
+
+def parse_captions(text: str | None, count: int) -> list[str | None] | None:
+    """Line i is the caption of image i, an empty line means "no caption" (the layout the
+    Load Training Images node outputs); None when there is no caption at all.  Blank lines after
+    the last image are ignored; missing lines at the end are images without a caption, and more
+    captions than images is an error (raised by ``images_from_batch``)."""
+    lines = [ln.strip() for ln in (text or "").splitlines()]
+    if not any(lines):
+        return None
+    while len(lines) > count and not lines[-1]:
+        lines.pop()
+    lines += [""] * (count - len(lines))
+    return [ln or None for ln in lines]
+
+
+def batch_captions(images: torch.Tensor | None, text: str | None) -> list[str | None] | None:
+    """``parse_captions`` for an IMAGE batch (None: no images, so any caption is one too many)."""
+    return parse_captions(text, 0 if images is None else images.shape[0])
+
+
+def send_progress(node_id, step: int, total: int, loss: float | None) -> None:
+    """The ``likeness.progress`` websocket event that web/likeness.js draws as a loss chart."""
+    # ComfyUI's main.py has imported its ``server`` module before any node runs; outside a server
+    # (tests, scripts) there is none, or no PromptServer instance, and nothing is sent.
+    module = sys.modules.get("server")
+    srv = getattr(getattr(module, "PromptServer", None), "instance", None)
+    if srv is None or node_id is None:
+        return
+    value = loss if loss is not None and math.isfinite(loss) else None
+    srv.send_sync(PROGRESS_EVENT, {"node": str(node_id), "step": int(step), "total": int(total),
+                                   "loss": value}, getattr(srv, "client_id", None))
+
+
+def progress_reporter(node_id, total: int):
+    """The ``progress(step, total, loss, preview)`` callback the trainers take: checks Cancel
+    (ComfyUI raises it from here, so the trainer saves what is good and re-raises), sends the
+    loss-chart event and moves the node's progress bar, with the preview image when there is one."""
+    pbar = comfy.utils.ProgressBar(total, node_id=node_id)
+
+    def progress(step, n, loss, preview):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        send_progress(node_id, step, n, loss)
+        shown = ("JPEG", to_pil(preview), PREVIEW_SIZE) if preview is not None else None
+        pbar.update_absolute(step, n, shown)
+
+    return progress
+
+
+def count_reporter(node_id):
+    """A ``(done, total)`` callback for a stage without loss or previews (sampling class images):
+    Cancel works and the node's bar shows the stage's own count."""
+    def progress(done, total):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        comfy.utils.ProgressBar(total, node_id=node_id).update_absolute(done, total)
+
+    return progress
+
+
+def node_id_of(node_cls) -> str | None:
+    """The running node's id (``io.Hidden.unique_id``), None outside a prompt."""
+    return getattr(getattr(node_cls, "hidden", None), "unique_id", None)
+
+
+def training_report(node_cls, res, headline: str, notes: tuple[str, ...] = ()):
+    """``(preview IMAGE, loss map, ui dict)`` of a finished training: the last preview (a blank
+    image when previews were off, so the output always exists), the loss of every step for Plot
+    Loss Graph, and a text panel with the headline, the notes, the files written and the data."""
+    preview = res.preview[None].cpu() if res.preview is not None else torch.zeros(1, 64, 64, 3)
+    last = f"{res.losses[-1]:.4f}" if res.losses else "n/a"
+    skipped = (f"{res.skipped_steps} non-finite steps skipped",) if res.skipped_steps else ()
+    text = (", ".join((f"{headline} - {res.steps_done} steps in {res.seconds:.0f} s, last loss {last}",
+                       *notes, *skipped))
+            + "\n" + "\n".join(str(f) for f in res.files) + "\n" + res.data_summary)
+    show = ui.PreviewText(text).as_dict()
+    if res.preview is not None:
+        show = ui.PreviewImage(preview, cls=node_cls).as_dict() | show
+    return preview, {"loss": list(res.losses)}, show
+
+
+__all__ = ["TRAINING_CATEGORY", "PROGRESS_EVENT", "model_folder", "embeddings_dir", "to_pil", "parse_captions",
+           "batch_captions", "send_progress", "progress_reporter", "count_reporter", "node_id_of",
+           "training_report"]
