@@ -50,6 +50,14 @@ class _Printer:
             print(f"step {step}/{total}  loss(ema) {ema}  {rate:.2f} s/step{extra}", flush=True)
 
 
+def _model_args(p, what: str) -> None:
+    """The options every training command shares: overwriting, the device, SD2's prediction."""
+    p.add_argument("--overwrite", action="store_true", help=f"replace an existing {what} of the same name")
+    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
+    p.add_argument("--prediction", default="auto", choices=["auto", "eps", "v"],
+                   help="single-file SD2 checkpoints: eps (512-base) or v (768); auto = v for SD2")
+
+
 def _ti_parser(sub) -> None:
     from .trainers.data import TEMPLATE_KINDS
 
@@ -73,10 +81,7 @@ def _ti_parser(sub) -> None:
     p.add_argument("--preview-every", type=int, default=50, help="render a preview every N steps (0: never)")
     p.add_argument("--preview-prompt", default="a photo of {}", help="{} is replaced by the new word")
     p.add_argument("--out", default="embeddings", help="folder to write the embedding into")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing embedding of the same name")
-    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
-    p.add_argument("--prediction", default="auto", choices=["auto", "eps", "v"],
-                   help="single-file SD2 checkpoints: eps (512-base) or v (768); auto = v for SD2")
+    _model_args(p, "embedding")
 
 
 def _run_ti(args) -> int:
@@ -111,6 +116,7 @@ def _per_mode(field: str) -> str:
 
 def _dreambooth_parser(sub) -> None:
     from .trainers.dreambooth import MODES, PROMPT_SOURCES
+    from .trainers.loop import OPTIMIZERS
     from .trainers.lora import PRESETS
 
     p = sub.add_parser("dreambooth", help="DreamBooth: a LoRA, a full fine-tune or pivotal tuning")
@@ -140,7 +146,7 @@ def _dreambooth_parser(sub) -> None:
     p.add_argument("--ti-lr", type=float, default=5e-3, help="pivotal: learning rate of the word's vectors")
     p.add_argument("--ti-fraction", type=float, default=0.5, help="pivotal: part of the run the word trains")
     p.add_argument("--bundle-embedding", action="store_true", help="pivotal: also store the word in the LoRA")
-    p.add_argument("--optimizer", default=None, choices=["adamw", "adafactor"],
+    p.add_argument("--optimizer", default=None, choices=OPTIMIZERS,
                    help=f"default per mode: {_per_mode('optimizer')} (adafactor: almost no optimizer memory)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="less memory, ~25%% slower")
     p.add_argument("--min-snr-gamma", type=float, default=0.0, help="Min-SNR-γ weighting (5 is typical); 0: off")
@@ -154,9 +160,7 @@ def _dreambooth_parser(sub) -> None:
     p.add_argument("--preview-every", type=int, default=50)
     p.add_argument("--out", default=None, help=f"output folder (default per mode: {_per_mode('folder')})")
     p.add_argument("--embeddings-out", default="embeddings", help="pivotal: folder for the embedding")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--device", default=None)
-    p.add_argument("--prediction", default="auto", choices=["auto", "eps", "v"])
+    _model_args(p, "file")
 
 
 def _run_dreambooth(args) -> int:
@@ -257,10 +261,7 @@ def _seedselect_parser(sub) -> None:
     p.add_argument("--target-loss", type=float, default=None, help="stop once the loss is at or below this")
     p.add_argument("--name", default="seedselect", help="seed file name (<name>.seed.safetensors)")
     p.add_argument("--out", default="seeds", help="folder for the seed file and the result images")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing seed of the same name")
-    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
-    p.add_argument("--prediction", default="auto", choices=["auto", "eps", "v"],
-                   help="single-file SD2 checkpoints: eps (512-base) or v (768); auto = v for SD2")
+    _model_args(p, "seed")
 
 
 def _run_seedselect(args) -> int:

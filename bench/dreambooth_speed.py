@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -31,40 +29,24 @@ import ti_speed  # noqa: E402  (its checkpoint builder and anchor runner)
 def time_dreambooth(arch: str, mode: str, res: int, prior: bool, steps: int, warmup: int, rank: int,
                     checkpointing: bool) -> dict:
     import torch
-    import comfy.sd
 
-    from likeness.hosts.comfy import ComfyHost
     from likeness.trainers import data as D
     from likeness.trainers.dreambooth import DreamBoothConfig, train_dreambooth
 
     g = torch.Generator().manual_seed(0)
-    with torch.inference_mode():  # as ComfyUI runs every node
-        model, clip, vae = comfy.sd.load_state_dict_guess_config(ti_speed.random_checkpoint(arch))[:3]
-        images = D.images_from_batch(torch.rand(4, res, res, 3, generator=g))
-        cls_images = D.images_from_batch(torch.rand(4, res, res, 3, generator=g)) if prior else None
-        host = ComfyHost(model, clip, vae, name=f"random-{arch}")
-        stamps: list[float] = []
-        cuda = torch.cuda.is_available()
+    images = D.images_from_batch(torch.rand(4, res, res, 3, generator=g))
+    cls_images = D.images_from_batch(torch.rand(4, res, res, 3, generator=g)) if prior else None
 
-        def progress(step, total, loss, img):
-            if cuda:
-                torch.cuda.synchronize()
-            stamps.append(time.perf_counter())
-
-        out = Path(os.environ.get("TMPDIR", "/tmp")) / f"likeness-bench-{os.getpid()}"
+    def train(host, out, progress):
         cfg = DreamBoothConfig(
             name=f"bench-{arch}-{mode}", output_dir=out, instance_prompt="a photo of sks_lk dog", mode=mode,
             class_prompt="a photo of a dog" if prior else "", token="sks_lk", embedding_dir=out, rank=rank,
             steps=warmup + steps, learning_rate=5e-6 if mode == "full" else 1e-4, save_every=0, preview_every=0,
             optimizer="adafactor" if mode == "full" else "adamw", gradient_checkpointing=checkpointing,
             overwrite=True)
-        with host.training():
-            if cuda:
-                torch.cuda.reset_peak_memory_stats()
-            train_dreambooth(host, images, cfg, class_images=cls_images, progress=progress)
-    gaps = [b - a for a, b in zip(stamps, stamps[1:])][warmup:]
-    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
-    return {"s_per_step": statistics.median(gaps) if gaps else float("nan"), "peak_GB": peak}
+        train_dreambooth(host, images, cfg, class_images=cls_images, progress=progress)
+
+    return ti_speed.time_training(arch, train, warmup)
 
 
 def main() -> int:

@@ -90,36 +90,50 @@ def random_checkpoint(arch: str):
     return sd
 
 
-def time_likeness(arch: str, batch: int, res: int, steps: int, warmup: int) -> dict:
+def time_training(arch: str, train, warmup: int) -> dict:
+    """Median seconds per step and peak CUDA memory of ``train(host, out_dir, progress)`` on a
+    random-weight ``arch`` checkpoint loaded as ComfyUI loads it, inside a node's inference mode;
+    the first ``warmup`` steps are not counted."""
     import torch
     import comfy.sd
 
     from likeness.hosts.comfy import ComfyHost
-    from likeness.trainers import data as D
-    from likeness.trainers.textual_inversion import TIConfig, train_textual_inversion
+
+    stamps: list[float] = []
+    cuda = torch.cuda.is_available()
+
+    def progress(step, total, loss, img):
+        if cuda:
+            torch.cuda.synchronize()
+        stamps.append(time.perf_counter())
 
     with torch.inference_mode():  # as ComfyUI runs every node
         model, clip, vae = comfy.sd.load_state_dict_guess_config(random_checkpoint(arch))[:3]
-        images = D.images_from_batch(torch.rand(4, res, res, 3, generator=torch.Generator().manual_seed(0)))
         host = ComfyHost(model, clip, vae, name=f"random-{arch}")
-        stamps: list[float] = []
-        cuda = torch.cuda.is_available()
-
-        def progress(step, total, loss, img):
-            if cuda:
-                torch.cuda.synchronize()
-            stamps.append(time.perf_counter())
-
         out = Path(os.environ.get("TMPDIR", "/tmp")) / f"likeness-bench-{os.getpid()}"
-        cfg = TIConfig(name=f"bench-{arch}", output_dir=out, steps=warmup + steps, batch_size=batch,
-                       save_every=0, preview_every=0, overwrite=True)
         with host.training():
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
-            train_textual_inversion(host, images, cfg, progress=progress)
+            train(host, out, progress)
     gaps = [b - a for a, b in zip(stamps, stamps[1:])][warmup:]
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
-    return {"s_per_step": statistics.median(gaps), "peak_GB": peak, "steps": len(stamps)}
+    return {"s_per_step": statistics.median(gaps) if gaps else float("nan"), "peak_GB": peak, "steps": len(stamps)}
+
+
+def time_likeness(arch: str, batch: int, res: int, steps: int, warmup: int) -> dict:
+    import torch
+
+    from likeness.trainers import data as D
+    from likeness.trainers.textual_inversion import TIConfig, train_textual_inversion
+
+    images = D.images_from_batch(torch.rand(4, res, res, 3, generator=torch.Generator().manual_seed(0)))
+
+    def train(host, out, progress):
+        cfg = TIConfig(name=f"bench-{arch}", output_dir=out, steps=warmup + steps, batch_size=batch,
+                       save_every=0, preview_every=0, overwrite=True)
+        train_textual_inversion(host, images, cfg, progress=progress)
+
+    return time_training(arch, train, warmup)
 
 
 def run_anchor(cmd: list[str], env: dict | None = None) -> list[str]:

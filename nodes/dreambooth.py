@@ -19,6 +19,7 @@ from ..trainers import data as D
 from ..trainers.formats import kohya_lora
 from ..trainers.dreambooth import MODE_DEFAULTS, DreamBoothConfig, train_dreambooth
 from ..trainers.lora import PRESETS
+from ..trainers.loop import OPTIMIZERS
 from .common import (TRAINING_CATEGORY, batch_captions, count_reporter, embeddings_dir, model_folder, node_id_of,
                      progress_reporter, training_report)
 
@@ -174,7 +175,7 @@ class TrainDreamBoothFull(io.ComfyNode):
                          "CheckpointLoaderSimple and A1111) and, optionally, the change as a LoRA."),
             search_aliases=["dreambooth", "fine-tune", "finetune", "likeness"],
             inputs=_common_inputs("full") + [
-                io.Combo.Input("optimizer", options=["adafactor", "adamw"], default=MODE_DEFAULTS["full"].optimizer,
+                io.Combo.Input("optimizer", options=sorted(OPTIMIZERS), default=MODE_DEFAULTS["full"].optimizer,
                                tooltip="adafactor: almost no optimizer memory (SD1.5 fits 12 GB with gradient "
                                "checkpointing); adamw: two more fp32 copies of the model."),
                 io.Boolean.Input("train_text_encoder", default=False, tooltip="Also fine-tune the text "

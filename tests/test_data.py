@@ -3,7 +3,6 @@ import random
 import struct
 import zlib
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image

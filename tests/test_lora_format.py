@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest

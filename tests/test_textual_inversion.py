@@ -122,8 +122,6 @@ class Interrupt(BaseException):
 
 
 def test_cancel_keeps_the_last_good_embedding(tiny_sd1_host, tmp_path):
-    got = {}
-
     def progress(step, total, loss, img):
         if step == 3:
             raise Interrupt()

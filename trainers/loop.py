@@ -145,6 +145,10 @@ def _param_groups(method, cfg: "LoopConfig") -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+#: the optimizers ``LoopConfig.optimizer`` names (the CLI and the nodes offer these)
+OPTIMIZERS = ("adamw", "adafactor")
+
+
 def _make_optimizer(groups: list[dict], cfg: "LoopConfig") -> torch.optim.Optimizer:
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=cfg.betas, weight_decay=cfg.weight_decay)
