@@ -28,7 +28,7 @@ import pytest
 from support import tiny_checkpoints
 from support.comfy_runtime import REPO
 from support.comfy_server import EMBEDDING_WARNING, cached_nodes, matching_lines, run_prompt, started_server
-from support.workflows import find_node, ui_to_api
+from support.workflows import add_trigger_probes, find_node, ui_to_api
 
 EXAMPLE = REPO / "example_workflows" / "textual_inversion.json"
 FOLDER = "likeness_example"  # the example's image folder and embedding name
@@ -69,16 +69,12 @@ def example_prompt(server, steps: int) -> tuple[dict, dict]:
     assert p[ids["sampler"]]["inputs"]["positive"] == [ids["positive"], 0]
     assert p[ids["loss_graph"]]["inputs"]["loss"] == [ids["ti"], 3]
 
-    p[ids["ckpt"]]["inputs"]["ckpt_name"] = "tiny_sd15.safetensors"
+    p[ids["ckpt"]]["inputs"]["ckpt_name"] = tiny_checkpoints.CHECKPOINTS["sd15"]
     p[ids["folder"]]["inputs"]["resolution"] = 64
     p[ids["ti"]]["inputs"].update(steps=steps, batch_size=1, preview_every=steps, preview_steps=1)
     p[ids["latent"]]["inputs"].update(width=64, height=64)
     p[ids["sampler"]]["inputs"]["steps"] = 1
-    plain = p[ids["replace"]]["inputs"]["string"].replace(p[ids["replace"]]["inputs"]["find"], "").replace("  ", " ")
-    p["900"] = {"class_type": "LikenessTestCondProbe", "inputs": {"conditioning": [ids["positive"], 0]}}
-    p["901"] = {"class_type": "CLIPTextEncode", "inputs": {"text": plain, "clip": [ids["ckpt"], 1]}}
-    p["902"] = {"class_type": "LikenessTestCondProbe", "inputs": {"conditioning": ["901", 0]}}
-    ids.update(probe="900", probe_plain="902")
+    ids["probe"], ids["probe_plain"] = add_trigger_probes(p, ids["replace"], ids["positive"], [ids["ckpt"], 1])
     return p, ids
 
 

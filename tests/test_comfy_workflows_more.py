@@ -28,7 +28,7 @@ from support.comfy_runtime import REPO
 from support.comfy_server import (EMBEDDING_WARNING, LORA_WARNING, cached_nodes, matching_lines, run_prompt,
                                   started_server)
 from support.tiny_clip_vision import FILE as TINY_CV
-from support.workflows import check_widget_types, find_node, ui_to_api
+from support.workflows import add_trigger_probes, check_widget_types, find_node, ui_to_api
 
 pytestmark = pytest.mark.comfyui
 
@@ -36,7 +36,7 @@ WORKFLOWS = REPO / "example_workflows"
 NAMES = ("dreambooth_lora", "dreambooth_full", "pivotal_tuning", "seedselect")
 FOLDER = "likeness_example"  # the DreamBooth examples' image folder
 REF_FOLDER = "likeness_seedselect"  # the SeedSelect example's reference folder
-TINY_CKPT = "tiny_sd15.safetensors"
+TINY_CKPT = tiny_checkpoints.CHECKPOINTS["sd15"]
 
 
 @pytest.fixture(scope="module")
@@ -228,10 +228,7 @@ def test_pivotal_tuning_word_in_the_prompt(server):
 
     _make_sampling_tiny(p, final)
     t.update(steps=2, num_class_images=1, preview_every=0)
-    plain = p[rep]["inputs"]["string"].replace(p[rep]["inputs"]["find"], "").replace("  ", " ")
-    p["900"] = {"class_type": "LikenessTestCondProbe", "inputs": {"conditioning": [pos, 0]}}
-    p["901"] = {"class_type": "CLIPTextEncode", "inputs": {"text": plain, "clip": [tr, 1]}}
-    p["902"] = {"class_type": "LikenessTestCondProbe", "inputs": {"conditioning": ["901", 0]}}
+    assert add_trigger_probes(p, rep, pos, [tr, 1]) == ("900", "902")
     entry, log, seconds = _run(server, p)
     print(f"\npivotal_tuning: {seconds:.1f} s")
     models = server.base / "models"

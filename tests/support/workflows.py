@@ -111,3 +111,16 @@ def check_widget_types(prompt: dict, object_info: dict) -> None:
                 continue
             where = f"node {nid} ({node['class_type']}) input {name!r} = {value!r}"
             _check_value(specs[name][0], specs[name], name, value, where)
+
+
+def add_trigger_probes(prompt: dict, replace: str, positive: str, clip: list) -> tuple[str, str]:
+    """Probe whether a trained word changes the conditioning: ``LikenessTestCondProbe`` nodes
+    (tests/support/server_nodes.py) on the ``positive`` CLIPTextEncode and on the same prompt
+    encoded by ``clip`` without the word that the StringReplace node ``replace`` splices in.
+    Adds nodes "900" to "902"; returns the ids of the two probes (with word, without)."""
+    r = prompt[replace]["inputs"]
+    plain = r["string"].replace(r["find"], "").replace("  ", " ")
+    prompt["900"] = {"class_type": "LikenessTestCondProbe", "inputs": {"conditioning": [positive, 0]}}
+    prompt["901"] = {"class_type": "CLIPTextEncode", "inputs": {"text": plain, "clip": clip}}
+    prompt["902"] = {"class_type": "LikenessTestCondProbe", "inputs": {"conditioning": ["901", 0]}}
+    return "900", "902"
