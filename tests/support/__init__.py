@@ -8,5 +8,6 @@
   websocket events) for the workflow tests;
 * :mod:`support.server_nodes` - test-only custom nodes loaded into that server;
 * :mod:`support.workflows` - the front end's UI-workflow to API-prompt conversion;
+* :mod:`support.tiny_clip_vision` - a tiny CLIP vision model ComfyUI's loader class builds;
 * :mod:`support.images` - small synthetic training images.
 """

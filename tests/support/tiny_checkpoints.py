@@ -83,8 +83,10 @@ def ensure_tiny_checkpoint(arch: str) -> Path:
     out = cache_dir() / ARCHS[arch].file
     if not out.is_file():
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "support.tiny_checkpoints", arch], cwd=Path(__file__).parents[1],
-                       check=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        res = subprocess.run([sys.executable, "-m", "support.tiny_checkpoints", arch], cwd=Path(__file__).parents[1],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if res.returncode != 0 or not out.is_file():
+            raise RuntimeError(f"building the tiny {arch} checkpoint failed ({res.returncode}):\n{res.stdout[-3000:]}")
         CREATION_SECONDS[arch] = time.perf_counter() - t0
         log.warning("built %s in %.1f s (%.0f MiB)", out, CREATION_SECONDS[arch], out.stat().st_size / 2**20)
     return out
