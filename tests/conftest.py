@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # helpers beside the tests: tiny_models
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # helpers beside the tests: tiny_models, support
 
 
 # ---- tiny diffusers hosts (owner: hosts/diffusers.py; builders in tests/tiny_models.py) --------
@@ -49,3 +49,34 @@ def pretrained_tiny_sd1():
 
 
 # ---- end tiny diffusers hosts ------------------------------------------------------------------
+
+
+# ---- ComfyUI in the test process (owner: tests/support/comfy_runtime.py) ------------------------
+# One ComfyUI per session: it can be imported only once, so every `comfyui` module shares it.
+
+
+@pytest.fixture(scope="session")
+def comfy_checkout():
+    """The ComfyUI checkout (``COMFYUI_PATH``), checked at the end of the session: its models, input,
+    output, user and temp folders list the same files as before (tests write below temporary base
+    directories only).  Skips where there is no checkout (CI)."""
+    from support import comfy_runtime
+
+    root = comfy_runtime.comfy_path()
+    if root is None:
+        pytest.skip(comfy_runtime.SKIP_REASON)
+    before = comfy_runtime.checkout_listing(root)
+    yield root
+    assert comfy_runtime.checkout_listing(root) == before, "the tests wrote into the ComfyUI checkout"
+
+
+@pytest.fixture(scope="session")
+def comfy_root(comfy_checkout, tmp_path_factory):
+    """That checkout imported in this process with a temporary base directory."""
+    from support import comfy_runtime
+
+    comfy_runtime.setup_comfy(comfy_checkout, tmp_path_factory.mktemp("comfy_base"))
+    return comfy_checkout
+
+
+# ---- end ComfyUI ---------------------------------------------------------------------------------

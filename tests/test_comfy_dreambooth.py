@@ -13,18 +13,16 @@ import logging
 import pytest
 import torch
 
-import comfy_env
+from support import comfy_runtime
 
-pytestmark = pytest.mark.comfyui
-
-comfy_root = pytest.fixture(scope="module", autouse=True, name="comfy_root")(comfy_env.require_comfy)
+pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("comfy_root")]
 
 
 @pytest.fixture(scope="module")
 def node_classes(comfy_root):
     import nodes
 
-    asyncio.run(nodes.load_custom_node(str(comfy_env.REPO)))
+    asyncio.run(nodes.load_custom_node(str(comfy_runtime.REPO)))
     return {k: nodes.NODE_CLASS_MAPPINGS[k] for k in
             ("LikenessTrainDreamBoothLoRA", "LikenessTrainDreamBoothFull", "LikenessTrainPivotal")}
 
@@ -48,12 +46,12 @@ def folders(comfy_root, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sd1(folders):
-    return comfy_env.load_checkpoint(comfy_env.ensure_tiny_checkpoint("sd15").name)
+    return comfy_runtime.load_tiny("sd15")
 
 
 @pytest.fixture(scope="module")
 def sdxl(folders):
-    return comfy_env.load_checkpoint(comfy_env.ensure_tiny_checkpoint("sdxl").name)
+    return comfy_runtime.load_tiny("sdxl")
 
 
 def _run(node_cls, **inputs):
@@ -152,7 +150,7 @@ def test_full_node_checkpoint_loads_through_checkpointloadersimple(node_classes,
     assert all(torch.equal(before[k], after[k]) for k in before), "training changed the input model's weights"
     assert ckpt_name == "lkfull.safetensors" and (folders["checkpoints"] / ckpt_name).is_file()
     assert (folders["loras"] / "lkfull_lora.safetensors").is_file()
-    reloaded_model, reloaded_clip, _ = comfy_env.load_checkpoint(ckpt_name)
+    reloaded_model, reloaded_clip, _ = comfy_runtime.load_checkpoint(ckpt_name)
     tuned = _ksample(trained_model, trained_clip, 64)
     assert torch.allclose(_ksample(reloaded_model, reloaded_clip, 64), tuned, atol=2e-2)
     assert not torch.allclose(_ksample(model, clip, 64), tuned, atol=1e-4)

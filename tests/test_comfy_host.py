@@ -3,7 +3,7 @@ loaded by ComfyUI's own CheckpointLoaderSimple under ``torch.inference_mode()``,
 
     COMFYUI_PATH=~/.cache/likeness/ComfyUI python -m pytest tests/test_comfy_host.py -q
 
-Skipped when COMFYUI_PATH is unset (CI).  The first run creates the checkpoints (tests/comfy_env.py).
+Skipped when COMFYUI_PATH is unset (CI).  The first run builds the checkpoints (tests/support/tiny_checkpoints.py).
 """
 from __future__ import annotations
 
@@ -15,19 +15,15 @@ import types
 import pytest
 import torch
 
-import comfy_env
+from support import comfy_runtime, tiny_checkpoints
 
-pytestmark = pytest.mark.comfyui
+pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("comfy_root")]
 
 PH = "lkxqz"  # a placeholder that is no single vocabulary token
 
 
-comfy_root = pytest.fixture(scope="module", autouse=True, name="comfy_root")(comfy_env.require_comfy)
-
-
 def _load(arch):
-    path = comfy_env.ensure_tiny_checkpoint(arch)
-    return comfy_env.load_checkpoint(path.name)
+    return comfy_runtime.load_tiny(arch)
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +92,7 @@ def test_info_and_encoders(request, arch, family, keys):
     objs = request.getfixturevalue({"sd15": "sd1", "sd2": "sd2", "sdxl": "sdxl"}[arch])
     host = _host(objs)
     assert host.info.family == family and host.info.prediction == "eps"
-    assert host.info.name == comfy_env.CHECKPOINTS[arch] and host.info.hash is None
+    assert host.info.name == tiny_checkpoints.CHECKPOINTS[arch] and host.info.hash is None
     assert {e.key: e.width for e in host.text_encoders()} == keys
     assert [e.key for e in host.text_encoders()] == list(keys)  # file order
     assert host.latent_multiple == 2 ** (len(objs[0].model.model_config.unet_config["channel_mult"]) - 1)
@@ -112,7 +108,7 @@ def test_info_and_encoders(request, arch, family, keys):
 
 def test_v_prediction_and_output_scale(sd1):
     eps = _host(sd1)
-    v = _host(sd1, model=comfy_env.v_prediction(sd1[0]))
+    v = _host(sd1, model=comfy_runtime.v_prediction(sd1[0]))
     assert v.info.prediction == "v"
     s = torch.tensor([0.03, 1.0, 14.6])
     assert torch.allclose(eps.output_scale(s), -s)
@@ -264,7 +260,7 @@ def test_sdxl_train_step(sdxl):
 def test_native_loss_identity(sd1, prediction):
     """((x0_hat - x0) / output_scale)^2 from the host equals the MSE of the raw UNet output against
     the model's own target (eps: the noise; v: (noise - sigma*x0) / sqrt(sigma^2 + 1))."""
-    model = sd1[0] if prediction == "eps" else comfy_env.v_prediction(sd1[0])
+    model = sd1[0] if prediction == "eps" else comfy_runtime.v_prediction(sd1[0])
     host = _host(sd1, model=model)
     g = torch.Generator().manual_seed(3)
     with torch.inference_mode(), host.training(), torch.no_grad():

@@ -19,14 +19,11 @@ import pytest
 import torch
 from PIL import Image
 
-import comfy_env
+from support import comfy_runtime
 
-pytestmark = pytest.mark.comfyui
+pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("comfy_root")]
 
 NAME = "lkxqz_node"
-
-
-comfy_root = pytest.fixture(scope="module", autouse=True, name="comfy_root")(comfy_env.require_comfy)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +31,7 @@ def node_classes(comfy_root):
     import nodes
 
     before = set(nodes.NODE_CLASS_MAPPINGS)
-    assert asyncio.run(nodes.load_custom_node(str(comfy_env.REPO))), "ComfyUI could not load the package"
+    assert asyncio.run(nodes.load_custom_node(str(comfy_runtime.REPO))), "ComfyUI could not load the package"
     return {k: nodes.NODE_CLASS_MAPPINGS[k] for k in set(nodes.NODE_CLASS_MAPPINGS) - before}
 
 
@@ -55,14 +52,12 @@ def live_embeddings(comfy_root, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sd1(comfy_root, live_embeddings):
-    path = comfy_env.ensure_tiny_checkpoint("sd15")
-    return comfy_env.load_checkpoint(path.name)
+    return comfy_runtime.load_tiny("sd15")
 
 
 @pytest.fixture(scope="module")
 def sdxl(comfy_root, live_embeddings):
-    path = comfy_env.ensure_tiny_checkpoint("sdxl")
-    return comfy_env.load_checkpoint(path.name)
+    return comfy_runtime.load_tiny("sdxl")
 
 
 @pytest.fixture

@@ -6,42 +6,28 @@ our samplers and schedules against ComfyUI's own functions, and the node's NOISE
 """
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
 
-import comfy_env
+from support import comfy_runtime, tiny_clip_vision
 
-pytestmark = pytest.mark.comfyui
-comfy_root = pytest.fixture(scope="module", autouse=True, name="comfy_root")(comfy_env.require_comfy)
+pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("comfy_root")]
 torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
 def sd1(comfy_root):
-    return comfy_env.load_checkpoint(comfy_env.ensure_tiny_checkpoint("sd15").name)
+    return comfy_runtime.load_tiny("sd15")
 
 
 @pytest.fixture(scope="module")
 def clip_vision(comfy_root, tmp_path_factory):
     """A tiny CLIP_VISION built by ComfyUI's own loader class from a tiny config, random weights
     loaded under inference mode (as Load CLIP Vision does)."""
-    import comfy.clip_vision
-
-    cfg = {"hidden_act": "quick_gelu", "hidden_size": 32, "image_size": 32, "intermediate_size": 64,
-           "layer_norm_eps": 1e-5, "model_type": "clip_vision_model", "num_attention_heads": 4, "num_channels": 3,
-           "num_hidden_layers": 2, "patch_size": 8, "projection_dim": 16}
-    path = tmp_path_factory.mktemp("cv") / "tiny_clip_vision.json"
-    path.write_text(json.dumps(cfg))
-    with torch.inference_mode():
-        cv = comfy.clip_vision.ClipVisionModel(str(path))
-        g = torch.Generator().manual_seed(0)
-        sd = {k: (torch.ones_like(v, device="cpu") if "norm" in k and k.endswith("weight") else
-                  0.1 * torch.randn(v.shape, generator=g)).to(v.dtype) for k, v in cv.model.state_dict().items()}
-        cv.load_sd(sd)
-    return cv
+    path = tiny_clip_vision.write_config(tmp_path_factory.mktemp("cv") / "tiny_clip_vision.json")
+    return tiny_clip_vision.random_model(path)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +36,7 @@ def node_classes(comfy_root):
 
     import nodes
 
-    asyncio.run(nodes.load_custom_node(str(comfy_env.REPO)))
+    asyncio.run(nodes.load_custom_node(str(comfy_runtime.REPO)))
     return {k: nodes.NODE_CLASS_MAPPINGS[k] for k in ("LikenessSeedSelect", "LikenessLoadSeed",
                                                      "LikenessNoiseFromLatent")}
 

@@ -8,8 +8,9 @@ The server gets its own base directory (``--base-directory``: models, input, out
 with the tiny SD1 checkpoint linked in as the only checkpoint and four 64x64 training images, so
 nothing is written into the ComfyUI checkout.  The example workflow is converted from the UI
 format the template browser loads to the API format ``/prompt`` takes with the server's own
-``/object_info``; a tiny test-only output node ("probe") reports a digest of the positive
-CLIPTextEncode's conditioning so the tests can see whether it changed.
+``/object_info``; a test-only output node (``LikenessTestCondProbe`` of tests/support/server_nodes.py)
+reports a digest of the positive CLIPTextEncode's conditioning so the tests can see whether it
+changed.
 
 The JavaScript test at the end needs only ``node`` (no ComfyUI).
 """
@@ -20,71 +21,27 @@ import math
 import os
 import shutil
 import subprocess
-import time
-import uuid
 from pathlib import Path
 
 import pytest
 
-import comfy_env
+from support import tiny_checkpoints
+from support.comfy_runtime import REPO
+from support.comfy_server import EMBEDDING_WARNING, cached_nodes, matching_lines, run_prompt, started_server
+from support.workflows import add_trigger_probes, find_node, ui_to_api
 
-REPO = comfy_env.REPO
 EXAMPLE = REPO / "example_workflows" / "textual_inversion.json"
 FOLDER = "likeness_example"  # the example's image folder and embedding name
 TI = "LikenessTrainTextualInversion"
 STEPS = 2  # training steps of the first run; the third run uses STEPS + 1
 
-EMBEDDING_WARNING = comfy_env.EMBEDDING_WARNING
-
-PROBE = '''
-import hashlib
-
-class LikenessTestCondProbe:
-    """Test-only output node: a digest of a CONDITIONING, shown in /history."""
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"conditioning": ("CONDITIONING",)}}
-    RETURN_TYPES = ()
-    FUNCTION = "probe"
-    OUTPUT_NODE = True
-    CATEGORY = "testing"
-
-    def probe(self, conditioning):
-        t = conditioning[0][0].detach().float().cpu().contiguous()
-        return {"ui": {"digest": [hashlib.sha256(t.numpy().tobytes()).hexdigest()],
-                       "shape": [list(t.shape)]}}
-
-NODE_CLASS_MAPPINGS = {"LikenessTestCondProbe": LikenessTestCondProbe}
-'''
-
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = comfy_env.comfy_path()
-    if root is None:
-        pytest.skip("COMFYUI_PATH not set: these tests start a ComfyUI server from a checkout "
-                    "(e.g. COMFYUI_PATH=~/.cache/likeness/ComfyUI)")
-    ckpt = comfy_env.ensure_tiny_checkpoint("sd15", root)
-    base = tmp_path_factory.mktemp("comfy_base")
-    (base / "custom_nodes").mkdir()
-    (base / "models" / "checkpoints").mkdir(parents=True)
-    comfy_env.link(REPO, base / "custom_nodes" / "likeness")
-    (base / "custom_nodes" / "likeness_test_probe.py").write_text(PROBE, encoding="utf-8")
-    comfy_env.link(ckpt, base / "models" / "checkpoints" / ckpt.name)
-    comfy_env.write_disc_images(base / "input" / FOLDER, captions=True)
-    srv = comfy_env.ComfyServer(root, base)
-    try:
-        srv.start()
-        srv.object_info = srv.get("/object_info")
+def server(comfy_checkout, tmp_path_factory):
+    ckpt = tiny_checkpoints.ensure_tiny_checkpoint("sd15")
+    with started_server(comfy_checkout, tmp_path_factory.mktemp("comfy_base"), ckpt,
+                        {FOLDER: {"captions": True}}) as srv:
         yield srv
-    finally:
-        srv.stop()
-
-
-def _find(prompt: dict, class_type: str, where=lambda node: True) -> str:
-    ids = [k for k, v in prompt.items() if v["class_type"] == class_type and where(v)]
-    assert len(ids) == 1, f"expected one {class_type} in the example workflow, found {ids}"
-    return ids[0]
 
 
 def example_prompt(server, steps: int) -> tuple[dict, dict]:
@@ -92,17 +49,17 @@ def example_prompt(server, steps: int) -> tuple[dict, dict]:
     training steps, one 1-step preview, a 1-step 64x64 sample; plus probes on the positive
     conditioning and on the same prompt encoded without the new word.  Returns (prompt, ids)."""
     wf = json.loads(EXAMPLE.read_text(encoding="utf-8"))
-    p = comfy_env.ui_to_api(wf, server.object_info)
+    p = ui_to_api(wf, server.object_info)
     ids = {
-        "ckpt": _find(p, "CheckpointLoaderSimple"),
-        "folder": _find(p, "LikenessLoadImageFolder"),
-        "ti": _find(p, TI),
-        "replace": _find(p, "StringReplace"),
-        "positive": _find(p, "CLIPTextEncode", lambda n: isinstance(n["inputs"]["text"], list)),
-        "latent": _find(p, "EmptyLatentImage"),
-        "sampler": _find(p, "KSampler"),
-        "save": _find(p, "SaveImage"),
-        "loss_graph": _find(p, "LossGraphNode"),
+        "ckpt": find_node(p, "CheckpointLoaderSimple"),
+        "folder": find_node(p, "LikenessLoadImageFolder"),
+        "ti": find_node(p, TI),
+        "replace": find_node(p, "StringReplace"),
+        "positive": find_node(p, "CLIPTextEncode", lambda n: isinstance(n["inputs"]["text"], list)),
+        "latent": find_node(p, "EmptyLatentImage"),
+        "sampler": find_node(p, "KSampler"),
+        "save": find_node(p, "SaveImage"),
+        "loss_graph": find_node(p, "LossGraphNode"),
     }
     assert p[ids["ckpt"]]["inputs"]["ckpt_name"] == "v1-5-pruned-emaonly.safetensors"
     assert p[ids["folder"]]["inputs"]["folder"] == FOLDER
@@ -112,29 +69,19 @@ def example_prompt(server, steps: int) -> tuple[dict, dict]:
     assert p[ids["sampler"]]["inputs"]["positive"] == [ids["positive"], 0]
     assert p[ids["loss_graph"]]["inputs"]["loss"] == [ids["ti"], 3]
 
-    p[ids["ckpt"]]["inputs"]["ckpt_name"] = "tiny_sd15.safetensors"
+    p[ids["ckpt"]]["inputs"]["ckpt_name"] = tiny_checkpoints.CHECKPOINTS["sd15"]
     p[ids["folder"]]["inputs"]["resolution"] = 64
     p[ids["ti"]]["inputs"].update(steps=steps, batch_size=1, preview_every=steps, preview_steps=1)
     p[ids["latent"]]["inputs"].update(width=64, height=64)
     p[ids["sampler"]]["inputs"]["steps"] = 1
-    plain = p[ids["replace"]]["inputs"]["string"].replace(p[ids["replace"]]["inputs"]["find"], "").replace("  ", " ")
-    p["900"] = {"class_type": "LikenessTestCondProbe", "inputs": {"conditioning": [ids["positive"], 0]}}
-    p["901"] = {"class_type": "CLIPTextEncode", "inputs": {"text": plain, "clip": [ids["ckpt"], 1]}}
-    p["902"] = {"class_type": "LikenessTestCondProbe", "inputs": {"conditioning": ["901", 0]}}
-    ids.update(probe="900", probe_plain="902")
+    ids["probe"], ids["probe_plain"] = add_trigger_probes(p, ids["replace"], ids["positive"], [ids["ckpt"], 1])
     return p, ids
 
 
 def run(server, prompt: dict) -> tuple[dict, list[dict], float]:
     """Queue and wait: (history entry, likeness.progress events, seconds)."""
-    client = f"likeness-test-{uuid.uuid4().hex[:8]}"
-    t0 = time.perf_counter()
-    with comfy_env.EventListener(server, client, ("likeness.progress",)) as events:
-        entry = server.wait(server.queue(prompt, client), timeout=1200)
-    seconds = time.perf_counter() - t0
-    errors = comfy_env.history_messages(entry, "execution_error")
-    assert entry["status"]["status_str"] == "success", f"{errors}\n{server.log_tail()}"
-    return entry, [e["data"] for e in events.events], seconds
+    entry, events, _, seconds = run_prompt(server, prompt, ("likeness.progress",))
+    return entry, events, seconds
 
 
 def _step_of(pt: Path) -> int:
@@ -144,7 +91,7 @@ def _step_of(pt: Path) -> int:
 
 
 def _embedding_warnings(server) -> list[str]:
-    return [ln for ln in server.log_text().splitlines() if EMBEDDING_WARNING.search(ln)]
+    return matching_lines(server.log_text(), EMBEDDING_WARNING)
 
 
 @pytest.mark.comfyui
@@ -204,7 +151,7 @@ def test_requeue_is_cached_and_new_settings_retrain(server):
     # the same graph again: nothing runs, the embedding is not retrained or rewritten
     entry, events, seconds = run(server, prompt)
     print(f"\nidentical re-queue: {seconds:.2f} s")
-    assert comfy_env.cached_nodes(entry) >= set(prompt), sorted(set(prompt) - comfy_env.cached_nodes(entry))
+    assert cached_nodes(entry) >= set(prompt), sorted(set(prompt) - cached_nodes(entry))
     assert events == [] and pt.stat().st_mtime_ns == mtime
     assert entry["outputs"][ids["probe"]]["digest"] == first["outputs"][ids["probe"]]["digest"]
 
@@ -213,7 +160,7 @@ def test_requeue_is_cached_and_new_settings_retrain(server):
     prompt3, ids3 = example_prompt(server, STEPS + 1)
     entry, events, seconds = run(server, prompt3)
     print(f"re-queue with {STEPS + 1} training steps: {seconds:.1f} s")
-    cached = comfy_env.cached_nodes(entry)
+    cached = cached_nodes(entry)
     assert ids3["ti"] not in cached and ids3["positive"] not in cached and ids3["probe"] not in cached
     assert ids3["ckpt"] in cached and ids3["folder"] in cached and "901" in cached  # unrelated nodes reused
     assert [e["step"] for e in events] == list(range(1, STEPS + 2))

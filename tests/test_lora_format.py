@@ -663,17 +663,11 @@ def test_comfyui_real_key_maps_and_load_lora(tmp_path_factory, caplog, family, p
 @pytest.mark.comfyui
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
-def test_inside_comfyui(tmp_path_factory, caplog, family):
+def test_inside_comfyui(comfy_root, tmp_path_factory, caplog, family):
     """ComfyUI detects the real diffusers UNet as SD15/SDXL, builds its own models, maps and loads
     our file with zero unloaded keys onto weights of matching size; A1111's mapping of the
     checkpoint ComfyUI would save for that model (``process_*_for_saving``) also matches and
     applies every key."""
-    import comfy_env
-
-    root = comfy_env.comfy_path()
-    if root is None:
-        pytest.skip("COMFYUI_PATH not set")
-    comfy_env.setup_comfy(root)
     import comfy.lora
     import comfy.model_detection
     import comfy.utils
