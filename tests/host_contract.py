@@ -125,23 +125,22 @@ CASES = [
 
 
 def _comfy_host(arch: str):
-    import comfy_env
+    from support import comfy_runtime
 
-    comfy_env.require_comfy()  # skips where there is no ComfyUI (CI)
     from likeness.hosts.comfy import ComfyHost
 
-    model, clip, vae = comfy_env.load_checkpoint(comfy_env.ensure_tiny_checkpoint(arch).name)
+    model, clip, vae = comfy_runtime.load_tiny(arch)
     with torch.inference_mode():  # constructed inside a node
         return ComfyHost(model, clip, vae)
 
 
 @pytest.fixture(scope="module")
-def comfy_sd1_host():
+def comfy_sd1_host(comfy_root):
     return _comfy_host("sd15")
 
 
 @pytest.fixture(scope="module")
-def comfy_sdxl_host():
+def comfy_sdxl_host(comfy_root):
     return _comfy_host("sdxl")
 
 
