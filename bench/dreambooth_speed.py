@@ -1,5 +1,5 @@
 """DreamBooth speed on the ComfyUI host: seconds per step and peak GPU memory for LoRA, full and
-pivotal training, beside the anchors of ../shared/bench measured in the same run.
+pivotal training, beside the anchor scripts (``ti_speed.SHARED_BENCH``) measured in the same run.
 
 The model is a random-weight, full-size SD1.5 or SDXL checkpoint built in memory and loaded through
 ComfyUI's own detection (``ti_speed.random_checkpoint``).  With ``--prior`` every step also trains

@@ -1,5 +1,5 @@
 """Textual Inversion speed on the ComfyUI host: seconds per step and peak GPU memory, beside the
-anchors of ../shared/bench measured in the same run.
+anchor scripts (``SHARED_BENCH``: ComfyUI's own floor and trainer) measured in the same run.
 
 Random-weight, full-size SD1.5 or SDXL checkpoints are built in memory and loaded through ComfyUI's
 own detection (weights change no timing; no pretrained weights can be had).  The anchors are the

@@ -7,11 +7,11 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # helpers beside the tests: tiny_models, support
 
 
-# ---- tiny diffusers hosts (owner: hosts/diffusers.py; builders in tests/tiny_models.py) --------
+# ---- tiny diffusers hosts (owner: hosts/diffusers/; builders in tests/tiny_models.py) ---------
 # Session-scoped and seeded: built once per run.  Random weights - for contract tests only (shapes,
 # gradients, frozen weights, files).  Tests that must show *learning* (TI / LoRA / SeedSelect
 # recovering a known answer) use `pretrained_tiny_sd1`, never the random hosts: see
-# tests/tiny_models.py and shared/reference/testing.md.
+# tests/tiny_models.py.
 
 
 @pytest.fixture(scope="session")

@@ -8,8 +8,7 @@ Two kinds, for two kinds of test:
 * **Briefly trained** (``pretrain_tiny_sd1``; fixture ``pretrained_tiny_sd1``): an SD1-shaped model
   taught a few synthetic classes named by real words ("a photo of a zebra").  Recovery tests (TI
   finds a known embedding, LoRA a known delta, SeedSelect a known seed) must use this one:
-  measured in ``shared/reference/testing.md``, a random model's loss does not even prefer the true
-  embedding.
+  measured on a random tiny model, its loss does not even prefer the true embedding.
 
 Every model uses the real shipped CLIP tokenizer (49408 tokens), so placeholder checks and token
 ids are those of the real models; the token tables are then 49408 x width, which is still small.
@@ -266,8 +265,8 @@ def pretrain_tiny_sd1(seed: int = 0, steps: int = 250, batch: int = 24, lr: floa
     Of the token-embedding table only the class words' rows are trained (``host.token_embeddings``
     returns them afterwards); every other row stays as built.  The VAE stays random but is
     calibrated (``_calibrate_vae``: centred, and scaled as SD's 0.18215 was chosen, from latent
-    statistics) so the classes are as far apart, relative to the noise schedule, as in
-    ``shared/reference/evidence/recovery_pretrained_tiny.py``.
+    statistics) so the classes are as far apart, relative to the noise schedule, as SD's latents of
+    distinct subjects are.
     """
     parts = build_tiny("sd1", seed)
     unet, vae, te, tok, sched = (parts["unet"], parts["vae"], parts["text_encoders"][0],

@@ -2,7 +2,7 @@
 rare concept the way a few reference images show it.  No weight changes: the result is a *noise*
 that any sampler with the same settings turns into the image.
 
-The objective is the official code's (``shared/reference/algorithms.md`` §3):
+The objective is the official code's (Samuel et al.'s released implementation):
 
 * semantic: ``1 - cos(CLIP(decode(x0_k)), C)`` for the x0 estimates of the last K steps, weighted
   0.05 / 0.25 / 0.70, where ``C`` is the L2-normalised mean of the references' CLIP embeddings;
