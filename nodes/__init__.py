@@ -1,16 +1,22 @@
 """Likeness's ComfyUI nodes (V3 schema API).  Imported only inside ComfyUI, by the package's
-``comfy_entrypoint``; one module per feature, each listing its node classes in ``NODES``."""
+``comfy_entrypoint``; one module per feature, each listing its node classes in ``NODES``, found
+here by name so a new feature is one new module."""
 from __future__ import annotations
+
+import importlib
+import pkgutil
 
 from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import dreambooth, image_folder, seedselect, textual_inversion
-
 
 def node_list() -> list[type[io.ComfyNode]]:
-    return [*image_folder.NODES, *textual_inversion.NODES, *dreambooth.NODES, *seedselect.NODES]
+    out: list[type[io.ComfyNode]] = []
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        out.extend(getattr(module, "NODES", ()))
+    return out
 
 
 class LikenessExtension(ComfyExtension):

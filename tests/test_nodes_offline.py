@@ -59,7 +59,7 @@ def test_the_stand_in_leaves_nothing_behind(tmp_path):
     if comfy_stub.comfy_loaded():
         pytest.skip("the real ComfyUI is loaded in this process: the stand-in is not used")
     with comfy_stub.installed(tmp_path) as used:
-        importlib.import_module("likeness.nodes")
+        importlib.import_module("likeness.nodes").node_list()  # imports every node module
         assert used and "folder_paths" in sys.modules and "likeness.nodes.common" in sys.modules
     assert not [m for m in sys.modules if m.split(".")[0] in comfy_stub.TOP_LEVEL]
     assert not [m for m in sys.modules if m.startswith("likeness.nodes") or m.startswith("likeness.hosts.comfy")]
