@@ -16,7 +16,6 @@ Prints one RESULT line per measurement; ``--markdown FILE`` appends a dated tabl
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import sys
 from pathlib import Path
@@ -73,19 +72,9 @@ def main() -> int:
     lines = [f"RESULT likeness_dreambooth_{args.mode} {args.arch} bs=1{'+1 prior' if args.prior else ''} "
              f"res={args.res} s_per_step={ours['s_per_step']:.4f} peak_GB={ours['peak_GB']:.2f}"]
     if not args.no_anchors:
-        lines += ti_speed.run_anchor([sys.executable, str(ti_speed.SHARED_BENCH / "comfy_anchor.py"), comfy_dir,
-                                      args.arch, "1", str(args.res), "20"])
-        if os.environ.get("DIFFUSERS_EXAMPLES"):
-            lines += ti_speed.run_anchor(["bash", str(ti_speed.SHARED_BENCH / "anchors.sh"), args.arch],
-                                         env=dict(os.environ, COMFYUI_PATH=comfy_dir))
-    for line in lines:
-        print(line, flush=True)
-    if args.markdown:
-        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        with open(args.markdown, "a", encoding="utf-8") as fh:
-            fh.write(f"\n### DreamBooth {args.mode} {args.arch} {args.res}px — {card}, {stamp}\n\n")
-            fh.write("`python bench/dreambooth_speed.py " + " ".join(sys.argv[1:]) + "`\n\n```\n"
-                     + "\n".join(lines) + "\n```\n")
+        lines += ti_speed.anchors(comfy_dir, args.arch, 1, args.res)
+    ti_speed.report(lines, args.markdown, f"DreamBooth {args.mode} {args.arch} {args.res}px — {card}",
+                    "bench/dreambooth_speed.py")
     return 0
 
 

@@ -136,6 +136,28 @@ def time_likeness(arch: str, batch: int, res: int, steps: int, warmup: int) -> d
     return time_training(arch, train, warmup)
 
 
+def anchors(comfy_dir: str, arch: str, batch: int, res: int) -> list[str]:
+    """The anchor lines, measured now: ComfyUI's own floor and trainer, and the diffusers examples
+    where ``DIFFUSERS_EXAMPLES`` is set."""
+    lines = run_anchor([sys.executable, str(SHARED_BENCH / "comfy_anchor.py"), comfy_dir, arch, str(batch),
+                        str(res), "20"])
+    if os.environ.get("DIFFUSERS_EXAMPLES"):
+        lines += run_anchor(["bash", str(SHARED_BENCH / "anchors.sh"), arch],
+                            env=dict(os.environ, COMFYUI_PATH=comfy_dir))
+    return lines
+
+
+def report(lines: list[str], markdown: str | None, title: str, script: str) -> None:
+    """Print the result lines; with ``markdown``, append them under a dated heading with the command."""
+    for line in lines:
+        print(line, flush=True)
+    if markdown:
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        with open(markdown, "a", encoding="utf-8") as fh:
+            fh.write(f"\n### {title}, {stamp}\n\n`python {script} " + " ".join(sys.argv[1:]) + "`\n\n```\n"
+                     + "\n".join(lines) + "\n```\n")
+
+
 def run_anchor(cmd: list[str], env: dict | None = None) -> list[str]:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [l for l in (proc.stdout + proc.stderr).splitlines() if l.startswith(("ANCHOR", "RESULT", "FLOOR"))]
@@ -162,18 +184,8 @@ def main() -> int:
     lines = [f"RESULT likeness_ti {args.arch} bs={args.batch} res={args.res} "
              f"s_per_step={ours['s_per_step']:.4f} peak_GB={ours['peak_GB']:.2f}"]
     if not args.no_anchors:
-        lines += run_anchor([sys.executable, str(SHARED_BENCH / "comfy_anchor.py"), comfy_dir, args.arch,
-                             str(args.batch), str(args.res), "20"])
-        if os.environ.get("DIFFUSERS_EXAMPLES"):
-            lines += run_anchor(["bash", str(SHARED_BENCH / "anchors.sh"), args.arch],
-                                env=dict(os.environ, COMFYUI_PATH=comfy_dir))
-    for line in lines:
-        print(line, flush=True)
-    if args.markdown:
-        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        with open(args.markdown, "a", encoding="utf-8") as fh:
-            fh.write(f"\n### TI {args.arch} batch {args.batch} {args.res}px — {card}, {stamp}\n\n")
-            fh.write("`python bench/ti_speed.py " + " ".join(sys.argv[1:]) + "`\n\n```\n" + "\n".join(lines) + "\n```\n")
+        lines += anchors(comfy_dir, args.arch, args.batch, args.res)
+    report(lines, args.markdown, f"TI {args.arch} batch {args.batch} {args.res}px — {card}", "bench/ti_speed.py")
     return 0
 
 

@@ -104,7 +104,7 @@ class ComfyAdapter:
 @dataclass(frozen=True)
 class Case:
     id: str
-    fixture: str  # the pytest fixture that builds the host
+    fixture: str  # the pytest fixture that builds the host ("name", or "name:arch" for a loader)
     family: str
     prediction: str
     adapter: Any
@@ -119,35 +119,37 @@ CASES = [
     Case("diffusers-sd1", "tiny_sd1_host", "sd1", "eps", DiffusersAdapter),
     Case("diffusers-sd2", "tiny_sd2_host", "sd2", "v", DiffusersAdapter),
     Case("diffusers-sdxl", "tiny_sdxl_host", "sdxl", "eps", DiffusersAdapter),
-    Case("comfy-sd1", "comfy_sd1_host", "sd1", "eps", ComfyAdapter, comfy=True),
-    Case("comfy-sdxl", "comfy_sdxl_host", "sdxl", "eps", ComfyAdapter, comfy=True),
+    Case("comfy-sd1", "comfy_hosts:sd15", "sd1", "eps", ComfyAdapter, comfy=True),
+    Case("comfy-sdxl", "comfy_hosts:sdxl", "sdxl", "eps", ComfyAdapter, comfy=True),
 ]
 
 
-def _comfy_host(arch: str):
+@pytest.fixture(scope="module")
+def comfy_hosts(comfy_root):
+    """ComfyHosts over the tiny checkpoints, by arch, each built on first use (inside a node's
+    inference mode, as a node builds one) and kept for the module."""
     from support import comfy_runtime
 
     from likeness.hosts.comfy import ComfyHost
 
-    model, clip, vae = comfy_runtime.load_tiny(arch)
-    with torch.inference_mode():  # constructed inside a node
-        return ComfyHost(model, clip, vae)
+    built = {}
 
+    def get(arch: str):
+        if arch not in built:
+            model, clip, vae = comfy_runtime.load_tiny(arch)
+            with torch.inference_mode():
+                built[arch] = ComfyHost(model, clip, vae)
+        return built[arch]
 
-@pytest.fixture(scope="module")
-def comfy_sd1_host(comfy_root):
-    return _comfy_host("sd15")
-
-
-@pytest.fixture(scope="module")
-def comfy_sdxl_host(comfy_root):
-    return _comfy_host("sdxl")
+    return get
 
 
 @pytest.fixture(params=[c.param() for c in CASES])
 def case(request):
     c: Case = request.param
-    return c, request.getfixturevalue(c.fixture)
+    name, _, arch = c.fixture.partition(":")  # "fixture" or "fixture:arch" (a loader by arch)
+    got = request.getfixturevalue(name)
+    return c, got(arch) if arch else got
 
 
 # ---- helpers --------------------------------------------------------------------------------------
