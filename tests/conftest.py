@@ -79,4 +79,20 @@ def comfy_root(comfy_checkout, tmp_path_factory):
     return comfy_checkout
 
 
+@pytest.fixture(scope="session")
+def likeness_nodes(comfy_root):
+    """The node classes ComfyUI registered when it loaded this package as a custom node
+    (``nodes.load_custom_node`` on the repository root, V3 ``comfy_entrypoint``): loaded once per
+    session, since a second load registers nothing new and every module must see the same set."""
+    import asyncio
+
+    import nodes
+
+    from support import comfy_runtime
+
+    before = set(nodes.NODE_CLASS_MAPPINGS)
+    assert asyncio.run(nodes.load_custom_node(str(comfy_runtime.REPO))), "ComfyUI could not load the package"
+    return {k: nodes.NODE_CLASS_MAPPINGS[k] for k in set(nodes.NODE_CLASS_MAPPINGS) - before}
+
+
 # ---- end ComfyUI ---------------------------------------------------------------------------------

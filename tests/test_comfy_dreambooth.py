@@ -7,7 +7,6 @@ the full fine-tune's checkpoint loads through CheckpointLoaderSimple.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import pytest
@@ -19,11 +18,8 @@ pytestmark = [pytest.mark.comfyui, pytest.mark.usefixtures("comfy_root")]
 
 
 @pytest.fixture(scope="module")
-def node_classes(comfy_root):
-    import nodes
-
-    asyncio.run(nodes.load_custom_node(str(comfy_runtime.REPO)))
-    return {k: nodes.NODE_CLASS_MAPPINGS[k] for k in
+def node_classes(likeness_nodes):
+    return {k: likeness_nodes[k] for k in
             ("LikenessTrainDreamBoothLoRA", "LikenessTrainDreamBoothFull", "LikenessTrainPivotal")}
 
 

@@ -6,7 +6,6 @@ hidden inputs, ``EXECUTE_NORMALIZED`` under ``torch.inference_mode()``, a global
 """
 from __future__ import annotations
 
-import asyncio
 import copy
 import logging
 import math
@@ -27,12 +26,8 @@ NAME = "lkxqz_node"
 
 
 @pytest.fixture(scope="module")
-def node_classes(comfy_root):
-    import nodes
-
-    before = set(nodes.NODE_CLASS_MAPPINGS)
-    assert asyncio.run(nodes.load_custom_node(str(comfy_runtime.REPO))), "ComfyUI could not load the package"
-    return {k: nodes.NODE_CLASS_MAPPINGS[k] for k in set(nodes.NODE_CLASS_MAPPINGS) - before}
+def node_classes(likeness_nodes):
+    return likeness_nodes
 
 
 @pytest.fixture(scope="module")

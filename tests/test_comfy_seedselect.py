@@ -31,14 +31,8 @@ def clip_vision(comfy_root, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def node_classes(comfy_root):
-    import asyncio
-
-    import nodes
-
-    asyncio.run(nodes.load_custom_node(str(comfy_runtime.REPO)))
-    return {k: nodes.NODE_CLASS_MAPPINGS[k] for k in ("LikenessSeedSelect", "LikenessLoadSeed",
-                                                     "LikenessNoiseFromLatent")}
+def node_classes(likeness_nodes):
+    return {k: likeness_nodes[k] for k in ("LikenessSeedSelect", "LikenessLoadSeed", "LikenessNoiseFromLatent")}
 
 
 def _run(node_cls, **inputs):
