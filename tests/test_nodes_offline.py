@@ -31,6 +31,7 @@ OUTPUT_TYPES = {
     "LikenessSeedSelect": ["NOISE", "LATENT", "LATENT", "IMAGE", "LOSS_MAP"],
     "LikenessLoadSeed": ["NOISE", "SIGMAS", "STRING"],
     "LikenessNoiseFromLatent": ["NOISE"],
+    "LikenessEvaluate": ["STRING", "IMAGE"],
 }
 DREAMBOOTH_NODES = {"LikenessTrainDreamBoothLoRA": "lora", "LikenessTrainDreamBoothFull": "full",
                     "LikenessTrainPivotal": "pivotal"}
@@ -82,7 +83,7 @@ def test_every_node_is_listed_once_with_its_output_types(comfy):
 def test_every_input_and_output_says_what_it_is(comfy):
     for node_id, schema in _schemas(comfy).items():
         assert schema.display_name.endswith("(Likeness)") and len(schema.description) > 40, node_id
-        assert schema.category in ("Likeness/training", "Likeness/seeds"), node_id
+        assert schema.category in ("Likeness/training", "Likeness/seeds", "Likeness/evaluate"), node_id
         ids = [i.id for i in schema.inputs]
         assert len(ids) == len(set(ids)), node_id
         for i in schema.inputs:
@@ -274,3 +275,52 @@ def test_nodes_import_nothing_of_the_testbed_and_no_private_names():
                 parts = (node.module or "").split(".")
                 assert not {"world", "demo", "bench"} & set(parts), (path.name, node.module)
                 assert not [a.name for a in node.names if a.name.startswith("_")], (path.name, node.module)
+
+
+# ---- Evaluate (Likeness) -----------------------------------------------------------------------
+
+
+class _TableVision:
+    """Stands in for ``hosts.comfy.ComfyClipVision``: embeds an image as its mean colour, and keeps
+    the CLIP_VISION kind check (what the node relies on to refuse a wrong model)."""
+
+    def __init__(self, clip_vision, use, kinds):
+        if clip_vision.model_type not in kinds:
+            raise ValueError(f"This CLIP_VISION is a {clip_vision.model_type}; " + use.format(kinds))
+        self.tower = f"fake:{clip_vision.model_type}"
+
+    def embed(self, images):
+        return images.mean(dim=(1, 2))
+
+
+def _solid(*colours):
+    return torch.tensor(colours, dtype=torch.float32)[:, None, None, :].expand(-1, 8, 8, 3).clone()
+
+
+def test_evaluate_node_outputs_the_table_as_text_and_image(comfy, monkeypatch):
+    module = importlib.import_module("likeness.nodes.evaluate")
+    monkeypatch.setattr(module, "ComfyClipVision", _TableVision)
+    node = comfy.classes["LikenessEvaluate"]
+    cv, dino = types.SimpleNamespace(model_type="clip_vision_model"), types.SimpleNamespace(model_type="dinov2")
+    refs, gen = _solid([1, 0, 0]), _solid([1, 0, 0], [0, 1, 0])
+    out = node.execute(refs, gen, cv, "a photo of sks dog", "sks", "dog", dino=dino)
+    text, picture = out.args
+    rows = [ln.split() for ln in text.splitlines()]
+    assert rows[0] == ["image", "CLIP-I", "DINO", "CLIP-T", "diversity", "combined"]
+    assert rows[1][:4] == ["1", "1.0000", "1.0000", "n/a"] and rows[2][:4] == ["2", "0.0000", "0.0000", "n/a"]
+    assert rows[3] == ["all", "0.5000", "0.5000", "n/a", "1.0000", f"{math.sqrt(0.5):.4f}"]
+    assert "CLIP-T: no text tower" in text and out.ui["text"] == (text,)
+    assert picture.ndim == 4 and picture.shape[0] == 1 and picture.shape[-1] == 3 and picture.min() < 0.5
+    with pytest.raises(ValueError, match="one prompt per image"):
+        node.execute(refs, gen, cv, "a\nb\nc", "", "")
+    with pytest.raises(ValueError, match="is a dinov2"):
+        node.execute(refs, gen, dino, "", "", "")
+
+
+def test_evaluate_node_refuses_a_clip_vision_of_the_wrong_kind_with_the_real_adapter(comfy):
+    node = comfy.classes["LikenessEvaluate"]
+    img = _solid([1, 0, 0])
+    with pytest.raises(ValueError, match="is a dinov2; Evaluate Likeness needs a CLIP vision model"):
+        node.execute(img, img, types.SimpleNamespace(model=None, model_type="dinov2"), "", "", "")
+    with pytest.raises(ValueError, match="needs a CLIP vision model .* Connect one"):
+        node.execute(img, img, None, "", "", "")

@@ -127,20 +127,34 @@ class ComfySeedModel:
         return sampler.result
 
 
-class ComfyClipVision:
-    """``seam.ImageEncoder`` over ComfyUI's CLIP_VISION (projected image embeds)."""
+#: what each CLIP_VISION kind is, for messages (``model_type`` in ComfyUI's config)
+VISION_KINDS = {"clip_vision_model": "a CLIP vision model (e.g. CLIP-ViT-H-14 or CLIP-ViT-L-14)",
+                "dinov2": "a DINOv2 model (e.g. dinov2-large or dinov2-giant)"}
 
-    def __init__(self, clip_vision):
+
+class ComfyClipVision:
+    """``seam.ImageEncoder`` over ComfyUI's CLIP_VISION: a CLIP vision model's projected image
+    embeds, or a DINOv2 model's class token after the last norm (what ComfyUI's loader also puts in
+    ``image_embeds``).  ``kinds`` are the ``model_type``s the caller accepts, ``use`` says what for
+    (the first words of the message when the wrong kind or nothing is connected).  ``tower`` names
+    the architecture (kind, width, depth, projection, input size) for ``trainers.metrics``'
+    same-model check."""
+
+    def __init__(self, clip_vision, use: str = "SeedSelect needs {} for its semantic loss.",
+                 kinds: tuple[str, ...] = ("clip_vision_model",)):
+        wanted = " or ".join(VISION_KINDS.get(k, k) for k in kinds)
         if clip_vision is None or not hasattr(clip_vision, "model"):
-            raise ValueError("SeedSelect needs a CLIP_VISION model (Load CLIP Vision) for its semantic loss.")
+            raise ValueError(use.format(wanted) + " Connect one (Load CLIP Vision).")
         kind = getattr(clip_vision, "model_type", "clip_vision_model")
-        if kind != "clip_vision_model":
-            raise ValueError(f"This CLIP_VISION is a {kind}; SeedSelect needs a CLIP vision model "
-                             "(e.g. CLIP-ViT-H-14 or CLIP-ViT-L-14).")
+        if kind not in kinds:
+            raise ValueError(f"This CLIP_VISION is a {kind}; " + use.format(wanted))
         self.cv = clip_vision
         self.size = int(getattr(clip_vision, "image_size", 224))
         self.mean = tuple(getattr(clip_vision, "image_mean", CLIP_MEAN))
         self.std = tuple(getattr(clip_vision, "image_std", CLIP_STD))
+        c = getattr(clip_vision, "config", {}) or {}
+        self.tower = (f"comfy:{kind}:{c.get('hidden_size')}x{c.get('num_hidden_layers')}"
+                      f":{c.get('projection_dim')}:{self.size}")
         self.patcher = clip_vision.patcher.clone()
         add_identity_wrappers(self.patcher)
 
@@ -153,4 +167,4 @@ class ComfyClipVision:
         return out[2].float().to(images.device)
 
 
-__all__ = ["ComfySeedModel", "ComfyClipVision", "OptimizedNoise", "FunctionSampler"]
+__all__ = ["ComfySeedModel", "ComfyClipVision", "VISION_KINDS", "OptimizedNoise", "FunctionSampler"]
