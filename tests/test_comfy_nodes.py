@@ -98,7 +98,8 @@ def _inputs(sd1, **kw):
 def test_package_loads_as_a_v3_custom_node(node_classes):
     assert set(node_classes) == {"LikenessTrainTextualInversion", "LikenessLoadImageFolder",
                                  "LikenessTrainDreamBoothLoRA", "LikenessTrainDreamBoothFull", "LikenessTrainPivotal",
-                                 "LikenessSeedSelect", "LikenessLoadSeed", "LikenessNoiseFromLatent"}
+                                 "LikenessSeedSelect", "LikenessLoadSeed", "LikenessNoiseFromLatent",
+                                 "LikenessEvaluate"}
     for node_id, cls in node_classes.items():
         cls.VALIDATE_CLASS()
         schema = cls.GET_SCHEMA()
