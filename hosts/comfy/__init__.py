@@ -1,5 +1,6 @@
 """Likeness on ComfyUI's own objects: the host (``host.py``: the whole seam on MODEL + CLIP + VAE),
-SeedSelect's model, image encoder and NOISE (``seedselect.py``), and what both build on: model
+SeedSelect's model and NOISE and the image encoder over CLIP_VISION (CLIP or DINOv2, also used by
+the Evaluate node) (``seedselect.py``), and what both build on: model
 detection (``detection.py``), trainable clones and out-of-place layers (``patching.py``) and the
 VAE (``vae.py``).
 
