@@ -179,7 +179,7 @@ def _run_dreambooth(args) -> int:
     given = dict(steps=args.steps, learning_rate=args.lr, text_encoder_lr=args.text_encoder_lr,
                  optimizer=args.optimizer, save_every=args.save_every)
     per_mode = {**defaults.config_fields(), **{k: v for k, v in given.items() if v is not None}}
-    out = Path(args.out or defaults.folder)
+    out = Path(defaults.folder if args.out is None else args.out)
     cfg = DreamBoothConfig(
         name=args.name, output_dir=out, instance_prompt=args.instance_prompt, mode=args.mode, prompts=args.prompts,
         class_prompt=args.class_prompt, prior_weight=args.prior_weight, num_class_images=args.num_class_images,
@@ -188,7 +188,7 @@ def _run_dreambooth(args) -> int:
         gradient_checkpointing=args.gradient_checkpointing, seed=args.seed, resolution=args.resolution,
         flip=args.flip, token=args.token, embedding_dir=args.embeddings_out, num_vectors=args.num_vectors,
         ti_learning_rate=args.ti_lr, ti_fraction=args.ti_fraction, bundle_embedding=args.bundle_embedding,
-        extract_rank=args.extract_rank, lora_dir=None if args.out else MODE_DEFAULTS["lora"].folder,
+        extract_rank=args.extract_rank, lora_dir=None if args.out is not None else MODE_DEFAULTS["lora"].folder,
         preview_every=args.preview_every, overwrite=args.overwrite, **per_mode,
     )
     check_config(cfg)  # option, name and image problems are reported before the model loads
@@ -320,6 +320,8 @@ def _expect_result(args, path: Path, preview: Path) -> None:
     """Refuse an output folder that is a file, or a result/preview path that is a folder, before
     anything loads; then remember which file holds the run's result and when the run began, so
     that a stop or a failure reports a save only when this run really wrote that file."""
+    if getattr(args, "out", None) is not None and not str(args.out).strip():
+        raise ValueError("--out is empty: give the folder to write into")
     if path.parent.exists() and not path.parent.is_dir():
         raise NotADirectoryError(f"--out {path.parent} is a file, not a folder: choose a folder to write into")
     for p in (path, preview):

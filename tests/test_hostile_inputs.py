@@ -103,6 +103,24 @@ def test_a_zero_that_is_allowed_is_honoured_not_replaced(tiny_folder, tmp_path):
     assert meta["ss_max_train_steps"] == "2" and float(meta["ss_learning_rate"]) == 0.001
 
 
+@pytest.mark.parametrize("command", ["ti", "dreambooth"])
+def test_an_empty_out_is_refused_not_replaced_by_a_default(tmp_path, capsys, monkeypatch, command):
+    monkeypatch.chdir(tmp_path)
+    rc = cli.main(_base(command, tmp_path / "no-model", _images(tmp_path / "imgs"), "") + ["--steps", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--out is empty" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs"]
+
+
+def test_the_highest_seed_a_node_offers_runs(tiny_folder, tmp_path):
+    # the run derives its class-image and adapter seeds from it: they must wrap, not overflow
+    out = tmp_path / "out"
+    assert cli.main(_base("dreambooth", tiny_folder, _images(tmp_path / "imgs"), out)
+                    + ["--steps", "1", "--seed", str(2**64 - 1), "--class-prompt", "a photo of a dog",
+                       "--num-class-images", "1"]) == 0
+    assert (out / "subj.safetensors").is_file()
+
+
 def test_an_out_that_is_a_file_is_refused_and_left_alone(tmp_path, capsys):
     out = tmp_path / "notes.txt"
     out.write_text("mine")

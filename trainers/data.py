@@ -58,6 +58,12 @@ class DatasetError(ValueError):
     """Bad training data; the message says which files and what to change."""
 
 
+def offset_seed(seed: int, k: int) -> int:
+    """``seed + k`` wrapped into the seed range: a seed near the top (ComfyUI offers up to
+    2**64 - 1) must not overflow the generator when a run derives its other seeds from it."""
+    return (seed + k) % (MAX_SEED + 1)
+
+
 def number_problems(seed: int, resolution: int | None) -> list[str]:
     """The checks of a seed and a training resolution that every trainer's config shares, as
     messages: run with the other option checks, before any model is loaded."""

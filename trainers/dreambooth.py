@@ -284,7 +284,8 @@ def sample_class_latents(host: Host, prompt: str, count: int, size_hw: tuple[int
             cond = host.encode_text([prompt] * n, meta=meta)
             uncond = host.encode_text([""] * n, meta=meta)
             shape = (n, host.latent_channels, size_hw[0] // f, size_hw[1] // f)
-            out.append(sample_euler(host, cond, uncond, shape=shape, steps=steps, cfg=cfg, seed=seed + start).float())
+            seed_k = D.offset_seed(seed, start)
+            out.append(sample_euler(host, cond, uncond, shape=shape, steps=steps, cfg=cfg, seed=seed_k).float())
         if progress is not None:
             progress(start + n, count)
     return torch.cat(out)
@@ -384,7 +385,7 @@ class _Trainables:
                     raise ValueError(f"this model has no {cfg.targets!r} layers in its {part} to adapt")
                 alpha = cfg.alpha if cfg.alpha is not None else float(cfg.rank)
                 self.loras[part] = LoraSet({n: params[n] for n in names}, cfg.rank, alpha,
-                                           device=host.device, seed=cfg.seed + len(self.loras))
+                                           device=host.device, seed=D.offset_seed(cfg.seed, len(self.loras)))
         if cfg.mode == "pivotal":
             vecs = initial_vectors(host, init_text, cfg.num_vectors)
             self.vectors = {k: torch.nn.Parameter(v.to(host.device, torch.float32)) for k, v in vecs.items()}
@@ -508,8 +509,8 @@ def train_dreambooth(host: Host, images: D.TrainingImages, cfg: DreamBoothConfig
             prior = D.LatentCache(host, plan.class_images, crop_hw=plan.crop_hw, flip=False, random_crop=False)
         else:
             lat = sample_class_latents(host, cfg.class_prompt, cfg.num_class_images, plan.crop_hw,
-                                       steps=cfg.class_sample_steps, cfg=cfg.class_cfg, seed=cfg.seed + 1_000_003,
-                                       progress=class_progress)
+                                       steps=cfg.class_sample_steps, cfg=cfg.class_cfg,
+                                       seed=D.offset_seed(cfg.seed, 1_000_003), progress=class_progress)
             prior = D.LatentCache.from_latents(lat, host.latent_scale)
         n_class = len(prior)
     prompts = [c if c is not None else cfg.instance_prompt for c in plan.captions]

@@ -358,7 +358,7 @@ def _start(model, objective: _Objective, targets: _Targets, sigmas, shape, cfg) 
     if cfg.start == "seed":
         return random_noise(shape, cfg.seed), math.nan
     if cfg.start == "best_of":
-        cands = [random_noise(shape, cfg.seed + i) for i in range(cfg.candidates)]
+        cands = [random_noise(shape, (cfg.seed + i) % 2**64) for i in range(cfg.candidates)]
     else:
         cands = _inversion_candidates(model, sigmas, targets, shape, cfg.candidates)
     emb, lat = targets.centroids()
