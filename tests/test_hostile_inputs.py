@@ -248,3 +248,17 @@ def test_sigterm_mid_run_keeps_the_last_good_embedding(tiny_folder, tmp_path):
     assert "stopped by SIGTERM; the last good result was saved to" in err and "Traceback" not in err
     assert load_file(str(out / "sks-hostile.safetensors"))["emb_params"].shape == (1, 32)
     assert 100 <= torch.load(out / "sks-hostile.pt", weights_only=True)["step"] < 2000
+
+
+def test_sighup_stops_a_run_like_ctrl_c():
+    with cli._StopSignals() as stop:
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(1)
+    assert stop.reason() == "stopped by SIGHUP" and stop.signum == signal.SIGHUP
+
+
+def test_a_seed_written_as_a_float_is_refused_by_the_parser(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli.main(_base("ti", tmp_path / "no-model", tmp_path, tmp_path / "out") + ["--seed", "1e23"])
+    assert stop.value.code == 2 and "argument --seed: invalid int value: '1e23'" in capsys.readouterr().err
