@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -87,7 +89,8 @@ def _ti_parser(sub) -> None:
 def _run_ti(args) -> int:
     from .hosts.diffusers import DiffusersHost
     from .trainers import data as D
-    from .trainers.textual_inversion import TIConfig, train_textual_inversion
+    from .trainers.formats.files import validate_name
+    from .trainers.textual_inversion import TIConfig, check_config, train_textual_inversion
 
     cfg = TIConfig(
         name=args.name, output_dir=args.out, init_text=args.init_text, num_vectors=args.vectors,
@@ -96,7 +99,10 @@ def _run_ti(args) -> int:
         flip=not args.no_flip, save_every=args.save_every, preview_every=args.preview_every,
         preview_prompt=args.preview_prompt, overwrite=args.overwrite,
     )
-    images = D.load_image_folder(args.images)  # image problems are reported before the model loads
+    check_config(cfg)  # option, name and image problems are reported before the model loads
+    name = validate_name(args.name)
+    _expect_result(args, Path(args.out) / f"{name}.safetensors", Path(args.out) / f"{name}.preview.png")
+    images = D.load_image_folder(args.images)
     host = DiffusersHost.load(args.model, device=args.device, prediction=args.prediction)
     print(images.summary(), flush=True)  # the trainer runs every remaining check before any work
     preview_path = Path(args.out) / f"{cfg.name}.preview.png"
@@ -166,13 +172,14 @@ def _dreambooth_parser(sub) -> None:
 def _run_dreambooth(args) -> int:
     from .hosts.diffusers import DiffusersHost
     from .trainers import data as D
-    from .trainers.dreambooth import MODE_DEFAULTS, DreamBoothConfig, train_dreambooth
+    from .trainers.dreambooth import MODE_DEFAULTS, DreamBoothConfig, check_config, train_dreambooth
+    from .trainers.formats.files import validate_name
 
     defaults = MODE_DEFAULTS[args.mode]
     given = dict(steps=args.steps, learning_rate=args.lr, text_encoder_lr=args.text_encoder_lr,
                  optimizer=args.optimizer, save_every=args.save_every)
     per_mode = {**defaults.config_fields(), **{k: v for k, v in given.items() if v is not None}}
-    out = Path(args.out or defaults.folder)
+    out = Path(defaults.folder if args.out is None else args.out)
     cfg = DreamBoothConfig(
         name=args.name, output_dir=out, instance_prompt=args.instance_prompt, mode=args.mode, prompts=args.prompts,
         class_prompt=args.class_prompt, prior_weight=args.prior_weight, num_class_images=args.num_class_images,
@@ -181,9 +188,12 @@ def _run_dreambooth(args) -> int:
         gradient_checkpointing=args.gradient_checkpointing, seed=args.seed, resolution=args.resolution,
         flip=args.flip, token=args.token, embedding_dir=args.embeddings_out, num_vectors=args.num_vectors,
         ti_learning_rate=args.ti_lr, ti_fraction=args.ti_fraction, bundle_embedding=args.bundle_embedding,
-        extract_rank=args.extract_rank, lora_dir=None if args.out else MODE_DEFAULTS["lora"].folder,
+        extract_rank=args.extract_rank, lora_dir=None if args.out is not None else MODE_DEFAULTS["lora"].folder,
         preview_every=args.preview_every, overwrite=args.overwrite, **per_mode,
     )
+    check_config(cfg)  # option, name and image problems are reported before the model loads
+    name = validate_name(args.name)
+    _expect_result(args, out / f"{name}.safetensors", out / f"{name}.preview.png")
     images = D.load_image_folder(args.images)
     class_images = D.load_image_folder(args.class_images) if args.class_images else None
     host = DiffusersHost.load(args.model, device=args.device, prediction=args.prediction)
@@ -270,14 +280,16 @@ def _run_seedselect(args) -> int:
     from .hosts.diffusers import DiffusersHost, load_clip_vision
     from .trainers import data as D
     from .trainers import seed_bank as B
-    from .trainers.seedselect import SeamSeedModel, SeedSelectConfig, fit_images, train_seedselect
+    from .trainers.seedselect import SeamSeedModel, SeedSelectConfig, check_config, fit_images, train_seedselect
 
     cfg = SeedSelectConfig(
         width=args.width, height=args.height, sampler=args.sampler, scheduler=args.scheduler, steps=args.steps,
         cfg=args.cfg, optimise_cfg=1.0 if args.optimise_without_cfg else None, iterations=args.iterations,
         learning_rate=args.lr, seed=args.seed, start=args.start, candidates=args.candidates,
         num_seeds=args.num_seeds, target_loss=args.target_loss)
+    check_config(cfg)
     target = B.seed_path(args.out, args.name)  # name and overwrite problems before any loading
+    _expect_result(args, target, Path(args.out) / f"{args.name}.preview.png")
     if target.exists() and not args.overwrite:
         raise FileExistsError(f"{target} exists; pick another --name or pass --overwrite")
     images = D.load_image_folder(args.references)
@@ -300,6 +312,109 @@ def _run_seedselect(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------
+# failures and stops: one line that says what happened and what is on disk, never a traceback
+
+
+def _expect_result(args, path: Path, preview: Path) -> None:
+    """Refuse an output folder that is a file, or a result/preview path that is a folder, before
+    anything loads; then remember which file holds the run's result and when the run began, so
+    that a stop or a failure reports a save only when this run really wrote that file."""
+    if getattr(args, "out", None) is not None and not str(args.out).strip():
+        raise ValueError("--out is empty: give the folder to write into")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise NotADirectoryError(f"--out {path.parent} is a file, not a folder: choose a folder to write into")
+    for p in (path, preview):
+        if p.is_dir():
+            raise IsADirectoryError(f"{p} is a folder, so the run could not write its file there: "
+                                    "move that folder away or choose another --name")
+    args.result_path, args.started = path, time.time()
+
+
+def _saved_note(args) -> str:
+    path = getattr(args, "result_path", None)
+    if path is None:
+        return "nothing was saved"
+    try:
+        fresh = path.stat().st_mtime >= args.started - 1
+    except OSError:
+        fresh = False
+    if fresh:
+        return f"the last good result was saved to {path}"
+    return f"nothing was saved by this run ({path} was not written)"
+
+
+_OOM_HINT = ("out of memory: lower the resolution or batch size, use --gradient-checkpointing or "
+             "--optimizer adafactor, or pick a smaller model")
+
+
+def _failure(exc: BaseException) -> tuple[str, int] | None:
+    """(one-line message, exit status) for the failures a user can act on; None for a bug.
+    2: the input (an option, a file, a folder) must change; 1: the run itself failed."""
+    import errno
+    import pickle
+
+    import torch
+    from PIL import Image
+
+    if isinstance(exc, (ValueError, FileExistsError, FileNotFoundError, PermissionError,
+                        NotADirectoryError, IsADirectoryError)):
+        return str(exc), 2
+    if isinstance(exc, pickle.UnpicklingError):
+        return (f"a model file holds a pickle that is not plain weights and was not loaded ({exc}); "
+                "use a .safetensors copy of the model"), 2
+    if isinstance(exc, Image.DecompressionBombError):
+        return f"an image is too large to open safely ({exc}); downscale it", 2
+    if isinstance(exc, FloatingPointError):
+        return str(exc), 1
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or (
+            isinstance(exc, RuntimeError) and ("out of memory" in str(exc) or "can't allocate" in str(exc))):
+        return _OOM_HINT, 1
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        where = f" writing {exc.filename}" if exc.filename else ""
+        return f"the disk is full{where}: free some space or choose another --out, then run again", 1
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or exc}{f' ({exc.filename})' if exc.filename else ''}", 1
+    return None
+
+
+class _StopSignals:
+    """SIGINT, SIGTERM and SIGHUP all stop a run like Cancel: the first raises KeyboardInterrupt
+    (the loop then saves the last good result); a second one while that save runs is only
+    acknowledged, so a hurried double Ctrl-C does not lose the result; a third abandons it."""
+
+    NAMES = ("SIGINT", "SIGTERM", "SIGHUP")
+
+    def __init__(self):
+        self.signum, self.count, self.old = signal.SIGINT, 0, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for name in self.NAMES:
+                if hasattr(signal, name):
+                    sig = getattr(signal, name)
+                    self.old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)
+        return False
+
+    def _handle(self, signum, frame):
+        self.count += 1
+        if self.count == 1:
+            self.signum = signum
+            raise KeyboardInterrupt
+        if self.count == 2:
+            print("likeness: saving the last good result; signal again to abandon it", file=sys.stderr, flush=True)
+            return
+        raise KeyboardInterrupt
+
+    def reason(self) -> str:
+        return "interrupted" if self.signum == signal.SIGINT else f"stopped by {signal.Signals(self.signum).name}"
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never fetch: every file we need is local
     parser = argparse.ArgumentParser(prog="likeness", description=__doc__.split("\n")[0])
@@ -314,15 +429,21 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     runs = {"ti": _run_ti, "dreambooth": _run_dreambooth, "demo": _run_demo, "seedselect": _run_seedselect,
             "bench": lambda a: _run_bench(a, rest)}
-    try:
-        return runs[args.command](args)
-    except (ValueError, FileExistsError, FileNotFoundError, PermissionError) as exc:
-        print(f"likeness: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("likeness: interrupted; the last good result (if any step finished) was saved", file=sys.stderr)
-        return 130
-
+    with _StopSignals() as stop:
+        try:
+            return runs[args.command](args)
+        except KeyboardInterrupt:
+            print(f"likeness: {stop.reason()}; {_saved_note(args)}", file=sys.stderr)
+            return 128 + stop.signum
+        except Exception as exc:  # noqa: BLE001 - every failure ends in one line, never a traceback
+            known = _failure(exc)
+            if known is None:
+                raise  # a bug: its traceback is what a report needs
+            message, rc = known
+            print(f"likeness: error: {message}", file=sys.stderr)
+            if rc == 1:
+                print(f"likeness: {_saved_note(args)}", file=sys.stderr)
+            return rc
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -47,8 +47,33 @@ TEMPLATE_KINDS = ("auto", "object", "style", "captions")
 NAME_TAG = "[name]"
 
 
+#: Seeds are ComfyUI's (0 .. 2**64 - 1): what a torch generator accepts.
+MAX_SEED = 2**64 - 1
+#: Largest training side in pixels: SDXL trains at 1024; 4096 already needs tens of GB.  Beyond
+#: it a typo (100000) would try to allocate hundreds of GB before any message could be shown.
+MAX_RESOLUTION = 4096
+
+
 class DatasetError(ValueError):
     """Bad training data; the message says which files and what to change."""
+
+
+def offset_seed(seed: int, k: int) -> int:
+    """``seed + k`` wrapped into the seed range: a seed near the top (ComfyUI offers up to
+    2**64 - 1) must not overflow the generator when a run derives its other seeds from it."""
+    return (seed + k) % (MAX_SEED + 1)
+
+
+def number_problems(seed: int, resolution: int | None) -> list[str]:
+    """The checks of a seed and a training resolution that every trainer's config shares, as
+    messages: run with the other option checks, before any model is loaded."""
+    p = []
+    if not 0 <= seed <= MAX_SEED:
+        p.append(f"seed must be a whole number from 0 to {MAX_SEED}, got {seed}")
+    if resolution is not None and (not 64 <= resolution <= MAX_RESOLUTION or resolution % 8):
+        p.append(f"resolution must be a multiple of 8 from 64 to {MAX_RESOLUTION} pixels (512 for SD1, "
+                 f"1024 for SDXL), got {resolution}")
+    return p
 
 
 @dataclass
@@ -112,16 +137,22 @@ def load_image_folder(folder: str | Path) -> TrainingImages:
     folder = Path(folder)
     if not folder.is_dir():
         raise DatasetError(f"image folder {folder} does not exist or is not a folder")
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-    if not paths:
+    named = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    # a link that loops or points nowhere is not a file; said, not skipped, since the user meant it
+    dangling = [f"{p.name} is a symbolic link that loops or points to nothing: fix or remove it"
+                for p in named if p.is_symlink() and not p.exists()]
+    paths = [p for p in named if p.is_file()]
+    if not paths and not dangling:
         raise DatasetError(f"no images in {folder} (looked for {', '.join(IMAGE_EXTENSIONS)})")
-    images, captions, problems = [], [], []
+    images, captions, problems = [], [], dangling
     for path in paths:
         try:
             with Image.open(path) as img:
                 img.load()
                 problem = _image_problem(path, img)
                 rgb = None if problem else img.convert("RGB")
+        except Image.DecompressionBombError as exc:
+            problem = f"is too large to open safely ({exc}): downscale it"
         except OSError as exc:
             problem = f"cannot be read ({exc})"
         if problem:
@@ -215,6 +246,9 @@ def plan_geometry(data: TrainingImages, resolution: int | None, factor: int) -> 
             listing = ", ".join(f"{s} {im.shape[1]}x{im.shape[0]}" for s, im in zip(data.sources, data.images))
             raise DatasetError(f"images have different sizes ({listing}); set a resolution to resize them to")
         h, w = sizes.pop()
+        if max(h, w) > MAX_RESOLUTION:
+            raise DatasetError(f"images are {w}x{h}, larger than {MAX_RESOLUTION} pixels on a side; set a "
+                               "resolution (e.g. 512 or 1024) to downscale them")
         h8, w8 = h - h % factor, w - w % factor
         if min(h8, w8) < 8 * factor:
             raise DatasetError(f"images are {w}x{h}; they must be at least {8 * factor} pixels on each side")

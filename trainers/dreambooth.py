@@ -22,6 +22,7 @@ timesteps - a silent broadcast for B = 1, an error for B > 1).
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -120,8 +121,15 @@ class DreamBoothResult:
 # checks: everything that can fail happens before any model work
 
 
+def check_config(cfg: DreamBoothConfig) -> None:
+    """Every check of the options alone (no model, no images): the CLI runs it before loading."""
+    problems = _check_config(cfg)
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
 def _check_config(cfg: DreamBoothConfig) -> list[str]:
-    p = []
+    p = D.number_problems(cfg.seed, cfg.resolution)
     if cfg.mode not in MODES:
         p.append(f"mode must be one of {', '.join(MODES)}, got {cfg.mode!r}")
     if not cfg.instance_prompt.strip():
@@ -130,18 +138,20 @@ def _check_config(cfg: DreamBoothConfig) -> list[str]:
         p.append(f"steps must be at least 1, got {cfg.steps}")
     if cfg.batch_size < 1:
         p.append(f"batch size must be at least 1, got {cfg.batch_size}")
-    if not 0 < cfg.learning_rate <= 1:
-        p.append(f"learning rate must be in (0, 1], got {cfg.learning_rate}")
+    for what, lr in (("learning rate", cfg.learning_rate), ("text encoder learning rate", cfg.text_encoder_lr),
+                     ("pivotal word learning rate", cfg.ti_learning_rate)):
+        if not 0 < lr <= 1:
+            p.append(f"{what} must be in (0, 1], got {lr}")
     if cfg.mode != "full" and cfg.rank < 1:
         p.append(f"LoRA rank must be at least 1, got {cfg.rank}")
     if cfg.alpha is not None and not cfg.alpha > 0:
         p.append(f"LoRA alpha must be positive, got {cfg.alpha}")
     if cfg.targets not in PRESETS:
         p.append(f"LoRA targets must be one of {', '.join(PRESETS)}, got {cfg.targets!r}")
-    if cfg.prior_weight < 0 or cfg.num_class_images < 0:
-        p.append("prior weight and class image count cannot be negative")
-    if cfg.min_snr_gamma < 0 or cfg.noise_offset < 0:
-        p.append("min-SNR gamma and noise offset cannot be negative")
+    for what, v in (("prior weight", cfg.prior_weight), ("class image count", cfg.num_class_images),
+                    ("min-SNR gamma", cfg.min_snr_gamma), ("noise offset", cfg.noise_offset)):
+        if not 0 <= v < math.inf:
+            p.append(f"{what} must be 0 or a positive number, got {v}")
     if cfg.prompts not in PROMPT_SOURCES:
         p.append(f"prompts must be one of {', '.join(PROMPT_SOURCES)}, got {cfg.prompts!r}")
     if cfg.save_every < 0 or cfg.preview_every < 0:
@@ -207,9 +217,7 @@ def _output_files(host: Host, cfg: DreamBoothConfig, name: str) -> dict[str, Pat
 def prepare(host: Host, images: D.TrainingImages, cfg: DreamBoothConfig,
             class_images: D.TrainingImages | None = None) -> _Plan:
     """Every check that can fail, before any model work: config, model, names, files, images."""
-    problems = _check_config(cfg)
-    if problems:
-        raise ValueError("; ".join(problems))
+    check_config(cfg)
     if not isinstance(host, Tunable):
         raise ValueError(f"this model ({type(host).__name__}) cannot be fine-tuned by Likeness: it does not "
                          "expose its weights for patching (SD1.x, SD2.x and SDXL checkpoints do)")
@@ -276,7 +284,8 @@ def sample_class_latents(host: Host, prompt: str, count: int, size_hw: tuple[int
             cond = host.encode_text([prompt] * n, meta=meta)
             uncond = host.encode_text([""] * n, meta=meta)
             shape = (n, host.latent_channels, size_hw[0] // f, size_hw[1] // f)
-            out.append(sample_euler(host, cond, uncond, shape=shape, steps=steps, cfg=cfg, seed=seed + start).float())
+            seed_k = D.offset_seed(seed, start)
+            out.append(sample_euler(host, cond, uncond, shape=shape, steps=steps, cfg=cfg, seed=seed_k).float())
         if progress is not None:
             progress(start + n, count)
     return torch.cat(out)
@@ -376,7 +385,7 @@ class _Trainables:
                     raise ValueError(f"this model has no {cfg.targets!r} layers in its {part} to adapt")
                 alpha = cfg.alpha if cfg.alpha is not None else float(cfg.rank)
                 self.loras[part] = LoraSet({n: params[n] for n in names}, cfg.rank, alpha,
-                                           device=host.device, seed=cfg.seed + len(self.loras))
+                                           device=host.device, seed=D.offset_seed(cfg.seed, len(self.loras)))
         if cfg.mode == "pivotal":
             vecs = initial_vectors(host, init_text, cfg.num_vectors)
             self.vectors = {k: torch.nn.Parameter(v.to(host.device, torch.float32)) for k, v in vecs.items()}
@@ -500,8 +509,8 @@ def train_dreambooth(host: Host, images: D.TrainingImages, cfg: DreamBoothConfig
             prior = D.LatentCache(host, plan.class_images, crop_hw=plan.crop_hw, flip=False, random_crop=False)
         else:
             lat = sample_class_latents(host, cfg.class_prompt, cfg.num_class_images, plan.crop_hw,
-                                       steps=cfg.class_sample_steps, cfg=cfg.class_cfg, seed=cfg.seed + 1_000_003,
-                                       progress=class_progress)
+                                       steps=cfg.class_sample_steps, cfg=cfg.class_cfg,
+                                       seed=D.offset_seed(cfg.seed, 1_000_003), progress=class_progress)
             prior = D.LatentCache.from_latents(lat, host.latent_scale)
         n_class = len(prior)
     prompts = [c if c is not None else cfg.instance_prompt for c in plan.captions]
@@ -564,5 +573,5 @@ MODE_DEFAULTS = {
 }
 
 
-__all__ = ["DreamBoothConfig", "DreamBoothResult", "MODES", "MODE_DEFAULTS", "ModeDefaults", "train_dreambooth",
+__all__ = ["check_config", "DreamBoothConfig", "DreamBoothResult", "MODES", "MODE_DEFAULTS", "ModeDefaults", "train_dreambooth",
            "prepare", "sample_class_latents"]

@@ -103,10 +103,12 @@ class LoraSet:
         down = (torch.rand(r, in_f, generator=gen) * 2 - 1) * bound
         up = torch.zeros(out_f, r)
         extra = (1, 1) if w.ndim == 4 else ()
+        # a layer narrower than the rank gets rank r; alpha shrinks with it so the layer's scale
+        # stays the alpha/rank that was asked for (alpha kept as-is would scale it by rank/r)
         return LoraAdapter(
             down=torch.nn.Parameter(down.reshape(r, *w.shape[1:]).to(device)),
             up=torch.nn.Parameter(up.reshape(out_f, r, *extra).to(device)),
-            alpha=float(alpha),
+            alpha=float(alpha) * r / rank,
         )
 
     def parameters(self) -> list[torch.nn.Parameter]:

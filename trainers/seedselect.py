@@ -157,21 +157,28 @@ class SeedSelectResult:
 # checks (all before any work)
 
 
-def _check_config(cfg: SeedSelectConfig) -> None:
+def check_config(cfg: SeedSelectConfig) -> None:
+    """Every check of the options alone (no model, no references): the CLI runs it before loading."""
     DS.check_sampler(cfg.sampler)
+    for name, v in (("width", cfg.width), ("height", cfg.height)):
+        if not 8 <= v <= 16384:
+            raise ValueError(f"{name} {v} px is not a size a model can render: use 8..16384 pixels "
+                             "(e.g. 512 for SD1, 1024 for SDXL)")
+    if not 0 <= cfg.seed <= 2**64 - 1:
+        raise ValueError(f"seed must be a whole number from 0 to {2**64 - 1}, got {cfg.seed}")
     if cfg.start not in STARTS:
         raise ValueError(f"start must be one of {', '.join(STARTS)}, not {cfg.start!r}")
     positive = {"iterations": cfg.iterations, "learning_rate": cfg.learning_rate, "num_seeds": cfg.num_seeds,
                 "candidates": cfg.candidates}
     for name, value in positive.items():
-        if not value > 0:
+        if not 0 < value < math.inf:
             raise ValueError(f"{name} must be positive, got {value}")
     if cfg.sigmas is None and cfg.steps < 1:
         raise ValueError(f"steps must be at least 1, got {cfg.steps}")
     if not cfg.semantic_weights or any(w < 0 for w in cfg.semantic_weights):
         raise ValueError("semantic_weights must be one or more non-negative numbers (last steps, oldest first)")
-    if cfg.cfg <= 0 or (cfg.optimise_cfg is not None and cfg.optimise_cfg <= 0):
-        raise ValueError("cfg must be positive (1 = no classifier-free guidance)")
+    if not 0 < cfg.cfg < math.inf or (cfg.optimise_cfg is not None and not 0 < cfg.optimise_cfg < math.inf):
+        raise ValueError(f"cfg must be a positive number (1 = no classifier-free guidance), got {cfg.cfg}")
 
 
 def _check_references(references: torch.Tensor, what: str = "references") -> None:
@@ -351,7 +358,7 @@ def _start(model, objective: _Objective, targets: _Targets, sigmas, shape, cfg) 
     if cfg.start == "seed":
         return random_noise(shape, cfg.seed), math.nan
     if cfg.start == "best_of":
-        cands = [random_noise(shape, cfg.seed + i) for i in range(cfg.candidates)]
+        cands = [random_noise(shape, (cfg.seed + i) % 2**64) for i in range(cfg.candidates)]
     else:
         cands = _inversion_candidates(model, sigmas, targets, shape, cfg.candidates)
     emb, lat = targets.centroids()
@@ -497,7 +504,7 @@ def train_seedselect(model: SeedModel, vision: ImageEncoder, references: torch.T
     (an exception from ``progress`` or the model): ``on_cancel`` gets the best seeds so far, then
     the exception propagates.
     """
-    _check_config(cfg)
+    check_config(cfg)
     _check_references(references)
     for i, o in enumerate(others or []):
         _check_references(o, f"references of other concept {i + 1}")
@@ -572,6 +579,6 @@ def render(model: SeedModel, noise: torch.Tensor, sigmas: torch.Tensor, sampler:
     return model.run(sigmas, cfg, go, (1, *noise.shape[1:]))
 
 
-__all__ = ["SeamSeedModel", "SeedSelectConfig", "SeedSelectResult", "train_seedselect",
+__all__ = ["check_config", "SeamSeedModel", "SeedSelectConfig", "SeedSelectResult", "train_seedselect",
            "render", "random_noise", "latent_shape", "schedule", "semantic_terms", "fit_images", "slerp",
            "gaussian_norm", "STARTS"]

@@ -62,8 +62,9 @@ class TIResult:
     template_kind: str = ""
 
 
-def _check_config(cfg: TIConfig) -> None:
-    problems = []
+def check_config(cfg: TIConfig) -> None:
+    """Every check of the options alone (no model, no images): the CLI runs it before loading."""
+    problems = D.number_problems(cfg.seed, cfg.resolution)
     if not 1 <= cfg.num_vectors <= 75:
         problems.append(f"vectors per token must be 1..75 (a prompt holds 75 tokens), got {cfg.num_vectors}")
     if cfg.steps < 1:
@@ -117,7 +118,7 @@ def _metadata(cfg: TIConfig, init_text: str, kind: str) -> dict[str, str]:
 def prepare(host: Host, images: D.TrainingImages, cfg: TIConfig):
     """Every check that can fail, before any model work: config, name, output files, images,
     captions.  Returns (kind, captions, planned images, init text)."""
-    _check_config(cfg)
+    check_config(cfg)
     name = validate_name(cfg.name)
     host.check_placeholder(name)
     if len(images) == 0:
@@ -173,4 +174,4 @@ def train_textual_inversion(host: Host, images: D.TrainingImages, cfg: TIConfig,
     )
 
 
-__all__ = ["TIConfig", "TIResult", "TextualInversion", "train_textual_inversion", "prepare"]
+__all__ = ["TIConfig", "TIResult", "TextualInversion", "train_textual_inversion", "prepare", "check_config"]

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
+import time
 import unicodedata
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -146,9 +148,36 @@ def read_safetensors(path: Path, max_tensors: int | None = None, what: str = "fi
 # Atomic writes
 # --------------------------------------------------------------------------------------------
 
+#: A temp file of ours untouched this long was left by a killed save (a live write keeps
+#: touching it), so the next save of the same name removes it.
+STALE_TEMP_SECONDS = 15 * 60
+
+
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Delete ``.<name>.<8 hex>.tmp`` files beside ``path`` older than ``STALE_TEMP_SECONDS``: the
+    leftovers of a save that was killed (SIGKILL, power loss) before it could clean up.  Only our
+    own pattern for this very name is touched, never another file."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.[0-9a-f]{{8}}\.tmp")
+    removed = []
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not pattern.fullmatch(entry.name):
+            continue
+        with contextlib.suppress(OSError):
+            if entry.is_file(follow_symlinks=False) and \
+                    time.time() - entry.stat(follow_symlinks=False).st_mtime > STALE_TEMP_SECONDS:
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+    return removed
+
+
 def _open_temp(path: Path) -> tuple[int, Path]:
     """Create a new hidden temp file next to ``path``; mode 0o666 minus umask like a normal file
     (``mkstemp`` would make it 0o600, unreadable to a UI running as another user)."""
+    remove_stale_temps(path)
     while True:
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
         try:
