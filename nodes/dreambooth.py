@@ -122,6 +122,8 @@ _OUT_LOSS = io.LossMap.Output(display_name="loss", tooltip="The loss of every st
 
 
 class TrainDreamBoothLoRA(io.ComfyNode):
+    LIVE_CHART = True  # reports a loss per step: web/likeness.js gives it the live chart
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -164,6 +166,8 @@ class TrainDreamBoothLoRA(io.ComfyNode):
 
 
 class TrainDreamBoothFull(io.ComfyNode):
+    LIVE_CHART = True  # reports a loss per step: web/likeness.js gives it the live chart
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -204,6 +208,8 @@ class TrainDreamBoothFull(io.ComfyNode):
 
 
 class TrainPivotal(io.ComfyNode):
+    LIVE_CHART = True  # reports a loss per step: web/likeness.js gives it the live chart
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

@@ -51,6 +51,8 @@ def _entry(res: SeedSelectResult, model, cfg: SeedSelectConfig, scheduler, steps
 
 
 class SeedSelect(io.ComfyNode):
+    LIVE_CHART = True  # reports a loss per step: web/likeness.js gives it the live chart
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

@@ -22,6 +22,8 @@ def _prompt_text(prompt: str, name: str) -> str:
 
 
 class TrainTextualInversion(io.ComfyNode):
+    LIVE_CHART = True  # reports a loss per step: web/likeness.js gives it the live chart
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

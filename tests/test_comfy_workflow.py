@@ -177,13 +177,18 @@ globalThis.window = globalThis;
 const registered = [], listeners = {}, nodes = {};
 globalThis.__app = { registerExtension: (e) => registered.push(e),
                      graph: { getNodeById: (id) => nodes[id] ?? null } };
-globalThis.__api = { addEventListener: (t, f) => (listeners[t] ||= []).push(f) };
+const routes = [];
+const saved = { chart_nodes: ["LikenessSeedSelect", "LikenessTrainTextualInversion"], prompt_id: "p0",
+                nodes: { "9": { total: 4, steps: [1, 2], losses: [0.8, null], elapsed: [1.5, 3.0] } } };
+globalThis.__api = { addEventListener: (t, f) => (listeners[t] ||= []).push(f),
+                     fetchApi: async (r) => { routes.push(r); return { ok: true, json: async () => saved }; } };
 await import("./extensions/likeness/likeness.js");
 await import("./extensions/likeness/likeness.js?second-copy");  // served twice: registers once
 const out = { registered: registered.length, names: registered.map((e) => e.name) };
 const ext = registered[0];
-ext.setup();
-out.listeners = Object.keys(listeners);
+for (const name of ["LikenessTrainTextualInversion", "KSampler", "LikenessSeedSelect"]) {
+  await ext.beforeRegisterNodeDef({}, { name });
+}
 function makeNode(id, cls) {
   return { id, comfyClass: cls, size: [300, 400], widgets: [],
            addCustomWidget(w) { this.widgets.push(w); return w; },
@@ -193,7 +198,14 @@ function makeNode(id, cls) {
 const ti = makeNode(7, "LikenessTrainTextualInversion"), other = makeNode(8, "KSampler");
 const inner = makeNode(3, "LikenessTrainTextualInversion");
 nodes[7] = ti; nodes[8] = other; nodes[5] = { id: 5, subgraph: { getNodeById: (id) => (id === 3 ? inner : null) } };
-ext.nodeCreated(ti); ext.nodeCreated(ti); ext.nodeCreated(other);
+const seeds = makeNode(9, "LikenessSeedSelect");
+nodes[9] = seeds;
+ext.nodeCreated(ti); ext.nodeCreated(ti); ext.nodeCreated(other); ext.nodeCreated(seeds);
+await ext.setup();  // after the graph is loaded: listens, and restores the server's points (page reload)
+out.listeners = Object.keys(listeners);
+out.routes = routes;
+out.restored = JSON.parse(JSON.stringify(seeds.likenessLoss));
+out.seedWidgets = seeds.widgets.map((w) => w.name);
 out.widgets = ti.widgets.map((w) => [w.name, w.serialize]);
 out.otherWidgets = other.widgets.length;
 out.size = ti.size;
@@ -207,7 +219,8 @@ out.height = w.computeSize(300)[1];
 let c = ctx(); w.draw(c, ti, 300, 100);
 out.emptyText = c.calls.filter((x) => x[0] === "fillText").map((x) => x[1]);
 const send = (d) => listeners["likeness.progress"].forEach((f) => f({ detail: d }));
-[0.9, 0.7, null, 0.5, 0.4].forEach((loss, i) => send({ node: "7", step: i + 1, total: 5, loss }));
+[0.9, 0.7, null, 0.5, 0.4].forEach((loss, i) => send({ node: "7", step: i + 1, total: 5, loss, elapsed: 2 * (i + 1),
+                                                       prompt_id: "p1" }));
 send({ node: "99", step: 1, total: 5, loss: 1.0 });   // a node that is not in the graph
 send({ node: "5:3", step: 1, total: 2, loss: 0.3 });  // a node inside a subgraph
 out.state = ti.likenessLoss;
@@ -215,8 +228,17 @@ out.inner = inner.likenessLoss;
 c = ctx(); w.draw(c, ti, 300, 100);
 out.lines = c.calls.filter((x) => x[0] === "lineTo").length;
 out.text = c.calls.filter((x) => x[0] === "fillText").map((x) => x[1]);
+c = ctx(); send({ node: "7", step: 4, total: 5, loss: 0.3, prompt_id: "p2" });  // a new prompt starts over
+out.newPrompt = ti.likenessLoss.step;
 send({ node: "7", step: 1, total: 3, loss: 2.0 });    // a new run starts a new chart
 out.restarted = ti.likenessLoss;
+const plain = makeNode(11, "SomeOtherLikenessNode");    // an event is enough to give a node the chart
+nodes[11] = plain;
+send({ node: "11", step: 1, total: 2, loss: 0.5 });
+out.byEvent = plain.widgets.map((w) => w.name);
+seeds.likenessLoss.step.push(3); seeds.likenessLoss.loss.push(0.4); seeds.likenessLoss.elapsed.push(4.5);
+c = ctx(); seeds.widgets[0].draw(c, seeds, 300, 100);
+out.seedText = c.calls.filter((x) => x[0] === "fillText").map((x) => x[1]);
 out.dirty = ti.dirty;
 console.log(JSON.stringify(out));
 """
@@ -236,7 +258,13 @@ def test_web_extension_draws_the_loss_chart(tmp_path):
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["registered"] == 1 and out["listeners"] == ["likeness.progress"]
+    assert out["routes"] == ["/likeness/progress", "/likeness/progress"]  # the type list once, then the points
     assert out["widgets"] == [["likeness_loss_chart", False]] and out["otherWidgets"] == 0
+    assert out["seedWidgets"] == ["likeness_loss_chart"]  # every type the server lists gets the chart
+    assert out["restored"]["step"] == [1, 2] and out["restored"]["total"] == 4 and out["restored"]["loss"][1] is None
+    # the chart's text line: step/total, loss, its moving average and the time left (3 s for the last step)
+    assert any(t.startswith("step 3/4  loss 0.4000  (avg") and t.endswith("ETA 2s") for t in out["seedText"]), \
+        out["seedText"]
     assert out["size"][1] >= 494 and out["height"] > 0
     assert any("appears while training" in t for t in out["emptyText"])
     st = out["state"]
@@ -244,5 +272,7 @@ def test_web_extension_draws_the_loss_chart(tmp_path):
     assert st["loss"][:2] == [0.9, 0.7] and st["loss"][2] is None  # NaN for the skipped step
     assert out["inner"]["step"] == [1]
     assert out["lines"] >= 4 and any("step 5/5" in t for t in out["text"])
+    assert out["newPrompt"] == [4]
     assert out["restarted"]["step"] == [1] and out["restarted"]["loss"] == [2.0]
+    assert out["byEvent"] == ["likeness_loss_chart"]
     assert out["dirty"] >= 6

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import math
 import sys
 import types
@@ -139,18 +140,84 @@ def test_captions_text_parses_one_line_per_image(comfy):
     assert comfy.common.batch_captions(None, "") is None
 
 
-def test_progress_event_reaches_the_prompt_server(comfy, monkeypatch):
-    sent = []
-    srv = types.SimpleNamespace(client_id="c1", send_sync=lambda event, data, sid: sent.append((event, data, sid)))
-    comfy.common.send_progress("7", 1, 4, 0.5)                     # no server instance: nothing, no error
+def _fake_server(monkeypatch, sent):
+    srv = types.SimpleNamespace(client_id="c1", routes=[],
+                                send_sync=lambda event, data, sid: sent.append((event, data, sid)))
     server = types.ModuleType("server")
     server.PromptServer = type("PromptServer", (), {"instance": srv})
     monkeypatch.setitem(sys.modules, "server", server)
-    comfy.common.send_progress(7, 2, 4, 0.25)
-    comfy.common.send_progress(7, 3, 4, math.nan)
+    return srv
+
+
+def test_progress_event_reaches_the_prompt_server(comfy, monkeypatch):
+    sent = []
+    comfy.common.send_progress("7", 1, 4, 0.5)                     # no server instance: nothing, no error
+    _fake_server(monkeypatch, sent)
+    comfy.common.send_progress(7, 2, 4, 0.25, 1.2345)
+    comfy.common.send_progress(7, 3, 4, math.nan, 2.0)
     comfy.common.send_progress(None, 3, 4, 0.1)                   # no node id: nothing
-    assert sent == [("likeness.progress", {"node": "7", "step": 2, "total": 4, "loss": 0.25}, "c1"),
-                    ("likeness.progress", {"node": "7", "step": 3, "total": 4, "loss": None}, "c1")]
+    assert sent == [("likeness.progress", {"node": "7", "step": 2, "total": 4, "loss": 0.25, "elapsed": 1.234,
+                                           "prompt_id": None}, "c1"),
+                    ("likeness.progress", {"node": "7", "step": 3, "total": 4, "loss": None, "elapsed": 2.0,
+                                           "prompt_id": None}, "c1")]
+
+
+def test_progress_is_kept_for_a_reloaded_page_and_restarts_with_a_new_run(comfy):
+    live = importlib.import_module("likeness.nodes.progress")
+    live.clear()
+    for step, loss in ((1, 0.9), (2, None), (3, 0.7)):
+        live.record("7", step, 6, loss, step * 0.5, "p1")
+    live.record("5:3", 1, 2, 0.3, 0.1, "p1")
+    got = live.snapshot()
+    assert got["prompt_id"] == "p1" and sorted(got["nodes"]) == ["5:3", "7"]
+    assert got["nodes"]["7"] == {"total": 6, "steps": [1, 2, 3], "losses": [0.9, None, 0.7], "elapsed": [0.5, 1.0, 1.5]}
+    assert live.snapshot("5:3")["nodes"] == {"5:3": {"total": 2, "steps": [1], "losses": [0.3], "elapsed": [0.1]}}
+    live.record("7", 1, 4, 2.0, 0.2, "p1")                         # the same node run again: its chart restarts
+    assert live.snapshot("7")["nodes"]["7"]["steps"] == [1] and "5:3" in live.snapshot()["nodes"]
+    live.record("8", 1, 4, 1.0, 0.2, "p2")                         # a new prompt: the old runs are gone
+    assert live.snapshot() == {"prompt_id": "p2", "nodes": {"8": {"total": 4, "steps": [1], "losses": [1.0],
+                                                                  "elapsed": [0.2]}}}
+    live.clear()
+
+
+def test_every_long_running_node_is_flagged_for_the_chart(comfy):
+    live = importlib.import_module("likeness.nodes.progress")
+    assert live.chart_node_types(comfy.nodes.node_list()) == [
+        "LikenessSeedSelect", "LikenessTrainDreamBoothFull", "LikenessTrainDreamBoothLoRA", "LikenessTrainPivotal",
+        "LikenessTrainTextualInversion"]
+
+
+def test_progress_route_returns_the_run_so_far(comfy, monkeypatch):
+    import asyncio
+
+    pytest.importorskip("aiohttp")
+    live = importlib.import_module("likeness.nodes.progress")
+    live.clear()
+    assert live.register_routes(comfy.nodes.node_list()) is False   # no server: nothing to register
+    srv = _fake_server(monkeypatch, [])
+
+    class Routes(list):
+        def get(self, path):
+            return lambda handler: self.append(types.SimpleNamespace(path=path, handler=handler))
+
+    srv.routes = Routes()
+    assert live.register_routes(comfy.nodes.node_list()) is True
+    assert live.register_routes(comfy.nodes.node_list()) is True    # loaded twice: registered once
+    assert [r.path for r in srv.routes] == ["/likeness/progress", "/likeness/progress/{node_id}"]
+    comfy.common.send_progress("7", 1, 6, 0.5, 0.25)
+    comfy.common.send_progress("7", 2, 6, 0.4, 0.5)
+
+    def call(route, **match):
+        res = asyncio.run(route.handler(types.SimpleNamespace(match_info=match)))
+        return res.status, json.loads(res.body)
+
+    status, body = call(srv.routes[0])
+    assert status == 200 and "LikenessTrainDreamBoothLoRA" in body["chart_nodes"]
+    assert body["nodes"]["7"]["steps"] == [1, 2] and body["nodes"]["7"]["losses"] == [0.5, 0.4]
+    assert call(srv.routes[1], node_id="7")[1]["elapsed"] == [0.25, 0.5]
+    status, body = call(srv.routes[1], node_id="99")
+    assert status == 404 and "no progress recorded for node 99" in body["error"]
+    live.clear()
 
 
 def test_progress_reporter_moves_the_bar_with_a_preview_and_honours_cancel(comfy, monkeypatch):
@@ -184,7 +251,8 @@ def test_progress_reporter_moves_the_bar_with_a_preview_and_honours_cancel(comfy
     assert (bar.total, bar.node_id) == (10, "n1") and bar.updates[0] == (1, 10, None)
     fmt, image, size = bar.updates[1][2]
     assert fmt == "JPEG" and image.size == (24, 16) and size == common.PREVIEW_SIZE
-    assert events == [("n1", 1, 10, 0.5), ("n1", 2, 10, 0.4)]
+    assert [e[:4] for e in events] == [("n1", 1, 10, 0.5), ("n1", 2, 10, 0.4)]
+    assert 0 <= events[0][4] <= events[1][4] < 60  # seconds since the run started: the chart's ETA
     cancel["now"] = True
     with pytest.raises(Cancelled):
         progress(3, 10, 0.3, None)
