@@ -170,6 +170,28 @@ def test_requeue_is_cached_and_new_settings_retrain(server):
     assert not _embedding_warnings(server), _embedding_warnings(server)
 
 
+@pytest.mark.comfyui
+def test_progress_route_returns_the_runs_points_for_a_reloaded_page(server):
+    """A page reloaded during or after a run asks GET /likeness/progress for the chart's points: the
+    route returns every step of the latest prompt's training node, as the events carried them."""
+    prompt, ids = example_prompt(server, 6)
+    entry, events, _ = run(server, prompt)
+    assert [e["step"] for e in events] == [1, 2, 3, 4, 5, 6], events
+    assert all(e["prompt_id"] == events[0]["prompt_id"] and e["prompt_id"] for e in events)
+    assert [e["elapsed"] for e in events] == sorted(e["elapsed"] for e in events)  # the ETA's clock
+
+    got = server.get("/likeness/progress")
+    assert got["prompt_id"] == events[0]["prompt_id"] == entry["prompt"][1]
+    assert sorted(got["chart_nodes"]) == ["LikenessSeedSelect", "LikenessTrainDreamBoothFull",
+                                          "LikenessTrainDreamBoothLoRA", "LikenessTrainPivotal", TI]
+    run_ = got["nodes"][ids["ti"]]
+    assert run_["total"] == 6 and run_["steps"] == [1, 2, 3, 4, 5, 6]
+    assert run_["losses"] == [e["loss"] for e in events] and run_["elapsed"] == [e["elapsed"] for e in events]
+    assert server.get(f"/api/likeness/progress/{ids['ti']}")["steps"] == [1, 2, 3, 4, 5, 6]  # the front end's prefix
+    status, body = server.request("GET", "/likeness/progress/no-such-node")
+    assert status == 404 and b"no progress recorded" in body
+
+
 # ---- the front-end extension, in node with stub ComfyUI modules (no browser, no server) ----------
 
 JS_HARNESS = r"""
