@@ -331,6 +331,42 @@ def test_folder_names_inside_the_input_directory_and_absolute_paths(comfy, input
     assert node.fingerprint_inputs(folder="cat", resolution=0) != first    # an edit re-runs the node
 
 
+def test_first_run_without_images_says_which_folder_to_make_and_what_to_put_in_it(comfy, input_dir):
+    """A template's folder does not exist on a user's first run: the error names the full path and
+    what goes in it, instead of only saying that the folder is missing."""
+    node = comfy.classes["LikenessLoadImageFolder"]
+    with pytest.raises(D.DatasetError) as err:
+        node.execute(folder="likeness_example", resolution=64)
+    msg = str(err.value)
+    assert f"{input_dir / 'likeness_example'} does not exist yet" in msg
+    assert "create it" in msg and "png" in msg and "same-named .txt" in msg and "press Run again" in msg
+    (input_dir / "likeness_example").mkdir()
+    (input_dir / "likeness_example" / "notes.md").write_text("not an image")
+    with pytest.raises(D.DatasetError, match=r"no images in .*likeness_example: put in it the training images"):
+        node.execute(folder="likeness_example", resolution=64)
+
+
+def test_the_folder_dropdown_lists_the_input_folders_and_wins_over_the_typed_one(comfy, input_dir):
+    from support.images import write_disc_images
+
+    (input_dir / "Dog").mkdir()
+    (input_dir / ".hidden").mkdir()
+    (input_dir / "photo.png").write_bytes(b"")                     # a file, not a folder: not listed
+    write_disc_images(input_dir / "cat", n=3)
+    node = comfy.classes["LikenessLoadImageFolder"]
+    spec = {i.id: i for i in node.define_schema().inputs}["input_folder"]
+    typed = comfy.image_folder.TYPED
+    assert spec.options == [typed, "cat", "Dog"] and spec.default == typed and spec.optional
+    images, _, summary = node.execute(folder="missing", resolution=32, input_folder="cat").result
+    assert images.shape == (3, 32, 32, 3) and summary.startswith(f"3 images from {input_dir / 'cat'}")
+    images, *_ = node.execute(folder="cat", resolution=32, input_folder=typed).result   # the typed folder
+    assert images.shape[0] == 3
+    assert node.fingerprint_inputs(folder="missing", resolution=32, input_folder="cat") == \
+        node.fingerprint_inputs(folder="cat", resolution=32)
+    (input_dir / "new").mkdir()                                    # listed afresh each time ComfyUI asks
+    assert "new" in {i.id: i for i in node.define_schema().inputs}["input_folder"].options
+
+
 def test_nodes_import_nothing_of_the_testbed_and_no_private_names():
     """The shipped nodes stand on hosts/ and trainers/ only (world/, demo.py and bench/ are the
     testbed), and no node module borrows another one's private helpers."""
