@@ -175,6 +175,10 @@ if (!window.__likenessLossChart) {
       api.addEventListener("likeness.progress", onProgress);
       restore(await fetchProgress());
     },
+    // A reloaded page restores its workflow after setup: redraw the points then too.
+    async afterConfigureGraph() {
+      restore(await fetchProgress());
+    },
     nodeCreated(node) {
       if (charted.has(node.comfyClass)) addChart(node);
     },
