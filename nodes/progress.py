@@ -31,7 +31,7 @@ def running_prompt_id() -> str | None:
 
 
 def record(node_id: str, step: int, total: int, loss: float | None, elapsed: float,
-           prompt_id: str | None = None) -> None:
+           prompt_id: str | None = None, node_type: str | None = None) -> None:
     """Remember one point of ``node_id``'s run (``loss`` None for a skipped step)."""
     with _lock:
         if prompt_id != _prompt["id"]:
@@ -39,7 +39,7 @@ def record(node_id: str, step: int, total: int, loss: float | None, elapsed: flo
             _prompt["id"] = prompt_id
         run = _runs.get(node_id)
         if run is None or (run["steps"] and step <= run["steps"][-1]):
-            run = _runs[node_id] = {"total": total, "steps": [], "losses": [], "elapsed": []}
+            run = _runs[node_id] = {"type": node_type, "total": total, "steps": [], "losses": [], "elapsed": []}
         run["total"] = total
         run["steps"].append(step)
         run["losses"].append(loss)

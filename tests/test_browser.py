@@ -30,6 +30,8 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TI = "LikenessTrainTextualInversion"
 STEPS = 6
+CHART_TYPES = {TI, "LikenessTrainDreamBoothLoRA", "LikenessTrainDreamBoothFull", "LikenessTrainPivotal",
+               "LikenessSeedSelect"}
 
 # Loads the example through the front end and makes it CPU-sized by widget name (as a user would).
 LOAD_SMALL = """async ([workflow, ckpt, steps]) => {
@@ -64,6 +66,15 @@ FOCUS = """(type) => {
   window.app.canvas.ds.scale = 1;
   window.app.canvas.centerOnNode(node);
   window.app.graph.setDirtyCanvas(true, true);
+}"""
+
+
+# Every node of the loaded graph that the server lists as charted, with its widgets.
+CHARTED = """async () => {
+  const info = await (await fetch("/api/likeness/progress")).json();
+  return window.app.graph.nodes.filter((n) => info.chart_nodes.includes(n.type) || n.likenessLoss
+                                           || (n.widgets ?? []).some((w) => w.name === "likeness_loss_chart"))
+    .map((n) => ({ type: n.type, widgets: (n.widgets ?? []).map((w) => w.name) }));
 }"""
 
 
@@ -139,3 +150,30 @@ def test_the_example_shows_a_live_chart_that_survives_a_reload(server, tmp_path)
     print(f"\nscreenshots: {tmp_path}")
     ours = [e for e in errors if "likeness" in e.lower()]
     assert not ours, ours
+
+
+@pytest.mark.browser
+@pytest.mark.comfyui
+def test_every_example_gives_its_long_running_nodes_the_chart(server, tmp_path):
+    """Each template, loaded as Templates loads it: every node the server flags for the live chart
+    (the trainers and SeedSelect) has the chart widget, without a run."""
+    seen = set()
+    with _playwright()() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            _open(page, server)
+            for path in sorted((REPO / "example_workflows").glob("*.json")):
+                page.evaluate("(wf) => window.app.loadGraphData(wf)", json.loads(path.read_text(encoding="utf-8")))
+                charted = page.evaluate(CHARTED)
+                assert charted and all("likeness_loss_chart" in c["widgets"] for c in charted), (path.name, charted)
+                # no other node draws a chart (not even one with the id the last run's node had)
+                assert {c["type"] for c in charted} <= CHART_TYPES, (path.name, charted)
+                seen |= {c["type"] for c in charted}
+                page.evaluate(FOCUS, charted[0]["type"])
+                page.wait_for_timeout(300)
+                page.screenshot(path=str(tmp_path / f"{path.stem}.png"))
+        finally:
+            browser.close()
+    print(f"\nscreenshots: {tmp_path}")
+    assert seen == CHART_TYPES

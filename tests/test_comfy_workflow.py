@@ -177,7 +177,7 @@ def test_progress_route_returns_the_runs_points_for_a_reloaded_page(server):
     prompt, ids = example_prompt(server, 6)
     entry, events, _ = run(server, prompt)
     assert [e["step"] for e in events] == [1, 2, 3, 4, 5, 6], events
-    assert all(e["prompt_id"] == events[0]["prompt_id"] and e["prompt_id"] for e in events)
+    assert all(e["prompt_id"] == events[0]["prompt_id"] and e["prompt_id"] and e["type"] == TI for e in events)
     assert [e["elapsed"] for e in events] == sorted(e["elapsed"] for e in events)  # the ETA's clock
 
     got = server.get("/likeness/progress")
@@ -185,7 +185,7 @@ def test_progress_route_returns_the_runs_points_for_a_reloaded_page(server):
     assert sorted(got["chart_nodes"]) == ["LikenessSeedSelect", "LikenessTrainDreamBoothFull",
                                           "LikenessTrainDreamBoothLoRA", "LikenessTrainPivotal", TI]
     run_ = got["nodes"][ids["ti"]]
-    assert run_["total"] == 6 and run_["steps"] == [1, 2, 3, 4, 5, 6]
+    assert run_["type"] == TI and run_["total"] == 6 and run_["steps"] == [1, 2, 3, 4, 5, 6]
     assert run_["losses"] == [e["loss"] for e in events] and run_["elapsed"] == [e["elapsed"] for e in events]
     assert server.get(f"/api/likeness/progress/{ids['ti']}")["steps"] == [1, 2, 3, 4, 5, 6]  # the front end's prefix
     status, body = server.request("GET", "/likeness/progress/no-such-node")
@@ -201,7 +201,9 @@ globalThis.__app = { registerExtension: (e) => registered.push(e),
                      graph: { getNodeById: (id) => nodes[id] ?? null } };
 const routes = [];
 const saved = { chart_nodes: ["LikenessSeedSelect", "LikenessTrainTextualInversion"], prompt_id: "p0",
-                nodes: { "9": { total: 4, steps: [1, 2], losses: [0.8, null], elapsed: [1.5, 3.0] } } };
+                nodes: { "9": { type: "LikenessSeedSelect", total: 4, steps: [1, 2], losses: [0.8, null],
+                                elapsed: [1.5, 3.0] },
+                         "8": { type: "LikenessTrainPivotal", total: 4, steps: [1], losses: [0.8], elapsed: [1] } } };
 globalThis.__api = { addEventListener: (t, f) => (listeners[t] ||= []).push(f),
                      fetchApi: async (r) => { routes.push(r); return { ok: true, json: async () => saved }; } };
 await import("./extensions/likeness/likeness.js");
@@ -244,6 +246,8 @@ const send = (d) => listeners["likeness.progress"].forEach((f) => f({ detail: d 
 [0.9, 0.7, null, 0.5, 0.4].forEach((loss, i) => send({ node: "7", step: i + 1, total: 5, loss, elapsed: 2 * (i + 1),
                                                        prompt_id: "p1" }));
 send({ node: "99", step: 1, total: 5, loss: 1.0 });   // a node that is not in the graph
+send({ node: "8", type: "LikenessTrainPivotal", step: 1, total: 5, loss: 1.0 });  // same id, another workflow's node
+out.otherAfterEvents = other.widgets.length;
 send({ node: "5:3", step: 1, total: 2, loss: 0.3 });  // a node inside a subgraph
 out.state = ti.likenessLoss;
 out.inner = inner.likenessLoss;
@@ -282,6 +286,7 @@ def test_web_extension_draws_the_loss_chart(tmp_path):
     assert out["registered"] == 1 and out["listeners"] == ["likeness.progress"]
     assert out["routes"] == ["/likeness/progress", "/likeness/progress"]  # the type list once, then the points
     assert out["widgets"] == [["likeness_loss_chart", False]] and out["otherWidgets"] == 0
+    assert out["otherAfterEvents"] == 0  # points for node 8 of another graph (a Pivotal node) are not drawn on it
     assert out["seedWidgets"] == ["likeness_loss_chart"]  # every type the server lists gets the chart
     assert out["restored"]["step"] == [1, 2] and out["restored"]["total"] == 4 and out["restored"]["loss"][1] is None
     # the chart's text line: step/total, loss, its moving average and the time left (3 s for the last step)

@@ -153,30 +153,32 @@ def test_progress_event_reaches_the_prompt_server(comfy, monkeypatch):
     sent = []
     comfy.common.send_progress("7", 1, 4, 0.5)                     # no server instance: nothing, no error
     _fake_server(monkeypatch, sent)
-    comfy.common.send_progress(7, 2, 4, 0.25, 1.2345)
+    comfy.common.send_progress(7, 2, 4, 0.25, 1.2345, "LikenessSeedSelect")
     comfy.common.send_progress(7, 3, 4, math.nan, 2.0)
     comfy.common.send_progress(None, 3, 4, 0.1)                   # no node id: nothing
     assert sent == [("likeness.progress", {"node": "7", "step": 2, "total": 4, "loss": 0.25, "elapsed": 1.234,
-                                           "prompt_id": None}, "c1"),
+                                           "prompt_id": None, "type": "LikenessSeedSelect"}, "c1"),
                     ("likeness.progress", {"node": "7", "step": 3, "total": 4, "loss": None, "elapsed": 2.0,
-                                           "prompt_id": None}, "c1")]
+                                           "prompt_id": None, "type": None}, "c1")]
 
 
 def test_progress_is_kept_for_a_reloaded_page_and_restarts_with_a_new_run(comfy):
     live = importlib.import_module("likeness.nodes.progress")
     live.clear()
     for step, loss in ((1, 0.9), (2, None), (3, 0.7)):
-        live.record("7", step, 6, loss, step * 0.5, "p1")
+        live.record("7", step, 6, loss, step * 0.5, "p1", "LikenessTrainPivotal")
     live.record("5:3", 1, 2, 0.3, 0.1, "p1")
     got = live.snapshot()
     assert got["prompt_id"] == "p1" and sorted(got["nodes"]) == ["5:3", "7"]
-    assert got["nodes"]["7"] == {"total": 6, "steps": [1, 2, 3], "losses": [0.9, None, 0.7], "elapsed": [0.5, 1.0, 1.5]}
-    assert live.snapshot("5:3")["nodes"] == {"5:3": {"total": 2, "steps": [1], "losses": [0.3], "elapsed": [0.1]}}
+    assert got["nodes"]["7"] == {"type": "LikenessTrainPivotal", "total": 6, "steps": [1, 2, 3],
+                                 "losses": [0.9, None, 0.7], "elapsed": [0.5, 1.0, 1.5]}
+    assert live.snapshot("5:3")["nodes"] == {"5:3": {"type": None, "total": 2, "steps": [1], "losses": [0.3],
+                                                     "elapsed": [0.1]}}
     live.record("7", 1, 4, 2.0, 0.2, "p1")                         # the same node run again: its chart restarts
     assert live.snapshot("7")["nodes"]["7"]["steps"] == [1] and "5:3" in live.snapshot()["nodes"]
     live.record("8", 1, 4, 1.0, 0.2, "p2")                         # a new prompt: the old runs are gone
-    assert live.snapshot() == {"prompt_id": "p2", "nodes": {"8": {"total": 4, "steps": [1], "losses": [1.0],
-                                                                  "elapsed": [0.2]}}}
+    assert live.snapshot() == {"prompt_id": "p2", "nodes": {"8": {"type": None, "total": 4, "steps": [1],
+                                                                  "losses": [1.0], "elapsed": [0.2]}}}
     live.clear()
 
 
@@ -252,6 +254,7 @@ def test_progress_reporter_moves_the_bar_with_a_preview_and_honours_cancel(comfy
     fmt, image, size = bar.updates[1][2]
     assert fmt == "JPEG" and image.size == (24, 16) and size == common.PREVIEW_SIZE
     assert [e[:4] for e in events] == [("n1", 1, 10, 0.5), ("n1", 2, 10, 0.4)]
+    assert events[0][5] is None
     assert 0 <= events[0][4] <= events[1][4] < 60  # seconds since the run started: the chart's ETA
     cancel["now"] = True
     with pytest.raises(Cancelled):

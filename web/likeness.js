@@ -1,7 +1,8 @@
 // Likeness front-end extension: a live loss chart on every long-running Likeness node.
 // ComfyUI serves this folder (WEB_DIRECTORY = "./web") at /extensions/<folder>/ and loads every .js in it.
 // A long-running node sends a "likeness.progress" websocket event each step:
-//   {node: "<unique id>", step, total, loss (null for a skipped step), elapsed (s), prompt_id}.
+//   {node: "<unique id>", type (the node's class), step, total, loss (null for a skipped step),
+//    elapsed (seconds since the run started), prompt_id}.
 // GET /likeness/progress (nodes/progress.py) says which node types chart ("chart_nodes", from the
 // server's LIVE_CHART flag) and returns the latest prompt's points so far, so a reloaded page
 // redraws a run in progress.
@@ -129,7 +130,7 @@ function onProgress(event) {
   const d = event.detail;
   if (!d || d.node == null) return;
   const node = findNode(d.node);
-  if (!node) return;
+  if (!node || !sameType(node, d.type)) return;
   addChart(node); // the event itself says this node charts, even if the type list missed it
   let st = node.likenessLoss;
   const newPrompt = d.prompt_id != null && st?.prompt != null && d.prompt_id !== st.prompt;
@@ -144,11 +145,16 @@ function onProgress(event) {
   node.setDirtyCanvas?.(true, false);
 }
 
+// An id names a node of the graph that ran: another workflow's node with the same id is left alone.
+function sameType(node, type) {
+  return type == null || (node.comfyClass ?? node.type) === type;
+}
+
 // After a page reload: the points the server kept for the latest prompt's nodes.
 function restore(info) {
   for (const [id, run] of Object.entries(info?.nodes ?? {})) {
     const node = findNode(id);
-    if (!node) continue;
+    if (!node || !sameType(node, run.type)) continue;
     addChart(node);
     node.likenessLoss = {
       step: run.steps.slice(),
