@@ -293,7 +293,7 @@ def test_web_extension_draws_the_loss_chart(tmp_path):
     assert any(t.startswith("step 3/4  loss 0.4000  (avg") and t.endswith("ETA 2s") for t in out["seedText"]), \
         out["seedText"]
     assert out["size"][1] >= 494 and out["height"] > 0
-    assert any("appears while training" in t for t in out["emptyText"])
+    assert any("appears during a run" in t for t in out["emptyText"])
     st = out["state"]
     assert st["step"] == [1, 2, 3, 4, 5] and st["total"] == 5
     assert st["loss"][:2] == [0.9, 0.7] and st["loss"][2] is None  # NaN for the skipped step

@@ -64,7 +64,7 @@ function drawChart(ctx, state, x, y, w, h) {
   ctx.fillStyle = "#999";
   const pts = state ? state.loss.map((l, i) => [state.step[i], l]).filter((p) => Number.isFinite(p[1])) : [];
   if (pts.length < 2) {
-    ctx.fillText(pts.length ? "loss: " + pts[0][1].toFixed(4) : "loss chart: appears while training", x + 6, y + 14);
+    ctx.fillText(pts.length ? "loss: " + pts[0][1].toFixed(4) : "loss chart: appears during a run", x + 6, y + 14);
     ctx.restore();
     return;
   }
