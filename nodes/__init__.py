@@ -24,5 +24,12 @@ class LikenessExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return node_list()
 
+    @override
+    async def on_load(self) -> None:
+        # The live chart's route (reload-safe history, which nodes chart) exists only in a server.
+        from .progress import register_routes
+
+        register_routes(node_list())
+
 
 __all__ = ["LikenessExtension", "node_list"]

@@ -6,7 +6,7 @@ the progress reporting (progress bar + preview, loss chart event, Cancel) exists
 from __future__ import annotations
 
 import math
-import sys
+import time
 
 import numpy as np
 import torch
@@ -16,6 +16,8 @@ import comfy.model_management
 import comfy.utils
 import folder_paths
 from comfy_api.latest import ui
+
+from . import progress as live
 
 TRAINING_CATEGORY = "Likeness/training"
 #: the websocket event web/likeness.js draws as a loss chart
@@ -60,28 +62,37 @@ def batch_captions(images: torch.Tensor | None, text: str | None) -> list[str | 
     return parse_captions(text, 0 if images is None else images.shape[0])
 
 
-def send_progress(node_id, step: int, total: int, loss: float | None) -> None:
-    """The ``likeness.progress`` websocket event that web/likeness.js draws as a loss chart."""
-    # ComfyUI's main.py has imported its ``server`` module before any node runs; outside a server
-    # (tests, scripts) there is none, or no PromptServer instance, and nothing is sent.
-    module = sys.modules.get("server")
-    srv = getattr(getattr(module, "PromptServer", None), "instance", None)
-    if srv is None or node_id is None:
+def send_progress(node_id, step: int, total: int, loss: float | None, elapsed: float = 0.0,
+                  node_type: str | None = None) -> None:
+    """The ``likeness.progress`` websocket event that web/likeness.js draws as a loss chart, also
+    kept by ``progress.record`` so a reloaded page can ask for the run so far.  ``node_type`` lets
+    the page skip a node of another workflow that happens to have the same id."""
+    if node_id is None:
         return
     value = loss if loss is not None and math.isfinite(loss) else None
-    srv.send_sync(PROGRESS_EVENT, {"node": str(node_id), "step": int(step), "total": int(total),
-                                   "loss": value}, getattr(srv, "client_id", None))
+    prompt_id = live.running_prompt_id()
+    live.record(str(node_id), int(step), int(total), value, float(elapsed), prompt_id, node_type)
+    # ComfyUI's main.py has imported its ``server`` module before any node runs; outside a server
+    # (tests, scripts) there is none, or no PromptServer instance, and nothing is sent.
+    srv = live.prompt_server()
+    if srv is None:
+        return
+    srv.send_sync(PROGRESS_EVENT, {"node": str(node_id), "step": int(step), "total": int(total), "loss": value,
+                                   "elapsed": round(float(elapsed), 3), "prompt_id": prompt_id, "type": node_type},
+                  getattr(srv, "client_id", None))
 
 
-def progress_reporter(node_id, total: int):
+def progress_reporter(node_id, total: int, node_type: str | None = None):
     """The ``progress(step, total, loss, preview)`` callback the trainers take: checks Cancel
     (ComfyUI raises it from here, so the trainer saves what is good and re-raises), sends the
-    loss-chart event and moves the node's progress bar, with the preview image when there is one."""
+    loss-chart event (with the seconds since the run started, for the chart's ETA) and moves the
+    node's progress bar, with the preview image when there is one."""
     pbar = comfy.utils.ProgressBar(total, node_id=node_id)
+    started = time.monotonic()
 
     def progress(step, n, loss, preview):
         comfy.model_management.throw_exception_if_processing_interrupted()
-        send_progress(node_id, step, n, loss)
+        send_progress(node_id, step, n, loss, time.monotonic() - started, node_type)
         shown = ("JPEG", to_pil(preview), PREVIEW_SIZE) if preview is not None else None
         pbar.update_absolute(step, n, shown)
 
@@ -96,6 +107,11 @@ def count_reporter(node_id):
         comfy.utils.ProgressBar(total, node_id=node_id).update_absolute(done, total)
 
     return progress
+
+
+def node_type_of(node_cls) -> str:
+    """The node's type as the graph names it (the schema's ``node_id``, e.g. "LikenessSeedSelect")."""
+    return node_cls.define_schema().node_id
 
 
 def node_id_of(node_cls) -> str | None:
@@ -121,4 +137,5 @@ def training_report(node_cls, res, headline: str, notes: tuple[str, ...] = ()):
 
 __all__ = ["TRAINING_CATEGORY", "PROGRESS_EVENT", "model_folder", "embeddings_dir", "to_pil", "parse_captions",
            "batch_captions", "send_progress", "progress_reporter", "count_reporter", "node_id_of",
+           "node_type_of",
            "training_report"]

@@ -21,7 +21,7 @@ from ..trainers.dreambooth import MODE_DEFAULTS, DreamBoothConfig, train_dreambo
 from ..trainers.lora import PRESETS
 from ..trainers.loop import OPTIMIZERS
 from .common import (TRAINING_CATEGORY, batch_captions, count_reporter, embeddings_dir, model_folder, node_id_of,
-                     progress_reporter, training_report)
+                     node_type_of, progress_reporter, training_report)
 
 
 def _common_inputs(mode: str) -> list:
@@ -98,7 +98,8 @@ def _train(cls, kw: dict, cfg: DreamBoothConfig):
     host = ComfyHost(kw["model"], kw["clip"], kw["vae"])
     node_id = node_id_of(cls)
     with host.training():
-        res = train_dreambooth(host, data, cfg, class_images=class_data, progress=progress_reporter(node_id, cfg.steps),
+        progress = progress_reporter(node_id, cfg.steps, node_type_of(cls))
+        res = train_dreambooth(host, data, cfg, class_images=class_data, progress=progress,
                                class_progress=count_reporter(node_id))
     return host, res
 
@@ -122,6 +123,8 @@ _OUT_LOSS = io.LossMap.Output(display_name="loss", tooltip="The loss of every st
 
 
 class TrainDreamBoothLoRA(io.ComfyNode):
+    LIVE_CHART = True  # reports a loss per step: web/likeness.js gives it the live chart
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -164,6 +167,8 @@ class TrainDreamBoothLoRA(io.ComfyNode):
 
 
 class TrainDreamBoothFull(io.ComfyNode):
+    LIVE_CHART = True  # reports a loss per step: web/likeness.js gives it the live chart
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -204,6 +209,8 @@ class TrainDreamBoothFull(io.ComfyNode):
 
 
 class TrainPivotal(io.ComfyNode):
+    LIVE_CHART = True  # reports a loss per step: web/likeness.js gives it the live chart
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

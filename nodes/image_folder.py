@@ -21,13 +21,51 @@ from ..trainers import data as D
 from .common import TRAINING_CATEGORY
 
 
+#: the dropdown's first entry: use the typed ``folder`` (so a typed path, and a saved workflow, still work)
+TYPED = "(the folder typed above)"
+
+
+def input_subfolders() -> list[str]:
+    """The folders directly inside ComfyUI's input directory, for the dropdown (listed afresh each
+    time ComfyUI asks for the node's inputs, so a folder made meanwhile shows after a refresh)."""
+    try:
+        entries = os.scandir(folder_paths.get_input_directory())
+    except OSError:
+        return []
+    with entries:
+        return sorted((e.name for e in entries if e.is_dir() and not e.name.startswith(".")), key=str.lower)
+
+
+def chosen_folder(folder: str, pick: str | None) -> str:
+    """The dropdown's folder when one is picked, else the typed one."""
+    return pick if pick and pick != TYPED else folder
+
+
+def _what_goes_in() -> str:
+    exts = ", ".join(e.lstrip(".") for e in D.IMAGE_EXTENSIONS)
+    return (f"the training images (3-20 photos of the subject; {exts}; 8-bit RGB), and optionally a caption "
+            "for an image in a same-named .txt or .caption file beside it (photo1.txt for photo1.png). "
+            "Then press Run again")
+
+
+def check_folder(path: Path) -> None:
+    """Say what to do when the folder is missing or holds no images (the first run of a template)."""
+    if not path.exists():
+        raise D.DatasetError(f"the training-image folder {path} does not exist yet: create it and put in it "
+                             + _what_goes_in())
+    if not path.is_dir():
+        raise D.DatasetError(f"{path} is a file, not a folder: give the folder that holds the training images")
+    if not any(p.suffix.lower() in D.IMAGE_EXTENSIONS for p in path.iterdir() if p.is_file()):
+        raise D.DatasetError(f"no images in {path}: put in it " + _what_goes_in())
+
+
 def resolve_folder(folder: str) -> Path:
     """An absolute path as given, or a folder relative to ComfyUI's input directory.  A relative
     path may not leave the input directory (no ``..`` escapes)."""
     text = (folder or "").strip().strip('"').strip("'")
     if not text:
-        raise D.DatasetError("no folder given: enter a folder inside ComfyUI's input directory "
-                             "(e.g. 'my_subject') or an absolute path")
+        raise D.DatasetError("no folder given: pick a folder of ComfyUI's input directory in the dropdown, or "
+                             "type one (e.g. 'my_subject' for input/my_subject) or an absolute path")
     path = Path(os.path.expanduser(text))
     if path.is_absolute():
         return Path(os.path.normpath(path))
@@ -65,6 +103,7 @@ def _size(im: torch.Tensor) -> str:
 def load_training_images(folder: str, resolution: int) -> tuple[torch.Tensor, str, str]:
     """``(IMAGE batch [B, H, W, 3], captions text, summary text)`` for the node."""
     path = resolve_folder(folder)
+    check_folder(path)
     data = D.load_image_folder(path)  # refuses unusable images, naming the files
     sizes = [_size(im) for im in data.images]
     if resolution < 0:
@@ -114,12 +153,17 @@ class LoadTrainingImages(io.ComfyNode):
             search_aliases=["image folder", "dataset", "training images", "load images", "likeness"],
             inputs=[
                 io.String.Input("folder", default="", tooltip="A folder inside ComfyUI's input directory (e.g. "
-                                "'my_subject' for input/my_subject) or an absolute path. Every image in it is "
+                                "'my_subject' for input/my_subject) or an absolute path (or pick one below). Every image in it is "
                                 "used; 'photo1.txt' or 'photo1.caption' beside 'photo1.png' is its caption."),
                 io.Int.Input("resolution", default=512, min=0, max=4096, step=8, tooltip="Resize the short side "
                              "of every image to this many pixels (bicubic, antialiased) and centre-crop it to a "
                              "square. SD1.x: 512, SD2.x: 768, SDXL: 1024. 0: keep the images' own size (they "
                              "must then all be the same size)."),
+                io.Combo.Input("input_folder", options=[TYPED, *input_subfolders()], default=TYPED, optional=True,
+                               display_name="or pick from input/", tooltip="The folders in ComfyUI's input "
+                               "directory (refresh the page, or press R, after making a new one). A folder picked "
+                               "here is used instead of the typed one; leave it on the first entry to use the typed "
+                               "folder."),
             ],
             outputs=[
                 io.Image.Output(display_name="images", tooltip="The images as one IMAGE batch, in file-name "
@@ -133,7 +177,8 @@ class LoadTrainingImages(io.ComfyNode):
         )
 
     @classmethod
-    def fingerprint_inputs(cls, folder=None, resolution=None, **kwargs):
+    def fingerprint_inputs(cls, folder=None, resolution=None, input_folder=None, **kwargs):
+        folder = chosen_folder(folder, input_folder)
         if not isinstance(folder, str):  # the folder comes from a link: only its value can tell
             return ("linked", resolution)
         try:
@@ -143,8 +188,8 @@ class LoadTrainingImages(io.ComfyNode):
         return (folder_fingerprint(path), resolution)
 
     @classmethod
-    def execute(cls, folder: str, resolution: int) -> io.NodeOutput:
-        batch, captions, summary = load_training_images(folder, resolution)
+    def execute(cls, folder: str, resolution: int, input_folder: str | None = None) -> io.NodeOutput:
+        batch, captions, summary = load_training_images(chosen_folder(folder, input_folder), resolution)
         return io.NodeOutput(batch, captions, summary, ui=ui.PreviewText(summary))
 
 

@@ -18,7 +18,7 @@ from ..hosts.comfy import ComfyClipVision, ComfySeedModel, OptimizedNoise
 from ..trainers import diff_sampling as DS
 from ..trainers import seed_bank as B
 from ..trainers.seedselect import STARTS, SeedSelectConfig, SeedSelectResult, train_seedselect
-from .common import model_folder, node_id_of, progress_reporter
+from .common import model_folder, node_id_of, node_type_of, progress_reporter
 
 CATEGORY = "Likeness/seeds"
 FOLDER = "likeness_seeds"
@@ -51,6 +51,8 @@ def _entry(res: SeedSelectResult, model, cfg: SeedSelectConfig, scheduler, steps
 
 
 class SeedSelect(io.ComfyNode):
+    LIVE_CHART = True  # reports a loss per step: web/likeness.js gives it the live chart
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -148,7 +150,8 @@ class SeedSelect(io.ComfyNode):
             optimise_cfg=1.0 if optimise_without_cfg else None, iterations=iterations, learning_rate=learning_rate,
             seed=seed, start=start, candidates=candidates, target_loss=target_loss or None, num_seeds=num_seeds,
             bootstrap_iterations=bootstrap_iterations)
-        progress = progress_reporter(node_id_of(cls), iterations + (num_seeds - 1) * bootstrap_iterations)
+        progress = progress_reporter(node_id_of(cls), iterations + (num_seeds - 1) * bootstrap_iterations,
+                                     node_type_of(cls))
 
         def on_cancel(partial):
             B.save_seed(folder, save_name or CANCEL_NAME, _entry(partial, model, conf, scheduler, steps, sigmas is not None),

@@ -14,7 +14,8 @@ from comfy_api.latest import io
 from ..hosts.comfy import ComfyHost
 from ..trainers import data as D
 from ..trainers.textual_inversion import TIConfig, train_textual_inversion
-from .common import TRAINING_CATEGORY, batch_captions, embeddings_dir, node_id_of, progress_reporter, training_report
+from .common import (TRAINING_CATEGORY, batch_captions, embeddings_dir, node_id_of, node_type_of, progress_reporter,
+                     training_report)
 
 
 def _prompt_text(prompt: str, name: str) -> str:
@@ -22,6 +23,8 @@ def _prompt_text(prompt: str, name: str) -> str:
 
 
 class TrainTextualInversion(io.ComfyNode):
+    LIVE_CHART = True  # reports a loss per step: web/likeness.js gives it the live chart
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -118,7 +121,8 @@ class TrainTextualInversion(io.ComfyNode):
         )
         host = ComfyHost(model, clip, vae)
         with host.training():
-            res = train_textual_inversion(host, data, cfg, progress=progress_reporter(node_id_of(cls), steps))
+            progress = progress_reporter(node_id_of(cls), steps, node_type_of(cls))
+            res = train_textual_inversion(host, data, cfg, progress=progress)
             word = name.strip()
             with torch.no_grad():
                 cond = host.encode_text([_prompt_text(prompt, word)], word, res.vectors)

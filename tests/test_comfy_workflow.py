@@ -170,6 +170,28 @@ def test_requeue_is_cached_and_new_settings_retrain(server):
     assert not _embedding_warnings(server), _embedding_warnings(server)
 
 
+@pytest.mark.comfyui
+def test_progress_route_returns_the_runs_points_for_a_reloaded_page(server):
+    """A page reloaded during or after a run asks GET /likeness/progress for the chart's points: the
+    route returns every step of the latest prompt's training node, as the events carried them."""
+    prompt, ids = example_prompt(server, 6)
+    entry, events, _ = run(server, prompt)
+    assert [e["step"] for e in events] == [1, 2, 3, 4, 5, 6], events
+    assert all(e["prompt_id"] == events[0]["prompt_id"] and e["prompt_id"] and e["type"] == TI for e in events)
+    assert [e["elapsed"] for e in events] == sorted(e["elapsed"] for e in events)  # the ETA's clock
+
+    got = server.get("/likeness/progress")
+    assert got["prompt_id"] == events[0]["prompt_id"] == entry["prompt"][1]
+    assert sorted(got["chart_nodes"]) == ["LikenessSeedSelect", "LikenessTrainDreamBoothFull",
+                                          "LikenessTrainDreamBoothLoRA", "LikenessTrainPivotal", TI]
+    run_ = got["nodes"][ids["ti"]]
+    assert run_["type"] == TI and run_["total"] == 6 and run_["steps"] == [1, 2, 3, 4, 5, 6]
+    assert run_["losses"] == [e["loss"] for e in events] and run_["elapsed"] == [e["elapsed"] for e in events]
+    assert server.get(f"/api/likeness/progress/{ids['ti']}")["steps"] == [1, 2, 3, 4, 5, 6]  # the front end's prefix
+    status, body = server.request("GET", "/likeness/progress/no-such-node")
+    assert status == 404 and b"no progress recorded" in body
+
+
 # ---- the front-end extension, in node with stub ComfyUI modules (no browser, no server) ----------
 
 JS_HARNESS = r"""
@@ -177,13 +199,20 @@ globalThis.window = globalThis;
 const registered = [], listeners = {}, nodes = {};
 globalThis.__app = { registerExtension: (e) => registered.push(e),
                      graph: { getNodeById: (id) => nodes[id] ?? null } };
-globalThis.__api = { addEventListener: (t, f) => (listeners[t] ||= []).push(f) };
+const routes = [];
+const saved = { chart_nodes: ["LikenessSeedSelect", "LikenessTrainTextualInversion"], prompt_id: "p0",
+                nodes: { "9": { type: "LikenessSeedSelect", total: 4, steps: [1, 2], losses: [0.8, null],
+                                elapsed: [1.5, 3.0] },
+                         "8": { type: "LikenessTrainPivotal", total: 4, steps: [1], losses: [0.8], elapsed: [1] } } };
+globalThis.__api = { addEventListener: (t, f) => (listeners[t] ||= []).push(f),
+                     fetchApi: async (r) => { routes.push(r); return { ok: true, json: async () => saved }; } };
 await import("./extensions/likeness/likeness.js");
 await import("./extensions/likeness/likeness.js?second-copy");  // served twice: registers once
 const out = { registered: registered.length, names: registered.map((e) => e.name) };
 const ext = registered[0];
-ext.setup();
-out.listeners = Object.keys(listeners);
+for (const name of ["LikenessTrainTextualInversion", "KSampler", "LikenessSeedSelect"]) {
+  await ext.beforeRegisterNodeDef({}, { name });
+}
 function makeNode(id, cls) {
   return { id, comfyClass: cls, size: [300, 400], widgets: [],
            addCustomWidget(w) { this.widgets.push(w); return w; },
@@ -193,7 +222,14 @@ function makeNode(id, cls) {
 const ti = makeNode(7, "LikenessTrainTextualInversion"), other = makeNode(8, "KSampler");
 const inner = makeNode(3, "LikenessTrainTextualInversion");
 nodes[7] = ti; nodes[8] = other; nodes[5] = { id: 5, subgraph: { getNodeById: (id) => (id === 3 ? inner : null) } };
-ext.nodeCreated(ti); ext.nodeCreated(ti); ext.nodeCreated(other);
+const seeds = makeNode(9, "LikenessSeedSelect");
+nodes[9] = seeds;
+ext.nodeCreated(ti); ext.nodeCreated(ti); ext.nodeCreated(other); ext.nodeCreated(seeds);
+await ext.setup();  // after the graph is loaded: listens, and restores the server's points (page reload)
+out.listeners = Object.keys(listeners);
+out.routes = routes;
+out.restored = JSON.parse(JSON.stringify(seeds.likenessLoss));
+out.seedWidgets = seeds.widgets.map((w) => w.name);
 out.widgets = ti.widgets.map((w) => [w.name, w.serialize]);
 out.otherWidgets = other.widgets.length;
 out.size = ti.size;
@@ -207,16 +243,28 @@ out.height = w.computeSize(300)[1];
 let c = ctx(); w.draw(c, ti, 300, 100);
 out.emptyText = c.calls.filter((x) => x[0] === "fillText").map((x) => x[1]);
 const send = (d) => listeners["likeness.progress"].forEach((f) => f({ detail: d }));
-[0.9, 0.7, null, 0.5, 0.4].forEach((loss, i) => send({ node: "7", step: i + 1, total: 5, loss }));
+[0.9, 0.7, null, 0.5, 0.4].forEach((loss, i) => send({ node: "7", step: i + 1, total: 5, loss, elapsed: 2 * (i + 1),
+                                                       prompt_id: "p1" }));
 send({ node: "99", step: 1, total: 5, loss: 1.0 });   // a node that is not in the graph
+send({ node: "8", type: "LikenessTrainPivotal", step: 1, total: 5, loss: 1.0 });  // same id, another workflow's node
+out.otherAfterEvents = other.widgets.length;
 send({ node: "5:3", step: 1, total: 2, loss: 0.3 });  // a node inside a subgraph
 out.state = ti.likenessLoss;
 out.inner = inner.likenessLoss;
 c = ctx(); w.draw(c, ti, 300, 100);
 out.lines = c.calls.filter((x) => x[0] === "lineTo").length;
 out.text = c.calls.filter((x) => x[0] === "fillText").map((x) => x[1]);
+c = ctx(); send({ node: "7", step: 4, total: 5, loss: 0.3, prompt_id: "p2" });  // a new prompt starts over
+out.newPrompt = ti.likenessLoss.step;
 send({ node: "7", step: 1, total: 3, loss: 2.0 });    // a new run starts a new chart
 out.restarted = ti.likenessLoss;
+const plain = makeNode(11, "SomeOtherLikenessNode");    // an event is enough to give a node the chart
+nodes[11] = plain;
+send({ node: "11", step: 1, total: 2, loss: 0.5 });
+out.byEvent = plain.widgets.map((w) => w.name);
+seeds.likenessLoss.step.push(3); seeds.likenessLoss.loss.push(0.4); seeds.likenessLoss.elapsed.push(4.5);
+c = ctx(); seeds.widgets[0].draw(c, seeds, 300, 100);
+out.seedText = c.calls.filter((x) => x[0] === "fillText").map((x) => x[1]);
 out.dirty = ti.dirty;
 console.log(JSON.stringify(out));
 """
@@ -236,13 +284,22 @@ def test_web_extension_draws_the_loss_chart(tmp_path):
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["registered"] == 1 and out["listeners"] == ["likeness.progress"]
+    assert out["routes"] == ["/likeness/progress", "/likeness/progress"]  # the type list once, then the points
     assert out["widgets"] == [["likeness_loss_chart", False]] and out["otherWidgets"] == 0
+    assert out["otherAfterEvents"] == 0  # points for node 8 of another graph (a Pivotal node) are not drawn on it
+    assert out["seedWidgets"] == ["likeness_loss_chart"]  # every type the server lists gets the chart
+    assert out["restored"]["step"] == [1, 2] and out["restored"]["total"] == 4 and out["restored"]["loss"][1] is None
+    # the chart's text line: step/total, loss, its moving average and the time left (3 s for the last step)
+    assert any(t.startswith("step 3/4  loss 0.4000  (avg") and t.endswith("ETA 2s") for t in out["seedText"]), \
+        out["seedText"]
     assert out["size"][1] >= 494 and out["height"] > 0
-    assert any("appears while training" in t for t in out["emptyText"])
+    assert any("appears during a run" in t for t in out["emptyText"])
     st = out["state"]
     assert st["step"] == [1, 2, 3, 4, 5] and st["total"] == 5
     assert st["loss"][:2] == [0.9, 0.7] and st["loss"][2] is None  # NaN for the skipped step
     assert out["inner"]["step"] == [1]
     assert out["lines"] >= 4 and any("step 5/5" in t for t in out["text"])
+    assert out["newPrompt"] == [4]
     assert out["restarted"]["step"] == [1] and out["restarted"]["loss"] == [2.0]
+    assert out["byEvent"] == ["likeness_loss_chart"]
     assert out["dirty"] >= 6

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import math
 import sys
 import types
@@ -140,18 +141,86 @@ def test_captions_text_parses_one_line_per_image(comfy):
     assert comfy.common.batch_captions(None, "") is None
 
 
-def test_progress_event_reaches_the_prompt_server(comfy, monkeypatch):
-    sent = []
-    srv = types.SimpleNamespace(client_id="c1", send_sync=lambda event, data, sid: sent.append((event, data, sid)))
-    comfy.common.send_progress("7", 1, 4, 0.5)                     # no server instance: nothing, no error
+def _fake_server(monkeypatch, sent):
+    srv = types.SimpleNamespace(client_id="c1", routes=[],
+                                send_sync=lambda event, data, sid: sent.append((event, data, sid)))
     server = types.ModuleType("server")
     server.PromptServer = type("PromptServer", (), {"instance": srv})
     monkeypatch.setitem(sys.modules, "server", server)
-    comfy.common.send_progress(7, 2, 4, 0.25)
-    comfy.common.send_progress(7, 3, 4, math.nan)
+    return srv
+
+
+def test_progress_event_reaches_the_prompt_server(comfy, monkeypatch):
+    sent = []
+    comfy.common.send_progress("7", 1, 4, 0.5)                     # no server instance: nothing, no error
+    _fake_server(monkeypatch, sent)
+    comfy.common.send_progress(7, 2, 4, 0.25, 1.2345, "LikenessSeedSelect")
+    comfy.common.send_progress(7, 3, 4, math.nan, 2.0)
     comfy.common.send_progress(None, 3, 4, 0.1)                   # no node id: nothing
-    assert sent == [("likeness.progress", {"node": "7", "step": 2, "total": 4, "loss": 0.25}, "c1"),
-                    ("likeness.progress", {"node": "7", "step": 3, "total": 4, "loss": None}, "c1")]
+    assert sent == [("likeness.progress", {"node": "7", "step": 2, "total": 4, "loss": 0.25, "elapsed": 1.234,
+                                           "prompt_id": None, "type": "LikenessSeedSelect"}, "c1"),
+                    ("likeness.progress", {"node": "7", "step": 3, "total": 4, "loss": None, "elapsed": 2.0,
+                                           "prompt_id": None, "type": None}, "c1")]
+
+
+def test_progress_is_kept_for_a_reloaded_page_and_restarts_with_a_new_run(comfy):
+    live = importlib.import_module("likeness.nodes.progress")
+    live.clear()
+    for step, loss in ((1, 0.9), (2, None), (3, 0.7)):
+        live.record("7", step, 6, loss, step * 0.5, "p1", "LikenessTrainPivotal")
+    live.record("5:3", 1, 2, 0.3, 0.1, "p1")
+    got = live.snapshot()
+    assert got["prompt_id"] == "p1" and sorted(got["nodes"]) == ["5:3", "7"]
+    assert got["nodes"]["7"] == {"type": "LikenessTrainPivotal", "total": 6, "steps": [1, 2, 3],
+                                 "losses": [0.9, None, 0.7], "elapsed": [0.5, 1.0, 1.5]}
+    assert live.snapshot("5:3")["nodes"] == {"5:3": {"type": None, "total": 2, "steps": [1], "losses": [0.3],
+                                                     "elapsed": [0.1]}}
+    live.record("7", 1, 4, 2.0, 0.2, "p1")                         # the same node run again: its chart restarts
+    assert live.snapshot("7")["nodes"]["7"]["steps"] == [1] and "5:3" in live.snapshot()["nodes"]
+    live.record("8", 1, 4, 1.0, 0.2, "p2")                         # a new prompt: the old runs are gone
+    assert live.snapshot() == {"prompt_id": "p2", "nodes": {"8": {"type": None, "total": 4, "steps": [1],
+                                                                  "losses": [1.0], "elapsed": [0.2]}}}
+    live.clear()
+
+
+def test_every_long_running_node_is_flagged_for_the_chart(comfy):
+    live = importlib.import_module("likeness.nodes.progress")
+    assert live.chart_node_types(comfy.nodes.node_list()) == [
+        "LikenessSeedSelect", "LikenessTrainDreamBoothFull", "LikenessTrainDreamBoothLoRA", "LikenessTrainPivotal",
+        "LikenessTrainTextualInversion"]
+
+
+def test_progress_route_returns_the_run_so_far(comfy, monkeypatch):
+    import asyncio
+
+    pytest.importorskip("aiohttp")
+    live = importlib.import_module("likeness.nodes.progress")
+    live.clear()
+    assert live.register_routes(comfy.nodes.node_list()) is False   # no server: nothing to register
+    srv = _fake_server(monkeypatch, [])
+
+    class Routes(list):
+        def get(self, path):
+            return lambda handler: self.append(types.SimpleNamespace(path=path, handler=handler))
+
+    srv.routes = Routes()
+    assert live.register_routes(comfy.nodes.node_list()) is True
+    assert live.register_routes(comfy.nodes.node_list()) is True    # loaded twice: registered once
+    assert [r.path for r in srv.routes] == ["/likeness/progress", "/likeness/progress/{node_id}"]
+    comfy.common.send_progress("7", 1, 6, 0.5, 0.25)
+    comfy.common.send_progress("7", 2, 6, 0.4, 0.5)
+
+    def call(route, **match):
+        res = asyncio.run(route.handler(types.SimpleNamespace(match_info=match)))
+        return res.status, json.loads(res.body)
+
+    status, body = call(srv.routes[0])
+    assert status == 200 and "LikenessTrainDreamBoothLoRA" in body["chart_nodes"]
+    assert body["nodes"]["7"]["steps"] == [1, 2] and body["nodes"]["7"]["losses"] == [0.5, 0.4]
+    assert call(srv.routes[1], node_id="7")[1]["elapsed"] == [0.25, 0.5]
+    status, body = call(srv.routes[1], node_id="99")
+    assert status == 404 and "no progress recorded for node 99" in body["error"]
+    live.clear()
 
 
 def test_progress_reporter_moves_the_bar_with_a_preview_and_honours_cancel(comfy, monkeypatch):
@@ -185,7 +254,9 @@ def test_progress_reporter_moves_the_bar_with_a_preview_and_honours_cancel(comfy
     assert (bar.total, bar.node_id) == (10, "n1") and bar.updates[0] == (1, 10, None)
     fmt, image, size = bar.updates[1][2]
     assert fmt == "JPEG" and image.size == (24, 16) and size == common.PREVIEW_SIZE
-    assert events == [("n1", 1, 10, 0.5), ("n1", 2, 10, 0.4)]
+    assert [e[:4] for e in events] == [("n1", 1, 10, 0.5), ("n1", 2, 10, 0.4)]
+    assert events[0][5] is None
+    assert 0 <= events[0][4] <= events[1][4] < 60  # seconds since the run started: the chart's ETA
     cancel["now"] = True
     with pytest.raises(Cancelled):
         progress(3, 10, 0.3, None)
@@ -262,6 +333,42 @@ def test_folder_names_inside_the_input_directory_and_absolute_paths(comfy, input
     first = node.fingerprint_inputs(folder="cat", resolution=0)
     (input_dir / "cat" / "a.txt").write_text("a caption")
     assert node.fingerprint_inputs(folder="cat", resolution=0) != first    # an edit re-runs the node
+
+
+def test_first_run_without_images_says_which_folder_to_make_and_what_to_put_in_it(comfy, input_dir):
+    """A template's folder does not exist on a user's first run: the error names the full path and
+    what goes in it, instead of only saying that the folder is missing."""
+    node = comfy.classes["LikenessLoadImageFolder"]
+    with pytest.raises(D.DatasetError) as err:
+        node.execute(folder="likeness_example", resolution=64)
+    msg = str(err.value)
+    assert f"{input_dir / 'likeness_example'} does not exist yet" in msg
+    assert "create it" in msg and "png" in msg and "same-named .txt" in msg and "press Run again" in msg
+    (input_dir / "likeness_example").mkdir()
+    (input_dir / "likeness_example" / "notes.md").write_text("not an image")
+    with pytest.raises(D.DatasetError, match=r"no images in .*likeness_example: put in it the training images"):
+        node.execute(folder="likeness_example", resolution=64)
+
+
+def test_the_folder_dropdown_lists_the_input_folders_and_wins_over_the_typed_one(comfy, input_dir):
+    from support.images import write_disc_images
+
+    (input_dir / "Dog").mkdir()
+    (input_dir / ".hidden").mkdir()
+    (input_dir / "photo.png").write_bytes(b"")                     # a file, not a folder: not listed
+    write_disc_images(input_dir / "cat", n=3)
+    node = comfy.classes["LikenessLoadImageFolder"]
+    spec = {i.id: i for i in node.define_schema().inputs}["input_folder"]
+    typed = comfy.image_folder.TYPED
+    assert spec.options == [typed, "cat", "Dog"] and spec.default == typed and spec.optional
+    images, _, summary = node.execute(folder="missing", resolution=32, input_folder="cat").result
+    assert images.shape == (3, 32, 32, 3) and summary.startswith(f"3 images from {input_dir / 'cat'}")
+    images, *_ = node.execute(folder="cat", resolution=32, input_folder=typed).result   # the typed folder
+    assert images.shape[0] == 3
+    assert node.fingerprint_inputs(folder="missing", resolution=32, input_folder="cat") == \
+        node.fingerprint_inputs(folder="cat", resolution=32)
+    (input_dir / "new").mkdir()                                    # listed afresh each time ComfyUI asks
+    assert "new" in {i.id: i for i in node.define_schema().inputs}["input_folder"].options
 
 
 def test_nodes_import_nothing_of_the_testbed_and_no_private_names():

@@ -1,12 +1,43 @@
-// Likeness front-end extension: a live loss chart on the training nodes.
+// Likeness front-end extension: a live loss chart on every long-running Likeness node.
 // ComfyUI serves this folder (WEB_DIRECTORY = "./web") at /extensions/<folder>/ and loads every .js in it.
-// The training node sends a "likeness.progress" websocket event each step:
-//   {node: "<unique id>", step, total, loss (null for a skipped step)}.
+// A long-running node sends a "likeness.progress" websocket event each step:
+//   {node: "<unique id>", type (the node's class), step, total, loss (null for a skipped step),
+//    elapsed (seconds since the run started), prompt_id}.
+// GET /likeness/progress (nodes/progress.py) says which node types chart ("chart_nodes", from the
+// server's LIVE_CHART flag) and returns the latest prompt's points so far, so a reloaded page
+// redraws a run in progress.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
-const TRAINERS = new Set(["LikenessTrainTextualInversion"]);
 const CHART_HEIGHT = 90;
+const PROGRESS_ROUTE = "/likeness/progress";
+const charted = new Set();
+let serverInfo = null;
+
+// The route's answer ({chart_nodes, prompt_id, nodes}); an empty one when it cannot be read.
+async function fetchProgress() {
+  try {
+    const res = await api.fetchApi(PROGRESS_ROUTE);
+    if (res.ok) return await res.json();
+  } catch (e) {
+    console.warn("likeness: cannot read " + PROGRESS_ROUTE, e);
+  }
+  return { chart_nodes: [], prompt_id: null, nodes: {} };
+}
+
+function formatSeconds(s) {
+  if (!Number.isFinite(s) || s < 0) return "?";
+  const m = Math.floor(s / 60), sec = Math.round(s % 60);
+  return m ? `${m}m ${String(sec).padStart(2, "0")}s` : `${sec}s`;
+}
+
+// Seconds left, from the seconds the run has taken so far (null before the first timed step).
+function eta(state) {
+  const i = state.step.length - 1;
+  const step = state.step[i], spent = state.elapsed?.[i];
+  if (!(step > 0) || !Number.isFinite(spent) || !state.total) return null;
+  return (spent / step) * Math.max(0, state.total - step);
+}
 
 // A node by its execution id ("12", or "5:12" for a node inside subgraph node 5).
 function findNode(id) {
@@ -33,7 +64,7 @@ function drawChart(ctx, state, x, y, w, h) {
   ctx.fillStyle = "#999";
   const pts = state ? state.loss.map((l, i) => [state.step[i], l]).filter((p) => Number.isFinite(p[1])) : [];
   if (pts.length < 2) {
-    ctx.fillText(pts.length ? "loss: " + pts[0][1].toFixed(4) : "loss chart: appears while training", x + 6, y + 14);
+    ctx.fillText(pts.length ? "loss: " + pts[0][1].toFixed(4) : "loss chart: appears during a run", x + 6, y + 14);
     ctx.restore();
     return;
   }
@@ -66,7 +97,10 @@ function drawChart(ctx, state, x, y, w, h) {
   ctx.stroke();
   const last = pts[pts.length - 1];
   ctx.fillStyle = "#bbb";
-  ctx.fillText(`step ${last[0]}/${state.total}  loss ${last[1].toFixed(4)}  (avg ${ema.toFixed(4)})`, x + 6, y + h - 3);
+  const left = eta(state);
+  const etaText = left == null ? "" : last[0] >= state.total ? "  done" : `  ETA ${formatSeconds(left)}`;
+  ctx.fillText(`step ${last[0]}/${state.total}  loss ${last[1].toFixed(4)}  (avg ${ema.toFixed(4)})${etaText}`,
+               x + 6, y + h - 3);
   ctx.fillStyle = "#888";
   ctx.fillText(hi.toPrecision(3), x + w - 40, y + 11);
   ctx.fillText(lo.toPrecision(3), x + w - 40, y + h - 16);
@@ -96,15 +130,41 @@ function onProgress(event) {
   const d = event.detail;
   if (!d || d.node == null) return;
   const node = findNode(d.node);
-  if (!node) return;
+  if (!node || !sameType(node, d.type)) return;
+  addChart(node); // the event itself says this node charts, even if the type list missed it
   let st = node.likenessLoss;
-  if (!st || d.step <= st.step[st.step.length - 1]) {
-    st = node.likenessLoss = { step: [], loss: [], total: d.total };
+  const newPrompt = d.prompt_id != null && st?.prompt != null && d.prompt_id !== st.prompt;
+  if (!st || newPrompt || d.step <= st.step[st.step.length - 1]) {
+    st = node.likenessLoss = { step: [], loss: [], elapsed: [], total: d.total, prompt: d.prompt_id ?? null };
   }
   st.step.push(d.step);
   st.loss.push(d.loss == null ? NaN : Number(d.loss));
+  st.elapsed.push(d.elapsed == null ? NaN : Number(d.elapsed));
   st.total = d.total;
+  st.prompt = d.prompt_id ?? st.prompt;
   node.setDirtyCanvas?.(true, false);
+}
+
+// An id names a node of the graph that ran: another workflow's node with the same id is left alone.
+function sameType(node, type) {
+  return type == null || (node.comfyClass ?? node.type) === type;
+}
+
+// After a page reload: the points the server kept for the latest prompt's nodes.
+function restore(info) {
+  for (const [id, run] of Object.entries(info?.nodes ?? {})) {
+    const node = findNode(id);
+    if (!node || !sameType(node, run.type)) continue;
+    addChart(node);
+    node.likenessLoss = {
+      step: run.steps.slice(),
+      loss: run.losses.map((l) => (l == null ? NaN : Number(l))),
+      elapsed: run.elapsed.map(Number),
+      total: run.total,
+      prompt: info.prompt_id ?? null,
+    };
+    node.setDirtyCanvas?.(true, false);
+  }
 }
 
 // The folder may be registered twice (folder name and pyproject name); register once.
@@ -112,11 +172,21 @@ if (!window.__likenessLossChart) {
   window.__likenessLossChart = true;
   app.registerExtension({
     name: "likeness.lossChart",
-    setup() {
+    async beforeRegisterNodeDef(nodeType, nodeData) {
+      serverInfo ??= fetchProgress();
+      const info = await serverInfo;
+      if (info.chart_nodes?.includes(nodeData?.name)) charted.add(nodeData.name);
+    },
+    async setup() {
       api.addEventListener("likeness.progress", onProgress);
+      restore(await fetchProgress());
+    },
+    // A reloaded page restores its workflow after setup: redraw the points then too.
+    async afterConfigureGraph() {
+      restore(await fetchProgress());
     },
     nodeCreated(node) {
-      if (TRAINERS.has(node.comfyClass)) addChart(node);
+      if (charted.has(node.comfyClass)) addChart(node);
     },
   });
 }
