@@ -40,7 +40,6 @@ from torch.utils.checkpoint import checkpoint
 from . import diff_sampling as DS
 from . import loop
 from .image_encoder import centroid
-from .objective import cfg_combine
 from .seam import Host, ImageEncoder, SeedModel
 
 #: progress(iteration, total, loss or None, preview image [H, W, 3] or None)
@@ -83,15 +82,10 @@ class SeamSeedModel:
         cond = self._cond(self.prompt)
         uncond = self._cond(self.negative) if cfg != 1.0 else None
 
-        def denoiser(x, sigma):
-            outs = []
-            for j in range(x.shape[0]):  # the conds are for one prompt: one sample at a time
-                xj, sj = x[j:j + 1], sigma[j:j + 1]
-                den = self.host.denoise(xj, sj, cond)
-                if uncond is not None:
-                    den = cfg_combine(den, self.host.denoise(xj, sj, uncond), cfg)
-                outs.append(den)
-            return torch.cat(outs)
+        one = DS.host_denoiser(self.host, cond, uncond, cfg)
+
+        def denoiser(x, sigma):  # the conds are for one prompt: one sample at a time
+            return torch.cat([one(x[j:j + 1], sigma[j:j + 1]) for j in range(x.shape[0])])
 
         return fn(denoiser)
 
