@@ -179,6 +179,16 @@ class Tunable(Host, Protocol):
         ``fns[name](p)`` instead (``p`` in the compute dtype; the result must keep its shape).
         Gradients flow through ``fns`` to whatever tensors they close over."""
 
+    def module_branches(self, fns: dict[str, Any]) -> Any:
+        """Context manager: while active, the layer owning weight ``name`` (a key of
+        ``tunable_parameters``, ending in ``.weight``) returns ``fns[name](x, y)`` instead of its
+        output ``y`` for input ``x`` (both in the compute dtype; the result must keep ``y``'s shape).
+
+        This is how LoRA trains (``y + s * up(down(x))``): the adapter is a branch on the
+        activations, so an update far below one rounding step of a bf16/fp16 weight still changes
+        what the layer computes.  Gradients flow through ``fns`` to what they close over; the
+        host's weights are never written."""
+
     def unet_layout(self) -> Any:
         """The UNet's block layout (``UNetLayout`` of the formats' UNet naming), to name keys."""
 
