@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 
 from . import data as D
-from . import loop, objective
+from . import loop, objective, preflight
 from .formats import embedding, kohya_lora
 from .formats.files import check_paths_writable, safe_path, validate_name
 from .formats.layer_names import normalize_layer_name
@@ -74,7 +74,8 @@ class DreamBoothConfig:
     noise_offset: float = 0.0
     optimizer: str = "adamw"  # adamw | adafactor
     max_grad_norm: float = 1.0
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # the memory preflight may also turn it on (trainers/preflight.py)
+    memory_budget_gb: float = 0.0  # 0: the device's free memory (CUDA)
     seed: int = 0
     # data
     resolution: int | None = None
@@ -115,6 +116,7 @@ class DreamBoothResult:
     class_images: int = 0
     preview: torch.Tensor | None = None
     data_summary: str = ""
+    notes: list[str] = field(default_factory=list)  # settings the run changed on its own (memory)
 
 
 # ------------------------------------------------------------------------------------------
@@ -158,6 +160,8 @@ def _check_config(cfg: DreamBoothConfig) -> list[str]:
         p.append("save/preview intervals must be 0 (off) or positive")
     if cfg.extract_rank < 0:
         p.append(f"extract rank must be 0 (off) or positive, got {cfg.extract_rank}")
+    if not cfg.memory_budget_gb >= 0:
+        p.append(f"memory budget must be 0 (the device's free memory) or a size in GB, got {cfg.memory_budget_gb}")
     if cfg.mode == "pivotal":
         if not cfg.token:
             p.append("pivotal tuning needs the new word (token) it learns vectors for")
@@ -495,6 +499,25 @@ def _loader_maps(name: str, family: str, layout, naming) -> bool:
         return False
 
 
+def _trained(host: Host, tr: _Trainables):
+    """The network as the method trains it (what the step, the preflight and previews run in)."""
+    return host.parameter_patches(tr.patches())
+
+
+def _preflight(host: Host, cfg: DreamBoothConfig, plan: _Plan, tr: _Trainables) -> preflight.Choice:
+    """Will the run fit?  Measured with the mode's own step (patched network, the prior's doubled
+    batch) before class images are sampled or any latent is encoded."""
+    batch = cfg.batch_size * (2 if plan.prior else 1)
+    token = cfg.token if tr.vectors is not None else None
+    step = preflight.denoising_step(host, cfg.instance_prompt, batch, token, tr.vectors)
+    hw = (plan.crop_hw[0] // host.latent_scale, plan.crop_hw[1] // host.latent_scale)
+    numel = sum(p.numel() for g in tr.groups() for p in g["params"])
+    with _trained(host, tr):
+        return preflight.plan(host, step, target_hw=hw, trainable_numel=numel, optimizer=cfg.optimizer,
+                              checkpointing=cfg.gradient_checkpointing, budget_gb=cfg.memory_budget_gb,
+                              what_to_lower="the batch size or the resolution, or use mode lora instead of full")
+
+
 def train_dreambooth(host: Host, images: D.TrainingImages, cfg: DreamBoothConfig,
                      class_images: D.TrainingImages | None = None,
                      progress: loop.ProgressFn | None = None,
@@ -502,6 +525,8 @@ def train_dreambooth(host: Host, images: D.TrainingImages, cfg: DreamBoothConfig
     """Train, write the mode's files (every ``save_every`` steps, at the end and on Cancel) and
     return the result.  The host's weights are never modified."""
     plan = prepare(host, images, cfg, class_images)
+    tr = _Trainables(host, cfg, plan.init_text)
+    memory = _preflight(host, cfg, plan, tr)
     inst = D.LatentCache(host, plan.images, crop_hw=plan.crop_hw, flip=cfg.flip, random_crop=cfg.random_crop)
     prior, n_class = None, 0
     if plan.prior:
@@ -514,7 +539,6 @@ def train_dreambooth(host: Host, images: D.TrainingImages, cfg: DreamBoothConfig
             prior = D.LatentCache.from_latents(lat, host.latent_scale)
         n_class = len(prior)
     prompts = [c if c is not None else cfg.instance_prompt for c in plan.captions]
-    tr = _Trainables(host, cfg, plan.init_text)
     method = DreamBooth(host, cfg, inst, prompts, prior, tr.groups(), tr.vectors)
     saver = _Saver(host, cfg, plan, tr, _metadata(cfg, host, len(images), n_class))
     last_preview: list[torch.Tensor] = []
@@ -529,8 +553,8 @@ def train_dreambooth(host: Host, images: D.TrainingImages, cfg: DreamBoothConfig
     lcfg = loop.LoopConfig(steps=cfg.steps, learning_rate=cfg.learning_rate, save_every=cfg.save_every,
                            preview_every=cfg.preview_every, optimizer=cfg.optimizer,
                            max_grad_norm=cfg.max_grad_norm, snapshot=cfg.mode != "full")
-    ckpt = host.gradient_checkpointing() if cfg.gradient_checkpointing else contextlib.nullcontext()
-    with host.parameter_patches(tr.patches()), ckpt:
+    ckpt = host.gradient_checkpointing() if memory.checkpointing else contextlib.nullcontext()
+    with _trained(host, tr), ckpt:
         res = loop.run(method, lcfg, device=host.device, compute_dtype=host.compute_dtype, save=saver,
                        progress=progress, preview=preview if cfg.preview_every else None)
     return DreamBoothResult(
@@ -538,6 +562,7 @@ def train_dreambooth(host: Host, images: D.TrainingImages, cfg: DreamBoothConfig
         seconds=res.seconds, mode=cfg.mode, lora_layers=tr.lora_layers(),
         deltas=tr.delta_tensors() if cfg.mode == "full" else {}, vectors=tr.vector_tensors(),
         class_images=n_class, preview=last_preview[0] if last_preview else None, data_summary=images.summary(),
+        notes=[memory.note] if memory.note else [],
     )
 
 

@@ -10,15 +10,16 @@ dense 49408-row gradient or optimizer state (algorithms.md §1.7) and no weight 
 """
 from __future__ import annotations
 
+import contextlib
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 from . import data as D
-from . import loop, objective
+from . import loop, objective, preflight
 from .formats import embedding
 from .formats.files import validate_name
 from .preview import render_preview
@@ -47,6 +48,7 @@ class TIConfig:
     preview_cfg: float = 5.0
     overwrite: bool = False
     keep_snapshots: bool = False
+    memory_budget_gb: float = 0.0  # 0: the device's free memory (CUDA); see trainers/preflight.py
 
 
 @dataclass
@@ -60,6 +62,7 @@ class TIResult:
     preview: torch.Tensor | None = None
     data_summary: str = ""
     template_kind: str = ""
+    notes: list[str] = field(default_factory=list)  # settings the run changed on its own (memory)
 
 
 def check_config(cfg: TIConfig) -> None:
@@ -75,6 +78,8 @@ def check_config(cfg: TIConfig) -> None:
         problems.append(f"batch size must be at least 1, got {cfg.batch_size}")
     if cfg.save_every < 0 or cfg.preview_every < 0:
         problems.append("save/preview intervals must be 0 (off) or positive")
+    if not cfg.memory_budget_gb >= 0:
+        problems.append(f"memory budget must be 0 (the device's free memory) or a size in GB, got {cfg.memory_budget_gb}")
     if problems:
         raise ValueError("; ".join(problems))
 
@@ -132,6 +137,16 @@ def prepare(host: Host, images: D.TrainingImages, cfg: TIConfig):
     return name, kind, captions, planned, init_text
 
 
+def _preflight(host: Host, name: str, vectors: dict, cfg: TIConfig, crop_hw) -> preflight.Choice:
+    """Will the run fit?  Measured with the run's own step on throw-away copies of the vectors."""
+    trial = {k: v.detach().to(host.device, torch.float32).requires_grad_() for k, v in vectors.items()}
+    step = preflight.denoising_step(host, f"a photo of {name}", cfg.batch_size, name, trial)
+    hw = (crop_hw[0] // host.latent_scale, crop_hw[1] // host.latent_scale)
+    return preflight.plan(host, step, target_hw=hw, trainable_numel=sum(v.numel() for v in trial.values()),
+                          optimizer="adamw", checkpointing=False, budget_gb=cfg.memory_budget_gb,
+                          what_to_lower="the batch size or the resolution")
+
+
 def train_textual_inversion(host: Host, images: D.TrainingImages, cfg: TIConfig,
                             progress: loop.ProgressFn | None = None) -> TIResult:
     """Train, save ``<name>`` into ``cfg.output_dir`` (every ``save_every`` steps, at the end, and
@@ -139,8 +154,9 @@ def train_textual_inversion(host: Host, images: D.TrainingImages, cfg: TIConfig,
     name, kind, captions, planned, init_text = prepare(host, images, cfg)
     crop = min(min(im.shape[:2]) for im in planned) if cfg.resolution else None
     crop_hw = (crop, crop) if crop else tuple(planned[0].shape[:2])
-    cache = D.LatentCache(host, planned, crop_hw=crop_hw, flip=cfg.flip, random_crop=cfg.random_crop)
     vectors = initial_vectors(host, init_text, cfg.num_vectors)
+    memory = _preflight(host, name, vectors, cfg, crop_hw)
+    cache = D.LatentCache(host, planned, crop_hw=crop_hw, flip=cfg.flip, random_crop=cfg.random_crop)
     method = TextualInversion(host, cache, kind, captions, name, vectors, cfg.batch_size, cfg.seed)
     meta = _metadata(cfg, init_text, kind)
     widths = {e.key: e.width for e in host.text_encoders()}
@@ -165,12 +181,15 @@ def train_textual_inversion(host: Host, images: D.TrainingImages, cfg: TIConfig,
 
     lcfg = loop.LoopConfig(steps=cfg.steps, learning_rate=cfg.learning_rate, save_every=cfg.save_every,
                            preview_every=cfg.preview_every)
-    res = loop.run(method, lcfg, device=host.device, compute_dtype=host.compute_dtype, save=save,
-                   progress=progress, preview=preview if cfg.preview_every else None)
+    ckpt = host.gradient_checkpointing() if memory.checkpointing else contextlib.nullcontext()
+    with ckpt:
+        res = loop.run(method, lcfg, device=host.device, compute_dtype=host.compute_dtype, save=save,
+                       progress=progress, preview=preview if cfg.preview_every else None)
     return TIResult(
         vectors={k: v.detach().float().cpu() for k, v in method.vectors.items()}, files=list(files),
         losses=res.losses, steps_done=res.steps_done, skipped_steps=res.skipped_steps, seconds=res.seconds,
         preview=last_preview[0] if last_preview else None, data_summary=images.summary(), template_kind=kind,
+        notes=[memory.note] if memory.note else [],
     )
 
 
