@@ -206,12 +206,13 @@ def plan(host: Host, forward_at: Callable[[tuple[int, int]], torch.Tensor], *, t
          what_to_lower: str) -> Choice:
     """Measure and decide (see the module docstring); nothing is measured when no budget is known.
     A note about a changed setting is also logged at once, before the run starts."""
-    budget = int(budget_gb * GiB) if budget_gb > 0 else device_budget(host.device)
     can_ckpt = isinstance(host, Tunable)
-    if budget is None:
+    if budget_gb <= 0 and host.device.type != "cuda":
         return Choice(checkpointing and can_ckpt, False, 0, None)
     act, act_ckpt = measure(forward_at, host.latent_multiple, target_hw,
                             host.gradient_checkpointing if can_ckpt else None)
+    # read after the probes: a host that loads its weights lazily (ComfyUI) has loaded them now
+    budget = int(budget_gb * GiB) if budget_gb > 0 else device_budget(host.device)
     need = Need(state_bytes(trainable_numel, optimizer), act, act_ckpt)
     choice = decide(need, budget, checkpointing=checkpointing, fast_available=False, what_to_lower=what_to_lower)
     if choice.note:
