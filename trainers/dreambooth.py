@@ -409,11 +409,15 @@ class _Trainables:
         return name.startswith(("unet.", "diffusion_model."))
 
     def patches(self) -> dict:
+        """Full fine-tune: the weight plus its fp32 delta, summed in fp32 and rounded once (a host
+        that keeps a full-precision weight passes that one, so the sum is exact before the cast)."""
+        return {n: (lambda w, _d=d: (w.float() + _d).to(w.dtype)) for n, d in self.deltas.items()}
+
+    def branches(self) -> dict:
+        """LoRA (and pivotal tuning's LoRA): branches on the activations, never merged weights."""
         fns = {}
         for ls in self.loras.values():
-            fns.update(ls.patches())
-        for n, d in self.deltas.items():
-            fns[n] = lambda w, _d=d: w + _d.to(w.dtype)
+            fns.update(ls.branches())
         return fns
 
     def lora_layers(self) -> dict:
@@ -530,7 +534,7 @@ def train_dreambooth(host: Host, images: D.TrainingImages, cfg: DreamBoothConfig
                            preview_every=cfg.preview_every, optimizer=cfg.optimizer,
                            max_grad_norm=cfg.max_grad_norm, snapshot=cfg.mode != "full")
     ckpt = host.gradient_checkpointing() if cfg.gradient_checkpointing else contextlib.nullcontext()
-    with host.parameter_patches(tr.patches()), ckpt:
+    with host.parameter_patches(tr.patches()), host.module_branches(tr.branches()), ckpt:
         res = loop.run(method, lcfg, device=host.device, compute_dtype=host.compute_dtype, save=saver,
                        progress=progress, preview=preview if cfg.preview_every else None)
     return DreamBoothResult(

@@ -84,6 +84,20 @@ class _Patch(torch.nn.Module):
         return self.fn(original)
 
 
+def _branchable(module: torch.nn.Module) -> bool:
+    """A layer whose output a LoRA-style branch can extend: Linear, or a 1x1 conv."""
+    if isinstance(module, torch.nn.Linear):
+        return True
+    return isinstance(module, torch.nn.Conv2d) and tuple(module.kernel_size) == (1, 1)
+
+
+def _branch_hook(fn):
+    """A forward hook returning ``fn(input, output)``: the layer's output through the branch."""
+    def hook(_module, args, out):
+        return fn(args[0], out)
+    return hook
+
+
 class DiffusersHost:
     """``trainers.seam.Host`` (and ``Tunable``, ``Exportable``) over diffusers modules (SD1.x eps,
     SD2.x eps/v, SDXL)."""
@@ -391,6 +405,24 @@ class DiffusersHost:
         finally:
             for module, pname in reversed(done):
                 parametrize.remove_parametrizations(module, pname, leave_parametrized=False)
+
+    @contextlib.contextmanager
+    def module_branches(self, fns: dict):
+        """Each branch is a forward hook on the layer owning the weight (a Linear or a 1x1 conv)
+        whose result replaces the layer's output; every name is checked before any hook is added,
+        and the hooks are removed in ``finally``, so the modules are exactly as before afterwards."""
+        owners = self._owners(fns)
+        for name, (module, pname) in owners.items():
+            if pname != "weight" or not _branchable(module):
+                raise ValueError(f"cannot branch {name!r}: only the weight of a Linear or 1x1 conv layer")
+        handles = []
+        try:
+            for name, (module, _) in owners.items():
+                handles.append(module.register_forward_hook(_branch_hook(fns[name])))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
 
     def _owners(self, names) -> dict[str, tuple[torch.nn.Module, str]]:
         roots = {prefix: root for prefix, root in self._parts().values()}
