@@ -413,11 +413,15 @@ class _Trainables:
         return name.startswith(("unet.", "diffusion_model."))
 
     def patches(self) -> dict:
+        """Full fine-tune: the weight plus its fp32 delta, summed in fp32 and rounded once (a host
+        that keeps a full-precision weight passes that one, so the sum is exact before the cast)."""
+        return {n: (lambda w, _d=d: (w.float() + _d).to(w.dtype)) for n, d in self.deltas.items()}
+
+    def branches(self) -> dict:
+        """LoRA (and pivotal tuning's LoRA): branches on the activations, never merged weights."""
         fns = {}
         for ls in self.loras.values():
-            fns.update(ls.patches())
-        for n, d in self.deltas.items():
-            fns[n] = lambda w, _d=d: w + _d.to(w.dtype)
+            fns.update(ls.branches())
         return fns
 
     def lora_layers(self) -> dict:
@@ -499,9 +503,12 @@ def _loader_maps(name: str, family: str, layout, naming) -> bool:
         return False
 
 
+@contextlib.contextmanager
 def _trained(host: Host, tr: _Trainables):
-    """The network as the method trains it (what the step, the preflight and previews run in)."""
-    return host.parameter_patches(tr.patches())
+    """The network as the method trains it (what the step, the preflight and previews run in):
+    full fine-tune deltas as parameter patches, LoRA as branches on the activations."""
+    with host.parameter_patches(tr.patches()), host.module_branches(tr.branches()):
+        yield
 
 
 def _preflight(host: Host, cfg: DreamBoothConfig, plan: _Plan, tr: _Trainables) -> preflight.Choice:
