@@ -100,3 +100,39 @@ def test_compiled_denoise_gives_the_eager_loss_and_gradient(tiny_sd1_host):
     for loss, grad in got:
         assert loss == pytest.approx(want[0], rel=1e-6)
         torch.testing.assert_close(grad, want[1], rtol=1e-5, atol=1e-7)
+
+
+def test_the_cli_option_compiles_the_hosts_denoiser_and_reports_it(monkeypatch, tmp_path, capsys):
+    import argparse
+    import types
+
+    from likeness import cli
+    from likeness.hosts import diffusers as host_module
+    from likeness.trainers import textual_inversion as TI
+
+    parser = argparse.ArgumentParser()
+    cli._ti_parser(parser.add_subparsers())
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert list(next(a for a in sub.choices["ti"]._actions if a.dest == "compile").choices) == list(C.MODES)
+
+    class Host:
+        device = torch.device("cpu")
+
+        def denoise(self, x, sigma, cond):
+            return x
+
+    seen = {}
+
+    def train(host, images, cfg, **kw):
+        seen["wrapped"] = "denoise" in vars(host)
+        return types.SimpleNamespace(steps_done=0, seconds=0.0, skipped_steps=0, files=[])
+
+    monkeypatch.setattr(TI, "train_textual_inversion", train)
+    monkeypatch.setattr(D, "load_image_folder", lambda path: types.SimpleNamespace(summary=lambda: "images"))
+    monkeypatch.setattr(host_module.DiffusersHost, "load", classmethod(lambda cls, *a, **kw: Host()))
+    monkeypatch.chdir(tmp_path)
+    base = ["ti", "--model", "m", "--images", "i", "--name", "sks-thing"]
+    assert cli.main(base + ["--compile", "default"]) == 0 and seen["wrapped"]
+    assert "compile default: warm-up 0.0 s (not counted in s/step)" in capsys.readouterr().out
+    assert cli.main(base) == 0 and not seen["wrapped"]
+    assert "compile" not in capsys.readouterr().out
