@@ -322,7 +322,8 @@ def _run_seedselect(args) -> int:
     print(images.summary(), flush=True)
     seed_model = SeamSeedModel(host, args.prompt, args.negative)
     with _compiled(args, seed_model):
-        res = train_seedselect(seed_model, vision, refs, cfg, progress=_Printer(Path(args.out) / f"{args.name}.preview.png"))
+        res = train_seedselect(seed_model, vision, refs, cfg,
+                               progress=_Printer(Path(args.out) / f"{args.name}.preview.png"))
     entry = B.SeedEntry(noise=res.noise, sigmas=res.sigmas, sampler=res.sampler, cfg=res.cfg, prompt=args.prompt,
                         negative=args.negative, model_name=host.info.name, model_hash=host.info.hash,
                         family=host.info.family, scheduler=args.scheduler, steps=args.steps, width=args.width,
