@@ -3,6 +3,7 @@
 # anchors, RESULT lines on stdout and <out>/gpu_bench.json written as results come.
 #   bench/gpu.sh [--out DIR] [--budget SECONDS] [--only NAME ...]      on a GPU machine
 #   bench/gpu.sh --cpu-smoke [--out DIR]                               the same code, tiny models, CPU
+#   bench/gpu.sh --cuda-check [--out DIR] [--budget S] [--cpu-smoke]   devtools/gpu/cuda_check.py instead
 # Uses .carry/ (bench/make_carry.sh) when present: its wheels are installed into a temp folder
 # (never into the machine's Python), its ComfyUI and shared bench are used unless
 # COMFYUI_PATH / LIKENESS_SHARED_BENCH say otherwise.
@@ -25,4 +26,6 @@ if [ -z "${COMFYUI_PATH:-}" ]; then
 fi
 [ -f "$carry/COMMIT" ] && export LIKENESS_COMMIT=$(cat "$carry/COMMIT")
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-exec "$py" "$repo/bench/gpu.py" --comfy "$COMFYUI_PATH" "$@"
+script=$repo/bench/gpu.py
+if [ "${1:-}" = "--cuda-check" ]; then shift; script=$repo/devtools/gpu/cuda_check.py; fi
+exec "$py" "$script" --comfy "$COMFYUI_PATH" "$@"
