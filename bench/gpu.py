@@ -151,7 +151,7 @@ def run_one(name: str, compile_mode: str, tiny: bool, steps: int, warmup: int, c
     import torch
 
     comfy_env.import_comfy(comfy_dir)
-    w = dict(WORKLOADS[name], **({"res": 64} if tiny else {}))
+    w = dict(WORKLOADS[name], **({"res": 64, "batch": 1} if tiny else {}))  # tiny: the code, not the load
     cuda = torch.cuda.is_available()
     with torch.inference_mode():  # as ComfyUI runs every node
         models = comfy_env.load_models(w["arch"], tiny)
@@ -293,7 +293,7 @@ def main(argv=None) -> int:
     if not args.comfy:
         ap.error("give --comfy DIR (or set COMFYUI_PATH): a ComfyUI v0.20.1 folder")
     args.comfy = os.path.abspath(args.comfy)
-    args.steps = args.steps or (2 if args.cpu_smoke or args.tiny else 10)
+    args.steps = args.steps or (1 if args.cpu_smoke or args.tiny else 10)
     args.warmup = args.warmup or (1 if args.cpu_smoke or args.tiny else 3)
     if args.one:
         steps, warmup = args.steps, args.warmup

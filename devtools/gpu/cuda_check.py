@@ -114,7 +114,7 @@ class Env:
         self.model, self.clip, self.vae = comfy_env.load_models(arch, tiny, dtype)
         self.res = 64 if tiny else (1024 if arch == "sdxl" and not tiny else 512)
         self.sample_size = 64 if tiny else 256
-        self.steps = 6 if tiny else 12
+        self.steps = 6 if tiny else 8
         self.images = comfy_env.random_images(3, self.res)
         self.pos = comfy_env.conditioning(self.clip, PROMPT)
         self.neg = comfy_env.conditioning(self.clip, "")
