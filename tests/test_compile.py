@@ -125,7 +125,7 @@ def test_the_cli_option_compiles_the_hosts_denoiser_and_reports_it(monkeypatch, 
 
     def train(host, images, cfg, **kw):
         seen["wrapped"] = "denoise" in vars(host)
-        return types.SimpleNamespace(steps_done=0, seconds=0.0, skipped_steps=0, files=[])
+        return types.SimpleNamespace(steps_done=0, seconds=0.0, skipped_steps=0, files=[], notes=[])
 
     monkeypatch.setattr(TI, "train_textual_inversion", train)
     monkeypatch.setattr(D, "load_image_folder", lambda path: types.SimpleNamespace(summary=lambda: "images"))
