@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from . import data as D
-from . import loop, objective
+from . import loop, objective, run_state
 from .formats import embedding
 from .formats.files import validate_name
 from .preview import render_preview
@@ -47,6 +47,10 @@ class TIConfig:
     preview_cfg: float = 5.0
     overwrite: bool = False
     keep_snapshots: bool = False
+    #: continue a stopped run: "off", "latest", or a state file (``trainers/run_state.py``)
+    resume: str = "off"
+    #: run states kept beside the embedding (0: none)
+    keep_states: int = run_state.KEEP
 
 
 @dataclass
@@ -60,11 +64,13 @@ class TIResult:
     preview: torch.Tensor | None = None
     data_summary: str = ""
     template_kind: str = ""
+    resumed_from: int = 0  # the step a resumed run continued after (0: a fresh run)
+    state_path: Path | None = None  # the last run state written
 
 
 def check_config(cfg: TIConfig) -> None:
     """Every check of the options alone (no model, no images): the CLI runs it before loading."""
-    problems = D.number_problems(cfg.seed, cfg.resolution)
+    problems = D.number_problems(cfg.seed, cfg.resolution) + run_state.option_problems(cfg.keep_states, cfg.resume)
     if not 1 <= cfg.num_vectors <= 75:
         problems.append(f"vectors per token must be 1..75 (a prompt holds 75 tokens), got {cfg.num_vectors}")
     if cfg.steps < 1:
@@ -105,6 +111,11 @@ class TextualInversion:
         return objective.native_error(host, x0_hat, x0, n.sigma).mean()
 
 
+#: options a resumed run may change: they decide what is shown and written, not what is trained
+_VOLATILE = ("save_every", "preview_every", "preview_prompt", "preview_steps", "preview_cfg", "overwrite",
+             "keep_snapshots")
+
+
 def _metadata(cfg: TIConfig, init_text: str, kind: str) -> dict[str, str]:
     return {
         "steps": str(cfg.steps), "lr": str(cfg.learning_rate), "batch_size": str(cfg.batch_size),
@@ -117,26 +128,29 @@ def _metadata(cfg: TIConfig, init_text: str, kind: str) -> dict[str, str]:
 
 def prepare(host: Host, images: D.TrainingImages, cfg: TIConfig):
     """Every check that can fail, before any model work: config, name, output files, images,
-    captions.  Returns (kind, captions, planned images, init text)."""
+    captions, the state to resume.  Returns (name, kind, captions, planned images, init text, state spec)."""
     check_config(cfg)
     name = validate_name(cfg.name)
     host.check_placeholder(name)
     if len(images) == 0:
         raise D.DatasetError("no training images")
-    embedding.check_can_write(cfg.output_dir, name, host.info.family, cfg.overwrite)
+    spec = run_state.spec_for("textual_inversion", cfg, host, images, name=name, folder=cfg.output_dir,
+                              volatile=_VOLATILE)
+    # a resumed run replaces its own files
+    embedding.check_can_write(cfg.output_dir, name, host.info.family, cfg.overwrite or spec.path is not None)
     kind, captions = D.resolve_prompts(images, name, cfg.templates)
     planned = D.plan_geometry(images, cfg.resolution, host.latent_scale)
     init_text = cfg.init_text.strip() or ("painting" if kind == "style" else "object")
     if name in init_text.split():
         raise ValueError(f"the init text must describe the concept with existing words, not the new word {name!r}")
-    return name, kind, captions, planned, init_text
+    return name, kind, captions, planned, init_text, spec
 
 
 def train_textual_inversion(host: Host, images: D.TrainingImages, cfg: TIConfig,
                             progress: loop.ProgressFn | None = None) -> TIResult:
     """Train, save ``<name>`` into ``cfg.output_dir`` (every ``save_every`` steps, at the end, and
     on Cancel), and return the vectors, files and loss history."""
-    name, kind, captions, planned, init_text = prepare(host, images, cfg)
+    name, kind, captions, planned, init_text, spec = prepare(host, images, cfg)
     crop = min(min(im.shape[:2]) for im in planned) if cfg.resolution else None
     crop_hw = (crop, crop) if crop else tuple(planned[0].shape[:2])
     cache = D.LatentCache(host, planned, crop_hw=crop_hw, flip=cfg.flip, random_crop=cfg.random_crop)
@@ -164,13 +178,14 @@ def train_textual_inversion(host: Host, images: D.TrainingImages, cfg: TIConfig,
         return img[0]
 
     lcfg = loop.LoopConfig(steps=cfg.steps, learning_rate=cfg.learning_rate, save_every=cfg.save_every,
-                           preview_every=cfg.preview_every)
+                           preview_every=cfg.preview_every, state=spec)
     res = loop.run(method, lcfg, device=host.device, compute_dtype=host.compute_dtype, save=save,
                    progress=progress, preview=preview if cfg.preview_every else None)
     return TIResult(
         vectors={k: v.detach().float().cpu() for k, v in method.vectors.items()}, files=list(files),
         losses=res.losses, steps_done=res.steps_done, skipped_steps=res.skipped_steps, seconds=res.seconds,
         preview=last_preview[0] if last_preview else None, data_summary=images.summary(), template_kind=kind,
+        resumed_from=res.resumed_from, state_path=res.state_path,
     )
 
 

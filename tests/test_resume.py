@@ -1,0 +1,98 @@
+"""Stopping and continuing (issue 15): a run stopped at any step and resumed ends bit-identical on
+the CPU to the same run never stopped; a state of another run is refused naming what differs; only
+the last K states are kept, written atomically beside the result."""
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from likeness.trainers import data as D
+from likeness.trainers import run_state
+from likeness.trainers.textual_inversion import TIConfig, train_textual_inversion
+
+
+class Stop(BaseException):
+    """What ComfyUI's Cancel is: a BaseException out of the progress callback."""
+
+
+def _images(n=3, size=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return D.images_from_batch(torch.rand(n, size, size, 3, generator=g))
+
+
+def _stop_at(step):
+    def progress(s, total, loss, img):
+        if s == step:
+            raise Stop()
+    return progress
+
+
+def _ti(out, **kw):
+    base = dict(name="sks-resume", output_dir=out, steps=9, learning_rate=5e-2, batch_size=2, save_every=4,
+                preview_every=0, random_crop=True, resolution=64, flip=True, seed=3)
+    base.update(kw)
+    return TIConfig(**base)
+
+
+def test_ti_stopped_and_resumed_is_bit_identical(tiny_sd1_host, tmp_path):
+    host, imgs = tiny_sd1_host, _images(size=80)
+    whole = train_textual_inversion(host, imgs, _ti(tmp_path / "a"))
+    with pytest.raises(Stop):
+        train_textual_inversion(host, imgs, _ti(tmp_path / "b"), progress=_stop_at(6))
+    states = run_state.list_states(tmp_path / "b", "sks-resume")
+    assert [p.name for p in states] == ["sks-resume.step00000004.likeness-state",
+                                        "sks-resume.step00000006.likeness-state"]
+    seen = []
+    res = train_textual_inversion(host, imgs, _ti(tmp_path / "b", resume="latest"),
+                                  progress=lambda s, n, loss, img: seen.append((s, loss)))
+    assert res.resumed_from == 6 and res.steps_done == 9
+    assert torch.equal(res.vectors["clip_l"], whole.vectors["clip_l"])
+    assert res.losses == whole.losses  # the history continues, every value the same
+    assert [s for s, _ in seen] == list(range(1, 10))  # the chart is redrawn from step 1, then continues
+    assert [v for _, v in seen] == whole.losses
+    saved = load_file(str(tmp_path / "b" / "sks-resume.safetensors"))["emb_params"]
+    assert torch.equal(saved, whole.vectors["clip_l"])
+    # keep 2: the final state and the one before it
+    assert [p.name[-27:] for p in run_state.list_states(tmp_path / "b", "sks-resume")] == [
+        "step00000008.likeness-state", "step00000009.likeness-state"]
+
+
+def test_ti_resume_from_a_chosen_state_and_train_longer(tiny_sd1_host, tmp_path):
+    host, imgs = tiny_sd1_host, _images()
+    whole = train_textual_inversion(host, imgs, _ti(tmp_path / "a", steps=12, resolution=None, random_crop=False))
+    short = _ti(tmp_path / "b", steps=8, resolution=None, random_crop=False, keep_states=5)
+    train_textual_inversion(host, imgs, short)
+    chosen = run_state.state_path(tmp_path / "b", "sks-resume", 4)
+    res = train_textual_inversion(host, imgs, _ti(tmp_path / "b", steps=12, resolution=None, random_crop=False,
+                                                  resume=str(chosen)))
+    assert res.resumed_from == 4 and torch.equal(res.vectors["clip_l"], whole.vectors["clip_l"])
+
+
+@pytest.mark.parametrize("change, named", [
+    (dict(learning_rate=1e-2), "learning_rate"),
+    (dict(num_vectors=2), "num_vectors"),
+    (dict(seed=4), "seed"),
+    ("images", "images"),
+])
+def test_a_state_of_another_run_is_refused_naming_what_differs(tiny_sd1_host, tmp_path, change, named):
+    host = tiny_sd1_host
+    train_textual_inversion(host, _images(), _ti(tmp_path, steps=4, resolution=None, random_crop=False))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    imgs = _images(seed=1) if change == "images" else _images()
+    kw = {} if change == "images" else change
+    cfg = _ti(tmp_path, steps=8, resolution=None, random_crop=False, resume="latest", **kw)
+    with pytest.raises(run_state.ResumeError, match=rf"belongs to another run.*{named}: saved"):
+        train_textual_inversion(host, imgs, cfg)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing written
+
+
+def test_resume_refusals_before_any_work(tiny_sd1_host, tmp_path):
+    host = tiny_sd1_host
+    with pytest.raises(run_state.ResumeError, match="no saved run state of 'sks-resume'"):
+        train_textual_inversion(host, _images(), _ti(tmp_path, resume="latest"))
+    train_textual_inversion(host, _images(), _ti(tmp_path, steps=4, resolution=None, random_crop=False))
+    with pytest.raises(run_state.ResumeError, match="already at step 4; set steps above 4"):
+        train_textual_inversion(host, _images(), _ti(tmp_path, steps=4, resolution=None, random_crop=False,
+                                                     resume="latest"))
+    (tmp_path / "junk.likeness-state").write_bytes(b"not a state")
+    with pytest.raises(run_state.ResumeError, match="not a readable Likeness run state"):
+        train_textual_inversion(host, _images(), _ti(tmp_path, steps=8, resume="junk.likeness-state"))
