@@ -7,6 +7,7 @@ from safetensors.torch import load_file
 
 from likeness.trainers import data as D
 from likeness.trainers import run_state
+from likeness.trainers.dreambooth import DreamBoothConfig, train_dreambooth
 from likeness.trainers.textual_inversion import TIConfig, train_textual_inversion
 
 
@@ -96,3 +97,35 @@ def test_resume_refusals_before_any_work(tiny_sd1_host, tmp_path):
     (tmp_path / "junk.likeness-state").write_bytes(b"not a state")
     with pytest.raises(run_state.ResumeError, match="not a readable Likeness run state"):
         train_textual_inversion(host, _images(), _ti(tmp_path, steps=8, resume="junk.likeness-state"))
+
+
+DB_MODES = {
+    "lora": dict(rank=2, train_text_encoder=True),
+    "full": dict(optimizer="adamw", learning_rate=1e-4),
+    "pivotal": dict(token="sks_lk", ti_fraction=0.5, rank=2),
+}
+
+
+def _db(out, mode, **kw):
+    base = dict(name="subj", output_dir=out, instance_prompt="a photo of sks_lk dog", mode=mode, steps=7,
+                save_every=3, preview_every=0, seed=5, batch_size=1, flip=True, class_prompt="a photo of a dog",
+                num_class_images=2, class_sample_steps=2, embedding_dir=out / "emb", **DB_MODES[mode])
+    base.update(kw)
+    return DreamBoothConfig(**base)
+
+
+@pytest.mark.parametrize("mode", list(DB_MODES))
+def test_dreambooth_stopped_and_resumed_is_bit_identical(tiny_sd1_host, tmp_path, mode):
+    host, imgs = tiny_sd1_host, _images()
+    whole = train_dreambooth(host, imgs, _db(tmp_path / "a", mode))
+    with pytest.raises(Stop):
+        train_dreambooth(host, imgs, _db(tmp_path / "b", mode), progress=_stop_at(5))
+    res = train_dreambooth(host, imgs, _db(tmp_path / "b", mode, resume="latest"))
+    assert res.resumed_from == 5 and res.losses == whole.losses
+    if mode == "full":
+        assert whole.deltas and all(torch.equal(res.deltas[k], v) for k, v in whole.deltas.items())
+    else:
+        assert all(torch.equal(a, b) for k in whole.lora_layers
+                   for a, b in zip(res.lora_layers[k][:2], whole.lora_layers[k][:2]))
+    if mode == "pivotal":
+        assert all(torch.equal(res.vectors[k], v) for k, v in whole.vectors.items())
