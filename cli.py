@@ -60,6 +60,16 @@ def _model_args(p, what: str) -> None:
                    help="single-file SD2 checkpoints: eps (512-base) or v (768); auto = v for SD2")
 
 
+def _state_args(p, what: str) -> None:
+    """Stopping and continuing (trainers/run_state.py): the options every resumable command shares."""
+    p.add_argument("--resume", nargs="?", const="latest", default="off", metavar="STATE",
+                   help=f"continue a stopped run of this --name: its latest state beside the {what} (no value), "
+                        "or a .likeness-state file; same model, images and settings, --steps may be raised")
+    p.add_argument("--keep-states", type=int, default=2,
+                   help="run states (for --resume) kept beside the result; one per save, at the end and on a "
+                        "stop (0: none)")
+
+
 def _ti_parser(sub) -> None:
     from .trainers.data import TEMPLATE_KINDS
 
@@ -84,6 +94,7 @@ def _ti_parser(sub) -> None:
     p.add_argument("--preview-prompt", default="a photo of {}", help="{} is replaced by the new word")
     p.add_argument("--out", default="embeddings", help="folder to write the embedding into")
     _model_args(p, "embedding")
+    _state_args(p, "embedding")
 
 
 def _run_ti(args) -> int:
@@ -97,7 +108,8 @@ def _run_ti(args) -> int:
         steps=args.steps, learning_rate=args.lr, batch_size=args.batch_size, seed=args.seed,
         templates=args.templates, resolution=args.resolution, random_crop=args.random_crop,
         flip=not args.no_flip, save_every=args.save_every, preview_every=args.preview_every,
-        preview_prompt=args.preview_prompt, overwrite=args.overwrite,
+        preview_prompt=args.preview_prompt, overwrite=args.overwrite, resume=args.resume,
+        keep_states=args.keep_states,
     )
     check_config(cfg)  # option, name and image problems are reported before the model loads
     name = validate_name(args.name)
@@ -107,10 +119,18 @@ def _run_ti(args) -> int:
     print(images.summary(), flush=True)  # the trainer runs every remaining check before any work
     preview_path = Path(args.out) / f"{cfg.name}.preview.png"
     res = train_textual_inversion(host, images, cfg, progress=_Printer(preview_path if args.preview_every else None))
-    print(f"done: {res.steps_done} steps in {res.seconds:.1f} s ({res.skipped_steps} non-finite steps skipped)")
+    _print_done(res)
+    return 0
+
+
+def _print_done(res) -> None:
+    resumed = f", continued after step {res.resumed_from}" if res.resumed_from else ""
+    print(f"done: {res.steps_done} steps in {res.seconds:.1f} s ({res.skipped_steps} non-finite steps skipped"
+          f"{resumed})")
     for f in res.files:
         print(f"wrote {f}")
-    return 0
+    if res.state_path is not None:
+        print(f"run state {res.state_path} (train longer: raise --steps and add --resume)")
 
 
 def _per_mode(field: str) -> str:
@@ -167,6 +187,7 @@ def _dreambooth_parser(sub) -> None:
     p.add_argument("--out", default=None, help=f"output folder (default per mode: {_per_mode('folder')})")
     p.add_argument("--embeddings-out", default="embeddings", help="pivotal: folder for the embedding")
     _model_args(p, "file")
+    _state_args(p, "LoRA / checkpoint")
 
 
 def _run_dreambooth(args) -> int:
@@ -189,7 +210,8 @@ def _run_dreambooth(args) -> int:
         flip=args.flip, token=args.token, embedding_dir=args.embeddings_out, num_vectors=args.num_vectors,
         ti_learning_rate=args.ti_lr, ti_fraction=args.ti_fraction, bundle_embedding=args.bundle_embedding,
         extract_rank=args.extract_rank, lora_dir=None if args.out is not None else MODE_DEFAULTS["lora"].folder,
-        preview_every=args.preview_every, overwrite=args.overwrite, **per_mode,
+        preview_every=args.preview_every, overwrite=args.overwrite, resume=args.resume,
+        keep_states=args.keep_states, **per_mode,
     )
     check_config(cfg)  # option, name and image problems are reported before the model loads
     name = validate_name(args.name)
@@ -206,9 +228,7 @@ def _run_dreambooth(args) -> int:
     res = train_dreambooth(host, images, cfg, class_images=class_images,
                            progress=_Printer(preview_path if args.preview_every else None),
                            class_progress=class_progress)
-    print(f"done: {res.steps_done} steps in {res.seconds:.1f} s ({res.skipped_steps} non-finite steps skipped)")
-    for f in res.files:
-        print(f"wrote {f}")
+    _print_done(res)
     return 0
 
 
@@ -331,10 +351,22 @@ def _expect_result(args, path: Path, preview: Path) -> None:
     args.result_path, args.started = path, time.time()
 
 
-def _saved_note(args) -> str:
+#: commands whose result file is written by the training loop (it reports what it saved)
+_LOOP_SAVES = ("ti", "dreambooth")
+
+
+def _saved_note(args, exc: BaseException | None = None) -> str:
     path = getattr(args, "result_path", None)
     if path is None:
         return "nothing was saved"
+    done = getattr(exc, "likeness_result", None) if args.command in _LOOP_SAVES else None
+    if done is not None:  # the loop says which step it saved, and which state can continue it
+        if not done.saved_step:
+            return f"nothing was saved by this run ({path} was not written)"
+        note = f"the last good result (step {done.saved_step}) was saved to {path}"
+        if done.state_path is not None:
+            note += f"; continue it with --resume (state {done.state_path.name})"
+        return note
     try:
         fresh = path.stat().st_mtime >= args.started - 1
     except OSError:
@@ -432,8 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     with _StopSignals() as stop:
         try:
             return runs[args.command](args)
-        except KeyboardInterrupt:
-            print(f"likeness: {stop.reason()}; {_saved_note(args)}", file=sys.stderr)
+        except KeyboardInterrupt as exc:
+            print(f"likeness: {stop.reason()}; {_saved_note(args, exc)}", file=sys.stderr)
             return 128 + stop.signum
         except Exception as exc:  # noqa: BLE001 - every failure ends in one line, never a traceback
             known = _failure(exc)
@@ -442,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
             message, rc = known
             print(f"likeness: error: {message}", file=sys.stderr)
             if rc == 1:
-                print(f"likeness: {_saved_note(args)}", file=sys.stderr)
+                print(f"likeness: {_saved_note(args, exc)}", file=sys.stderr)
             return rc
 
 if __name__ == "__main__":

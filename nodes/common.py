@@ -15,7 +15,7 @@ from PIL import Image
 import comfy.model_management
 import comfy.utils
 import folder_paths
-from comfy_api.latest import ui
+from comfy_api.latest import io, ui
 
 from . import progress as live
 
@@ -109,6 +109,22 @@ def count_reporter(node_id):
     return progress
 
 
+def state_inputs() -> list:
+    """The inputs of stopping and continuing that every trainer node shares (``trainers/run_state.py``),
+    optional and last, so workflows saved before them still load."""
+    from ..trainers.run_state import KEEP, SUFFIX
+
+    return [
+        io.String.Input("resume", default="off", optional=True, tooltip="Continue a stopped run of this name: "
+                        "'off' (start anew), 'latest' (its most recent saved state), or a state's file name "
+                        f"(<name>.stepNNNNNNNN{SUFFIX}, beside the result). Same model, images and settings; steps "
+                        "may be raised to train longer. The result is the same as a run never stopped."),
+        io.Int.Input("keep_states", default=KEEP, min=0, max=1000, optional=True, advanced=True,
+                     tooltip="How many run states (for resume) to keep beside the result; one is written with "
+                     "every save, at the end and on Cancel. 0: write none."),
+    ]
+
+
 def node_type_of(node_cls) -> str:
     """The node's type as the graph names it (the schema's ``node_id``, e.g. "LikenessSeedSelect")."""
     return node_cls.define_schema().node_id
@@ -138,4 +154,4 @@ def training_report(node_cls, res, headline: str, notes: tuple[str, ...] = ()):
 __all__ = ["TRAINING_CATEGORY", "PROGRESS_EVENT", "model_folder", "embeddings_dir", "to_pil", "parse_captions",
            "batch_captions", "send_progress", "progress_reporter", "count_reporter", "node_id_of",
            "node_type_of",
-           "training_report"]
+           "training_report", "state_inputs"]

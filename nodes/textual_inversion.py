@@ -15,7 +15,7 @@ from ..hosts.comfy import ComfyHost
 from ..trainers import data as D
 from ..trainers.textual_inversion import TIConfig, train_textual_inversion
 from .common import (TRAINING_CATEGORY, batch_captions, embeddings_dir, node_id_of, node_type_of, progress_reporter,
-                     training_report)
+                     state_inputs, training_report)
 
 
 def _prompt_text(prompt: str, name: str) -> str:
@@ -93,6 +93,7 @@ class TrainTextualInversion(io.ComfyNode):
                                 "caption per line, in image order, each containing the new word (or [name]); an "
                                 "empty line is an image without a caption. Connect the captions output of Load "
                                 "Training Images (Likeness). Used when templates is 'captions' or 'auto'."),
+                *state_inputs(),
             ],
             outputs=[
                 io.Conditioning.Output(display_name="conditioning", tooltip="The prompt above, encoded with "
@@ -111,13 +112,14 @@ class TrainTextualInversion(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, images, name, init_text, templates, num_vectors, steps, learning_rate,
                 batch_size, resolution, flip, random_crop, seed, prompt, preview_every, preview_steps, save_every,
-                overwrite, captions="") -> io.NodeOutput:
+                overwrite, captions="", resume="off", keep_states=2) -> io.NodeOutput:
         data = D.images_from_batch(images, batch_captions(images, captions))
         cfg = TIConfig(
             name=name, output_dir=embeddings_dir(), init_text=init_text, num_vectors=num_vectors, steps=steps,
             learning_rate=learning_rate, batch_size=batch_size, seed=seed, templates=templates,
             resolution=resolution or None, random_crop=random_crop, flip=flip, save_every=save_every,
             preview_every=preview_every, preview_steps=preview_steps, preview_prompt=prompt, overwrite=overwrite,
+            resume=resume, keep_states=keep_states,
         )
         host = ComfyHost(model, clip, vae)
         with host.training():

@@ -1,10 +1,18 @@
 """Stopping and continuing (issue 15): a run stopped at any step and resumed ends bit-identical on
 the CPU to the same run never stopped; a state of another run is refused naming what differs; only
 the last K states are kept, written atomically beside the result."""
+import os
+import re
+import signal
+import subprocess
+import sys
+
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
+from likeness import cli
 from likeness.trainers import data as D
 from likeness.trainers import run_state
 from likeness.trainers.dreambooth import DreamBoothConfig, train_dreambooth
@@ -129,3 +137,54 @@ def test_dreambooth_stopped_and_resumed_is_bit_identical(tiny_sd1_host, tmp_path
                    for a, b in zip(res.lora_layers[k][:2], whole.lora_layers[k][:2]))
     if mode == "pivotal":
         assert all(torch.equal(res.vectors[k], v) for k, v in whole.vectors.items())
+
+
+# ------------------------------------------------------------------------------------------ the CLI
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory, tiny_sd1_host):
+    import tiny_models
+
+    return tiny_models.save_diffusers_folder(tiny_models.host_parts(tiny_sd1_host),
+                                             tmp_path_factory.mktemp("model") / "tiny-sd1")
+
+
+def _image_folder(folder):
+    folder.mkdir()
+    for i, im in enumerate(_images().images):
+        Image.fromarray((im * 255).round().byte().numpy()).save(folder / f"{i}.png")
+    return folder
+
+
+def _ti_args(model, imgs, out, *extra):
+    return ["ti", "--model", str(model), "--images", str(imgs), "--out", str(out), "--device", "cpu",
+            "--name", "sks-cli", "--preview-every", "0", "--steps", "16", "--save-every", "3",
+            "--lr", "0.05", *extra]
+
+
+def test_cli_ctrl_c_then_resume_is_bit_identical(tiny_folder, tmp_path, capsys):
+    imgs = _image_folder(tmp_path / "imgs")
+    assert cli.main(_ti_args(tiny_folder, imgs, tmp_path / "whole")) == 0
+    out = tmp_path / "stopped"
+    cmd = [sys.executable, "-u", "-m", "likeness.cli", *_ti_args(tiny_folder, imgs, out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    try:
+        for line in proc.stdout:
+            if line.startswith("step 4/"):
+                break
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGINT, err
+    assert re.search(r"interrupted; the last good result \(step (\d+)\) was saved to .*continue it with "
+                     r"--resume \(state sks-cli\.step\d{8}\.likeness-state\)", err), err
+    states = run_state.list_states(out, "sks-cli")
+    assert states and run_state.read_header(states[-1])["step"] < 16
+    capsys.readouterr()
+    assert cli.main(_ti_args(tiny_folder, imgs, out, "--resume")) == 0
+    assert "continued after step" in capsys.readouterr().out
+    whole = load_file(str(tmp_path / "whole" / "sks-cli.safetensors"))["emb_params"]
+    assert torch.equal(load_file(str(out / "sks-cli.safetensors"))["emb_params"], whole)
+    assert torch.load(out / "sks-cli.pt", weights_only=True)["step"] == 16

@@ -365,10 +365,12 @@ def run(
             if stop:
                 r.result.stopped_early = True
                 break
-    except BaseException:
+    except BaseException as exc:
         # Cancel, Ctrl-C, OOM or a bug: keep the last good state on disk, then let it propagate.
         _stopped(r, save)
         r.result.seconds = time.perf_counter() - t0
+        with contextlib.suppress(AttributeError):  # what was saved, for whoever reports the stop
+            exc.likeness_result = r.result
         raise
     save(r.result.steps_done)
     r.result.saved_step = r.result.steps_done
