@@ -1,11 +1,8 @@
 """Stopping and continuing (issue 15): a run stopped at any step and resumed ends bit-identical on
 the CPU to the same run never stopped; a state of another run is refused naming what differs; only
 the last K states are kept, written atomically beside the result."""
-import os
 import re
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,6 +14,7 @@ from likeness.trainers import data as D
 from likeness.trainers import run_state
 from likeness.trainers.dreambooth import DreamBoothConfig, train_dreambooth
 from likeness.trainers.textual_inversion import TIConfig, train_textual_inversion
+from support.cli_process import stop_when
 
 
 class Stop(BaseException):
@@ -167,17 +165,8 @@ def test_cli_ctrl_c_then_resume_is_bit_identical(tiny_folder, tmp_path, capsys):
     imgs = _image_folder(tmp_path / "imgs")
     assert cli.main(_ti_args(tiny_folder, imgs, tmp_path / "whole")) == 0
     out = tmp_path / "stopped"
-    cmd = [sys.executable, "-u", "-m", "likeness.cli", *_ti_args(tiny_folder, imgs, out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
-    try:
-        for line in proc.stdout:
-            if line.startswith("step 4/"):
-                break
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 128 + signal.SIGINT, err
+    rc, err = stop_when(_ti_args(tiny_folder, imgs, out), "step 4/", signal.SIGINT)
+    assert rc == 128 + signal.SIGINT, err
     assert re.search(r"interrupted; the last good result \(step (\d+)\) was saved to .*continue it with "
                      r"--resume \(state sks-cli\.step\d{8}\.likeness-state\)", err), err
     states = run_state.list_states(out, "sks-cli")
