@@ -1,8 +1,11 @@
 """Stopping and continuing (issue 15): a run stopped at any step and resumed ends bit-identical on
 the CPU to the same run never stopped; a state of another run is refused naming what differs; only
 the last K states are kept, written atomically beside the result."""
+import os
 import re
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,7 +14,7 @@ from safetensors.torch import load_file
 
 from likeness import cli
 from likeness.trainers import data as D
-from likeness.trainers import run_state
+from likeness.trainers import loop, run_state
 from likeness.trainers.dreambooth import DreamBoothConfig, train_dreambooth
 from likeness.trainers.textual_inversion import TIConfig, train_textual_inversion
 from support.cli_process import stop_when
@@ -177,3 +180,43 @@ def test_cli_ctrl_c_then_resume_is_bit_identical(tiny_folder, tmp_path, capsys):
     whole = load_file(str(tmp_path / "whole" / "sks-cli.safetensors"))["emb_params"]
     assert torch.equal(load_file(str(out / "sks-cli.safetensors"))["emb_params"], whole)
     assert torch.load(out / "sks-cli.pt", weights_only=True)["step"] == 16
+
+
+# ------------------------------------------------------------------------------ a run owns its name
+
+
+class Line:
+    """A tiny method for the loop alone: fit p to a target."""
+
+    def __init__(self):
+        self.p = torch.nn.Parameter(torch.zeros(3))
+
+    def parameters(self):
+        return [self.p]
+
+    def loss(self, step):
+        return ((self.p - torch.tensor([1.0, 2.0, 3.0])) ** 2).sum()
+
+
+def _loop(folder, **kw):
+    spec = run_state.StateSpec(folder, "owned", {"method": "line"}, **kw)
+    cfg = loop.LoopConfig(steps=3, learning_rate=0.1, save_every=1, state=spec)
+    return loop.run(Line(), cfg, device=torch.device("cpu"), compute_dtype=torch.float32, save=lambda s: None)
+
+
+def test_a_second_run_of_the_same_name_refuses_while_the_first_lives(tmp_path):
+    lock = tmp_path / "owned.likeness-lock"
+    tmp_path.mkdir(exist_ok=True)
+    lock.write_text(f"{os.getppid()}\n{os.uname().nodename}\n")  # a live process of this machine
+    with pytest.raises(FileExistsError, match=rf"another run \(process {os.getppid()}\) is writing 'owned'"):
+        _loop(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [lock.name]  # nothing written, the lock left alone
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over_and_released(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / "owned.likeness-lock").write_text(f"{int(dead.stdout)}\n{os.uname().nodename}\n")
+    res = _loop(tmp_path)
+    assert res.steps_done == 3 and res.state_path.name == "owned.step00000003.likeness-state"
+    assert not (tmp_path / "owned.likeness-lock").exists()
+    assert len(run_state.list_states(tmp_path, "owned")) == 2  # keep 2

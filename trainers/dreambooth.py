@@ -568,8 +568,9 @@ def train_dreambooth(host: Host, images: D.TrainingImages, cfg: DreamBoothConfig
 @dataclass(frozen=True)
 class ModeDefaults:
     """What a mode starts from when the user does not say: a full fine-tune moves every weight, so
-    it takes a smaller learning rate, more steps and Adafactor (no optimizer copies of the model),
-    and writes a multi-GB checkpoint only at the end."""
+    it takes a smaller learning rate, more steps and Adafactor (no optimizer copies of the model);
+    it still writes its multi-GB checkpoint (and its run state) every 200 steps, so a run that is
+    killed keeps a recent result and can be resumed."""
 
     steps: int
     learning_rate: float
@@ -587,7 +588,7 @@ class ModeDefaults:
 MODE_DEFAULTS = {
     "lora": ModeDefaults(steps=500, learning_rate=1e-4, text_encoder_lr=5e-5, optimizer="adamw", save_every=100,
                          folder="loras"),
-    "full": ModeDefaults(steps=800, learning_rate=5e-6, text_encoder_lr=2e-6, optimizer="adafactor", save_every=0,
+    "full": ModeDefaults(steps=800, learning_rate=5e-6, text_encoder_lr=2e-6, optimizer="adafactor", save_every=200,
                          folder="checkpoints"),
     "pivotal": ModeDefaults(steps=500, learning_rate=1e-4, text_encoder_lr=5e-5, optimizer="adamw", save_every=100,
                             folder="loras"),

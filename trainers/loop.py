@@ -337,6 +337,11 @@ def run(
     """Optimise ``method.parameters()`` for ``cfg.steps`` steps (AdamW or Adafactor, state in fp32);
     ``save(step)`` every ``save_every`` steps, at the end and on Cancel (the last good state), each
     time with the run's state beside it (``cfg.state``), from which a later run can resume."""
+    with run_state.owned(cfg.state):  # a second run of the same name refuses while this one lives
+        return _run(method, cfg, device, compute_dtype, save, progress, preview)
+
+
+def _run(method, cfg: LoopConfig, device, compute_dtype, save, progress, preview) -> LoopResult:
     r = _Run(method, cfg, device, compute_dtype)
     t0 = time.perf_counter()
     start = 1

@@ -21,6 +21,7 @@ of what differs; only the step count (train longer) and the output options may c
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -304,6 +305,61 @@ def spec_for(method: str, cfg: Any, host, images, *, name: str, folder, volatile
     spec = StateSpec(Path(folder), name, fp, keep=cfg.keep_states, resume=cfg.resume)
     check_resume(spec, cfg.steps)
     return spec
+
+
+LOCK_SUFFIX = ".likeness-lock"
+
+
+def _holder(path: Path) -> int | None:
+    """The pid of the live process of this machine that holds ``path``, or None (stale or unreadable)."""
+    try:
+        pid_text, host = path.read_text().split("\n")[:2]
+        pid = int(pid_text)
+    except (OSError, ValueError):
+        return None
+    if host != _host() or pid == os.getpid():  # ours: an earlier run of this process that ended
+        return None if host == _host() else pid
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # alive, another user's
+    return pid
+
+
+def _host() -> str:
+    return os.uname().nodename if hasattr(os, "uname") else os.environ.get("COMPUTERNAME", "")
+
+
+@contextlib.contextmanager
+def owned(spec: StateSpec | None):
+    """Own the name ``spec.name`` in ``spec.folder`` for the whole run: ``<name>.likeness-lock``
+    beside the files, so a second run of the same name refuses instead of silently replacing the
+    first one's files; a lock left by a process that died is taken over."""
+    if spec is None:
+        yield
+        return
+    path = files.safe_path(spec.folder, spec.name + LOCK_SUFFIX)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            pid = _holder(path)
+            if pid is not None:
+                raise FileExistsError(f"another run (process {pid}) is writing {spec.name!r} in {spec.folder}; "
+                                      "wait for it to finish or choose another name") from None
+            path.unlink(missing_ok=True)  # stale: its process is gone
+    else:
+        raise FileExistsError(f"could not take the lock {path}; remove it if no run of {spec.name!r} is going")
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{os.getpid()}\n{_host()}\n")
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def option_problems(keep_states: int, resume: str) -> list[str]:
