@@ -78,6 +78,9 @@ def _ti_parser(sub) -> None:
     p.add_argument("--images", required=True, help="folder of RGB images; same-named .txt/.caption files are captions")
     p.add_argument("--name", required=True, help="the new word; also the file name (<name>.safetensors)")
     p.add_argument("--init-text", default="", help="word(s) to start from (default: 'object', or 'painting' for style)")
+    p.add_argument("--init-from", default="", metavar="FILE",
+                   help="continue training an existing embedding (ours, an A1111 .pt, emb_params or clip_l+clip_g "
+                        ".safetensors): its vectors and count; the files' step count continues from its own")
     p.add_argument("--vectors", type=int, default=1, help="vectors per token (1 edits best; 2-8 fit harder subjects)")
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--lr", type=float, default=5e-3, help="AdamW learning rate for the vectors")
@@ -109,7 +112,7 @@ def _run_ti(args) -> int:
         templates=args.templates, resolution=args.resolution, random_crop=args.random_crop,
         flip=not args.no_flip, save_every=args.save_every, preview_every=args.preview_every,
         preview_prompt=args.preview_prompt, overwrite=args.overwrite, resume=args.resume,
-        keep_states=args.keep_states,
+        keep_states=args.keep_states, init_file=args.init_from,
     )
     check_config(cfg)  # option, name and image problems are reported before the model loads
     name = validate_name(args.name)
@@ -124,13 +127,16 @@ def _run_ti(args) -> int:
 
 
 def _print_done(res) -> None:
-    resumed = f", continued after step {res.resumed_from}" if res.resumed_from else ""
+    """The last lines of a run: steps, files, and the state that trains it longer (a result of
+    another trainer, or a stand-in, may know no state: then nothing is said about one)."""
+    resumed_from, state = getattr(res, "resumed_from", 0), getattr(res, "state_path", None)
+    resumed = f", continued after step {resumed_from}" if resumed_from else ""
     print(f"done: {res.steps_done} steps in {res.seconds:.1f} s ({res.skipped_steps} non-finite steps skipped"
           f"{resumed})")
     for f in res.files:
         print(f"wrote {f}")
-    if res.state_path is not None:
-        print(f"run state {res.state_path} (train longer: raise --steps and add --resume)")
+    if state is not None:
+        print(f"run state {state} (train longer: raise --steps and add --resume)")
 
 
 def _per_mode(field: str) -> str:

@@ -16,7 +16,7 @@ from likeness import cli
 from likeness.trainers import data as D
 from likeness.trainers import loop, run_state
 from likeness.trainers.dreambooth import DreamBoothConfig, train_dreambooth
-from likeness.trainers.textual_inversion import TIConfig, train_textual_inversion
+from likeness.trainers.textual_inversion import TIConfig, start_vectors, train_textual_inversion
 from support.cli_process import stop_when
 
 
@@ -220,3 +220,58 @@ def test_a_lock_left_by_a_dead_process_is_taken_over_and_released(tmp_path):
     assert res.steps_done == 3 and res.state_path.name == "owned.step00000003.likeness-state"
     assert not (tmp_path / "owned.likeness-lock").exists()
     assert len(run_state.list_states(tmp_path, "owned")) == 2  # keep 2
+
+
+# ------------------------------------------------------------------------ continue from a file (TI)
+
+
+def test_ti_continues_from_its_own_file_and_counts_steps_on(tiny_sd1_host, tmp_path):
+    host = tiny_sd1_host
+    first = train_textual_inversion(host, _images(), _ti(tmp_path, name="sks-base", steps=4, resolution=None,
+                                                         random_crop=False, save_every=0))
+    more = _ti(tmp_path, name="sks-more", steps=3, resolution=None, random_crop=False, save_every=0,
+               init_file=str(tmp_path / "sks-base.safetensors"), num_vectors=5)
+    vecs, step = start_vectors(host, more, "")
+    assert step == 4 and torch.equal(vecs["clip_l"], first.vectors["clip_l"])  # its count, not num_vectors
+    res = train_textual_inversion(host, _images(), more)
+    assert res.first_step == 4 and res.vectors["clip_l"].shape == first.vectors["clip_l"].shape
+    assert torch.load(tmp_path / "sks-more.pt", weights_only=True)["step"] == 7
+    vecs, step = start_vectors(host, _ti(tmp_path, init_file=str(tmp_path / "sks-base.pt")), "")  # the A1111 .pt
+    assert step == 4 and torch.equal(vecs["clip_l"], first.vectors["clip_l"])
+
+
+def test_ti_continues_from_another_tools_files(tiny_sd1_host, tiny_sdxl_host, tmp_path):
+    from safetensors.torch import save_file
+
+    v = torch.randn(2, 32)
+    save_file({"emb_params": v}, str(tmp_path / "kohya.safetensors"))
+    vecs, step = start_vectors(tiny_sd1_host, _ti(tmp_path, init_file=str(tmp_path / "kohya.safetensors")), "")
+    assert step == 0 and torch.equal(vecs["clip_l"], v)
+    widths = {e.key: e.width for e in tiny_sdxl_host.text_encoders()}
+    pair = {k: torch.randn(3, w) for k, w in widths.items()}
+    save_file(pair, str(tmp_path / "xl.safetensors"))
+    vecs, _ = start_vectors(tiny_sdxl_host, _ti(tmp_path, init_file=str(tmp_path / "xl.safetensors")), "")
+    assert all(torch.equal(vecs[k], pair[k]) for k in widths)
+    with pytest.raises(ValueError, match=r"init file .*xl\.safetensors.*this model's family"):
+        train_textual_inversion(tiny_sd1_host, _images(), _ti(tmp_path, init_file=str(tmp_path / "xl.safetensors")))
+    assert not (tmp_path / "sks-resume.safetensors").exists()
+
+
+# ------------------------------------------------------------- the guard checks the state it keeps
+
+
+class Overflowing(Line):
+    """Finite parameters whose *result* is not finite beyond 1.5 (as huge vectors overflow a text
+    encoder): the guard must not keep them as the last good state."""
+
+    def state_ok(self):
+        return bool((self.p.abs() < 1.5).all())
+
+
+def test_an_update_whose_state_gives_a_non_finite_result_is_skipped_not_kept(tmp_path):
+    m, saved = Overflowing(), []
+    cfg = loop.LoopConfig(steps=40, learning_rate=0.1, max_bad_steps=50)
+    res = loop.run(m, cfg, device=torch.device("cpu"), compute_dtype=torch.float32,
+                   save=lambda s: saved.append(m.p.detach().clone()))
+    assert res.skipped_steps > 0 and m.state_ok()
+    assert all(bool((p.abs() < 1.5).all()) for p in saved)

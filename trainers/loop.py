@@ -38,6 +38,10 @@ class Method(Protocol):
     #   its update (SeedSelect's target loss).
     # ``after_step(step)``: after the optimizer changed the parameters (SeedSelect projects its
     #   noise back onto the Gaussian shell).
+    # ``state_ok()`` -> bool: after an update, whether the new parameters still give a finite
+    #   result; False skips the step like a non-finite loss (with the snapshot on).
+    # ``extra_state()`` / ``load_extra_state(tensors, json)``: state of the method's own to keep
+    #   in a run state beside the generators (``trainers/run_state.py``).
 
 
 @dataclass
@@ -249,7 +253,9 @@ class _Run:
             self.opt.step()
         if self.snap is None:
             return True
-        ok = all(bool(torch.isfinite(p).all()) for p in self.params)
+        # the state the update produced, not only the update: finite parameters can still give a
+        # non-finite result (vectors so large the text encoder overflows); the method says so
+        ok = all(bool(torch.isfinite(p).all()) for p in self.params) and self._hook("state_ok") is not False
         if not ok:
             self.snap.restore()
         return ok
