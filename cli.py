@@ -58,6 +58,33 @@ def _model_args(p, what: str) -> None:
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
     p.add_argument("--prediction", default="auto", choices=["auto", "eps", "v"],
                    help="single-file SD2 checkpoints: eps (512-base) or v (768); auto = v for SD2")
+    from .trainers.compile import MODES as COMPILE_MODES
+
+    p.add_argument("--compile", default="off", choices=COMPILE_MODES,
+                   help="torch.compile the denoiser step (CUDA): default, or max = also CUDA graphs; the "
+                        "warm-up is reported apart from s/step, and a failure to compile runs eagerly")
+
+
+def _compiled(args, target):
+    """``trainers.compile.compiled_step`` for ``--compile``; prints what it did when the run ends."""
+    import contextlib
+
+    from .trainers.compile import compiled_step
+
+    @contextlib.contextmanager
+    def run():
+        with compiled_step(target, args.compile) as state:
+            yield state
+        if args.compile != "off":
+            print(state.summary(), flush=True)
+
+    return run()
+
+
+def _memory_arg(p) -> None:
+    p.add_argument("--memory-budget", type=float, default=0.0, metavar="GB",
+                   help="GPU memory the run may use (default: what is free); the run turns on gradient "
+                        "checkpointing or stops before starting when it would not fit")
 
 
 def _state_args(p, what: str) -> None:
@@ -95,6 +122,7 @@ def _ti_parser(sub) -> None:
     p.add_argument("--save-every", type=int, default=100, help="write the embedding every N steps (0: end only)")
     p.add_argument("--preview-every", type=int, default=50, help="render a preview every N steps (0: never)")
     p.add_argument("--preview-prompt", default="a photo of {}", help="{} is replaced by the new word")
+    _memory_arg(p)
     p.add_argument("--out", default="embeddings", help="folder to write the embedding into")
     _model_args(p, "embedding")
     _state_args(p, "embedding")
@@ -112,7 +140,7 @@ def _run_ti(args) -> int:
         templates=args.templates, resolution=args.resolution, random_crop=args.random_crop,
         flip=not args.no_flip, save_every=args.save_every, preview_every=args.preview_every,
         preview_prompt=args.preview_prompt, overwrite=args.overwrite, resume=args.resume,
-        keep_states=args.keep_states, init_file=args.init_from,
+        keep_states=args.keep_states, init_file=args.init_from, memory_budget_gb=args.memory_budget,
     )
     check_config(cfg)  # option, name and image problems are reported before the model loads
     name = validate_name(args.name)
@@ -121,18 +149,21 @@ def _run_ti(args) -> int:
     host = DiffusersHost.load(args.model, device=args.device, prediction=args.prediction)
     print(images.summary(), flush=True)  # the trainer runs every remaining check before any work
     preview_path = Path(args.out) / f"{cfg.name}.preview.png"
-    res = train_textual_inversion(host, images, cfg, progress=_Printer(preview_path if args.preview_every else None))
+    with _compiled(args, host):
+        res = train_textual_inversion(host, images, cfg, progress=_Printer(preview_path if args.preview_every else None))
     _print_done(res)
     return 0
 
 
 def _print_done(res) -> None:
-    """The last lines of a run: steps, files, and the state that trains it longer (a result of
-    another trainer, or a stand-in, may know no state: then nothing is said about one)."""
+    """The last lines of a run: steps, what it changed on its own, files, and the state that trains
+    it longer (a stand-in result may know no state or notes: then nothing is said about them)."""
     resumed_from, state = getattr(res, "resumed_from", 0), getattr(res, "state_path", None)
     resumed = f", continued after step {resumed_from}" if resumed_from else ""
     print(f"done: {res.steps_done} steps in {res.seconds:.1f} s ({res.skipped_steps} non-finite steps skipped"
           f"{resumed})")
+    for note in getattr(res, "notes", ()):  # what the run changed on its own (the memory preflight)
+        print(note)
     for f in res.files:
         print(f"wrote {f}")
     if state is not None:
@@ -191,6 +222,7 @@ def _dreambooth_parser(sub) -> None:
                    help=f"default per mode: {_per_mode('save_every')} (0: at the end only)")
     p.add_argument("--preview-every", type=int, default=50)
     p.add_argument("--out", default=None, help=f"output folder (default per mode: {_per_mode('folder')})")
+    _memory_arg(p)
     p.add_argument("--embeddings-out", default="embeddings", help="pivotal: folder for the embedding")
     _model_args(p, "file")
     _state_args(p, "LoRA / checkpoint")
@@ -217,7 +249,7 @@ def _run_dreambooth(args) -> int:
         ti_learning_rate=args.ti_lr, ti_fraction=args.ti_fraction, bundle_embedding=args.bundle_embedding,
         extract_rank=args.extract_rank, lora_dir=None if args.out is not None else MODE_DEFAULTS["lora"].folder,
         preview_every=args.preview_every, overwrite=args.overwrite, resume=args.resume,
-        keep_states=args.keep_states, **per_mode,
+        keep_states=args.keep_states, memory_budget_gb=args.memory_budget, **per_mode,
     )
     check_config(cfg)  # option, name and image problems are reported before the model loads
     name = validate_name(args.name)
@@ -231,9 +263,10 @@ def _run_dreambooth(args) -> int:
         print(f"class images {done}/{total}", flush=True)
 
     preview_path = out / f"{cfg.name}.preview.png"
-    res = train_dreambooth(host, images, cfg, class_images=class_images,
-                           progress=_Printer(preview_path if args.preview_every else None),
-                           class_progress=class_progress)
+    with _compiled(args, host):
+        res = train_dreambooth(host, images, cfg, class_images=class_images,
+                               progress=_Printer(preview_path if args.preview_every else None),
+                               class_progress=class_progress)
     _print_done(res)
     return 0
 
@@ -323,8 +356,10 @@ def _run_seedselect(args) -> int:
     host = DiffusersHost.load(args.model, device=args.device, prediction=args.prediction)
     vision = load_clip_vision(args.clip_vision, device=host.device)
     print(images.summary(), flush=True)
-    res = train_seedselect(SeamSeedModel(host, args.prompt, args.negative), vision, refs, cfg,
-                           progress=_Printer(Path(args.out) / f"{args.name}.preview.png"))
+    seed_model = SeamSeedModel(host, args.prompt, args.negative)
+    with _compiled(args, seed_model):
+        res = train_seedselect(seed_model, vision, refs, cfg,
+                               progress=_Printer(Path(args.out) / f"{args.name}.preview.png"))
     entry = B.SeedEntry(noise=res.noise, sigmas=res.sigmas, sampler=res.sampler, cfg=res.cfg, prompt=args.prompt,
                         negative=args.negative, model_name=host.info.name, model_hash=host.info.hash,
                         family=host.info.family, scheduler=args.scheduler, steps=args.steps, width=args.width,

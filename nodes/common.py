@@ -17,6 +17,7 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io, ui
 
+from ..trainers.compile import MODES as COMPILE_MODES
 from . import progress as live
 
 TRAINING_CATEGORY = "Likeness/training"
@@ -125,6 +126,19 @@ def state_inputs() -> list:
     ]
 
 
+def compile_input():
+    """The advanced ``compile`` input every training node shares (``trainers.compile``)."""
+    return io.Combo.Input("compile", options=list(COMPILE_MODES), default="off", advanced=True, optional=True,
+                          tooltip="Compile the denoiser step with torch.compile (CUDA). default: faster steps "
+                          "after a warm-up of a minute or so; max: also CUDA graphs (fastest at one resolution "
+                          "and batch). If compiling fails the run continues unchanged, uncompiled, with a note.")
+
+
+def compile_notes(state) -> tuple[str, ...]:
+    """The result panel's line about compilation (nothing when it was off)."""
+    return () if state.requested == "off" else (state.summary(),)
+
+
 def node_type_of(node_cls) -> str:
     """The node's type as the graph names it (the schema's ``node_id``, e.g. "LikenessSeedSelect")."""
     return node_cls.define_schema().node_id
@@ -143,7 +157,7 @@ def training_report(node_cls, res, headline: str, notes: tuple[str, ...] = ()):
     last = f"{res.losses[-1]:.4f}" if res.losses else "n/a"
     skipped = (f"{res.skipped_steps} non-finite steps skipped",) if res.skipped_steps else ()
     text = (", ".join((f"{headline} - {res.steps_done} steps in {res.seconds:.0f} s, last loss {last}",
-                       *notes, *skipped))
+                       *notes, *getattr(res, "notes", ()), *skipped))
             + "\n" + "\n".join(str(f) for f in res.files) + "\n" + res.data_summary)
     show = ui.PreviewText(text).as_dict()
     if res.preview is not None:
@@ -151,7 +165,8 @@ def training_report(node_cls, res, headline: str, notes: tuple[str, ...] = ()):
     return preview, {"loss": list(res.losses)}, show
 
 
-__all__ = ["TRAINING_CATEGORY", "PROGRESS_EVENT", "model_folder", "embeddings_dir", "to_pil", "parse_captions",
+__all__ = ["compile_input", "compile_notes",
+           "TRAINING_CATEGORY", "PROGRESS_EVENT", "model_folder", "embeddings_dir", "to_pil", "parse_captions",
            "batch_captions", "send_progress", "progress_reporter", "count_reporter", "node_id_of",
            "node_type_of",
            "training_report", "state_inputs"]

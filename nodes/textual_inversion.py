@@ -15,9 +15,10 @@ from comfy_api.latest import io
 
 from ..hosts.comfy import ComfyHost
 from ..trainers import data as D
+from ..trainers.compile import compiled_step
 from ..trainers.textual_inversion import TIConfig, train_textual_inversion
-from .common import (TRAINING_CATEGORY, batch_captions, embeddings_dir, node_id_of, node_type_of, progress_reporter,
-                     state_inputs, training_report)
+from .common import (TRAINING_CATEGORY, batch_captions, compile_input, compile_notes, embeddings_dir, node_id_of,
+                     node_type_of, progress_reporter, state_inputs, training_report)
 
 
 def _prompt_text(prompt: str, name: str) -> str:
@@ -101,6 +102,7 @@ class TrainTextualInversion(io.ComfyNode):
                                 "models/embeddings or a path (ours, an A1111 .pt, emb_params or clip_l+clip_g "
                                 ".safetensors). Its vectors and their count are used; the step count continues. "
                                 "Give a new name, or set overwrite to replace that file."),
+                compile_input(),
             ],
             outputs=[
                 io.Conditioning.Output(display_name="conditioning", tooltip="The prompt above, encoded with "
@@ -119,7 +121,8 @@ class TrainTextualInversion(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, images, name, init_text, templates, num_vectors, steps, learning_rate,
                 batch_size, resolution, flip, random_crop, seed, prompt, preview_every, preview_steps, save_every,
-                overwrite, captions="", resume="off", keep_states=2, init_embedding="") -> io.NodeOutput:
+                overwrite, captions="", resume="off", keep_states=2, init_embedding="",
+                compile="off") -> io.NodeOutput:
         data = D.images_from_batch(images, batch_captions(images, captions))
         cfg = TIConfig(
             name=name, output_dir=embeddings_dir(), init_text=init_text, num_vectors=num_vectors, steps=steps,
@@ -129,7 +132,7 @@ class TrainTextualInversion(io.ComfyNode):
             resume=resume, keep_states=keep_states, init_file=_embedding_file(init_embedding),
         )
         host = ComfyHost(model, clip, vae)
-        with host.training():
+        with host.training(), compiled_step(host, compile) as compiled:
             progress = progress_reporter(node_id_of(cls), steps, node_type_of(cls))
             res = train_textual_inversion(host, data, cfg, progress=progress)
             word = name.strip()
@@ -137,7 +140,7 @@ class TrainTextualInversion(io.ComfyNode):
                 cond = host.encode_text([_prompt_text(prompt, word)], word, res.vectors)
         extra = dict(cond.extra[0]) if cond.extra else {}
         conditioning = [[cond.cross_attn[0].detach().cpu(), {"pooled_output": _cpu(cond.pooled[0]), **extra}]]
-        preview, loss, show = training_report(cls, res, f"embedding:{word}")
+        preview, loss, show = training_report(cls, res, f"embedding:{word}", compile_notes(compiled))
         return io.NodeOutput(conditioning, f"embedding:{word}", preview, loss, ui=show)
 
 

@@ -10,15 +10,16 @@ dense 49408-row gradient or optimizer state (algorithms.md §1.7) and no weight 
 """
 from __future__ import annotations
 
+import contextlib
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 from . import data as D
-from . import loop, objective, run_state
+from . import loop, objective, preflight, run_state
 from .formats import embedding
 from .formats.files import validate_name
 from .preview import render_preview
@@ -54,6 +55,7 @@ class TIConfig:
     #: continue from an existing embedding file instead of ``init_text`` (ours, an A1111 ``.pt``,
     #: any ``emb_params`` or ``clip_l`` + ``clip_g`` safetensors): its vectors, its count, its step
     init_file: str = ""
+    memory_budget_gb: float = 0.0  # 0: the device's free memory (CUDA); see trainers/preflight.py
 
 
 @dataclass
@@ -70,6 +72,7 @@ class TIResult:
     resumed_from: int = 0  # the step a resumed run continued after (0: a fresh run)
     state_path: Path | None = None  # the last run state written
     first_step: int = 0  # steps the embedding had before this run (init_file); files count on from it
+    notes: list[str] = field(default_factory=list)  # settings the run changed on its own (memory)
 
 
 def check_config(cfg: TIConfig) -> None:
@@ -85,6 +88,8 @@ def check_config(cfg: TIConfig) -> None:
         problems.append(f"batch size must be at least 1, got {cfg.batch_size}")
     if cfg.save_every < 0 or cfg.preview_every < 0:
         problems.append("save/preview intervals must be 0 (off) or positive")
+    if not cfg.memory_budget_gb >= 0:
+        problems.append(f"memory budget must be 0 (the device's free memory) or a size in GB, got {cfg.memory_budget_gb}")
     if problems:
         raise ValueError("; ".join(problems))
 
@@ -123,7 +128,7 @@ class TextualInversion:
 
 #: options a resumed run may change: they decide what is shown and written, not what is trained
 _VOLATILE = ("save_every", "preview_every", "preview_prompt", "preview_steps", "preview_cfg", "overwrite",
-             "keep_snapshots")
+             "keep_snapshots", "memory_budget_gb")
 
 
 def _finite(obj, depth: int = 3) -> bool:
@@ -191,6 +196,16 @@ def prepare(host: Host, images: D.TrainingImages, cfg: TIConfig):
     return name, kind, captions, planned, init_text, spec, start_vectors(host, cfg, init_text)
 
 
+def _preflight(host: Host, name: str, vectors: dict, cfg: TIConfig, crop_hw) -> preflight.Choice:
+    """Will the run fit?  Measured with the run's own step on throw-away copies of the vectors."""
+    trial = {k: v.detach().to(host.device, torch.float32).requires_grad_() for k, v in vectors.items()}
+    step = preflight.denoising_step(host, f"a photo of {name}", cfg.batch_size, name, trial)
+    hw = (crop_hw[0] // host.latent_scale, crop_hw[1] // host.latent_scale)
+    return preflight.plan(host, step, target_hw=hw, trainable_numel=sum(v.numel() for v in trial.values()),
+                          optimizer="adamw", checkpointing=False, budget_gb=cfg.memory_budget_gb,
+                          what_to_lower="the batch size or the resolution")
+
+
 def train_textual_inversion(host: Host, images: D.TrainingImages, cfg: TIConfig,
                             progress: loop.ProgressFn | None = None) -> TIResult:
     """Train, save ``<name>`` into ``cfg.output_dir`` (every ``save_every`` steps, at the end, and
@@ -198,6 +213,7 @@ def train_textual_inversion(host: Host, images: D.TrainingImages, cfg: TIConfig,
     name, kind, captions, planned, init_text, spec, (vectors, first) = prepare(host, images, cfg)
     crop = min(min(im.shape[:2]) for im in planned) if cfg.resolution else None
     crop_hw = (crop, crop) if crop else tuple(planned[0].shape[:2])
+    memory = _preflight(host, name, vectors, cfg, crop_hw)
     cache = D.LatentCache(host, planned, crop_hw=crop_hw, flip=cfg.flip, random_crop=cfg.random_crop)
     method = TextualInversion(host, cache, kind, captions, name, vectors, cfg.batch_size, cfg.seed)
     meta = _metadata(cfg, init_text, kind)
@@ -223,13 +239,16 @@ def train_textual_inversion(host: Host, images: D.TrainingImages, cfg: TIConfig,
 
     lcfg = loop.LoopConfig(steps=cfg.steps, learning_rate=cfg.learning_rate, save_every=cfg.save_every,
                            preview_every=cfg.preview_every, state=spec)
-    res = loop.run(method, lcfg, device=host.device, compute_dtype=host.compute_dtype, save=save,
-                   progress=progress, preview=preview if cfg.preview_every else None)
+    ckpt = host.gradient_checkpointing() if memory.checkpointing else contextlib.nullcontext()
+    with ckpt:
+        res = loop.run(method, lcfg, device=host.device, compute_dtype=host.compute_dtype, save=save,
+                       progress=progress, preview=preview if cfg.preview_every else None)
     return TIResult(
         vectors={k: v.detach().float().cpu() for k, v in method.vectors.items()}, files=list(files),
         losses=res.losses, steps_done=res.steps_done, skipped_steps=res.skipped_steps, seconds=res.seconds,
         preview=last_preview[0] if last_preview else None, data_summary=images.summary(), template_kind=kind,
         resumed_from=res.resumed_from, state_path=res.state_path, first_step=first,
+        notes=[memory.note] if memory.note else [],
     )
 
 
