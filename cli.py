@@ -87,6 +87,16 @@ def _memory_arg(p) -> None:
                         "checkpointing or stops before starting when it would not fit")
 
 
+def _state_args(p, what: str) -> None:
+    """Stopping and continuing (trainers/run_state.py): the options every resumable command shares."""
+    p.add_argument("--resume", nargs="?", const="latest", default="off", metavar="STATE",
+                   help=f"continue a stopped run of this --name: its latest state beside the {what} (no value), "
+                        "or a .likeness-state file; same model, images and settings, --steps may be raised")
+    p.add_argument("--keep-states", type=int, default=2,
+                   help="run states (for --resume) kept beside the result; one per save, at the end and on a "
+                        "stop (0: none)")
+
+
 def _ti_parser(sub) -> None:
     from .trainers.data import TEMPLATE_KINDS
 
@@ -95,6 +105,9 @@ def _ti_parser(sub) -> None:
     p.add_argument("--images", required=True, help="folder of RGB images; same-named .txt/.caption files are captions")
     p.add_argument("--name", required=True, help="the new word; also the file name (<name>.safetensors)")
     p.add_argument("--init-text", default="", help="word(s) to start from (default: 'object', or 'painting' for style)")
+    p.add_argument("--init-from", default="", metavar="FILE",
+                   help="continue training an existing embedding (ours, an A1111 .pt, emb_params or clip_l+clip_g "
+                        ".safetensors): its vectors and count; the files' step count continues from its own")
     p.add_argument("--vectors", type=int, default=1, help="vectors per token (1 edits best; 2-8 fit harder subjects)")
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--lr", type=float, default=5e-3, help="AdamW learning rate for the vectors")
@@ -112,6 +125,7 @@ def _ti_parser(sub) -> None:
     _memory_arg(p)
     p.add_argument("--out", default="embeddings", help="folder to write the embedding into")
     _model_args(p, "embedding")
+    _state_args(p, "embedding")
 
 
 def _run_ti(args) -> int:
@@ -125,7 +139,8 @@ def _run_ti(args) -> int:
         steps=args.steps, learning_rate=args.lr, batch_size=args.batch_size, seed=args.seed,
         templates=args.templates, resolution=args.resolution, random_crop=args.random_crop,
         flip=not args.no_flip, save_every=args.save_every, preview_every=args.preview_every,
-        preview_prompt=args.preview_prompt, overwrite=args.overwrite, memory_budget_gb=args.memory_budget,
+        preview_prompt=args.preview_prompt, overwrite=args.overwrite, resume=args.resume,
+        keep_states=args.keep_states, init_file=args.init_from, memory_budget_gb=args.memory_budget,
     )
     check_config(cfg)  # option, name and image problems are reported before the model loads
     name = validate_name(args.name)
@@ -137,9 +152,22 @@ def _run_ti(args) -> int:
     with _compiled(args, host):
         res = train_textual_inversion(host, images, cfg, progress=_Printer(preview_path if args.preview_every else None))
     _print_done(res)
+    return 0
+
+
+def _print_done(res) -> None:
+    """The last lines of a run: steps, what it changed on its own, files, and the state that trains
+    it longer (a stand-in result may know no state or notes: then nothing is said about them)."""
+    resumed_from, state = getattr(res, "resumed_from", 0), getattr(res, "state_path", None)
+    resumed = f", continued after step {resumed_from}" if resumed_from else ""
+    print(f"done: {res.steps_done} steps in {res.seconds:.1f} s ({res.skipped_steps} non-finite steps skipped"
+          f"{resumed})")
+    for note in getattr(res, "notes", ()):  # what the run changed on its own (the memory preflight)
+        print(note)
     for f in res.files:
         print(f"wrote {f}")
-    return 0
+    if state is not None:
+        print(f"run state {state} (train longer: raise --steps and add --resume)")
 
 
 def _per_mode(field: str) -> str:
@@ -197,6 +225,7 @@ def _dreambooth_parser(sub) -> None:
     _memory_arg(p)
     p.add_argument("--embeddings-out", default="embeddings", help="pivotal: folder for the embedding")
     _model_args(p, "file")
+    _state_args(p, "LoRA / checkpoint")
 
 
 def _run_dreambooth(args) -> int:
@@ -219,7 +248,8 @@ def _run_dreambooth(args) -> int:
         flip=args.flip, token=args.token, embedding_dir=args.embeddings_out, num_vectors=args.num_vectors,
         ti_learning_rate=args.ti_lr, ti_fraction=args.ti_fraction, bundle_embedding=args.bundle_embedding,
         extract_rank=args.extract_rank, lora_dir=None if args.out is not None else MODE_DEFAULTS["lora"].folder,
-        preview_every=args.preview_every, overwrite=args.overwrite, memory_budget_gb=args.memory_budget, **per_mode,
+        preview_every=args.preview_every, overwrite=args.overwrite, resume=args.resume,
+        keep_states=args.keep_states, memory_budget_gb=args.memory_budget, **per_mode,
     )
     check_config(cfg)  # option, name and image problems are reported before the model loads
     name = validate_name(args.name)
@@ -238,8 +268,6 @@ def _run_dreambooth(args) -> int:
                                progress=_Printer(preview_path if args.preview_every else None),
                                class_progress=class_progress)
     _print_done(res)
-    for f in res.files:
-        print(f"wrote {f}")
     return 0
 
 
@@ -349,12 +377,6 @@ def _run_seedselect(args) -> int:
 # failures and stops: one line that says what happened and what is on disk, never a traceback
 
 
-def _print_done(res) -> None:
-    print(f"done: {res.steps_done} steps in {res.seconds:.1f} s ({res.skipped_steps} non-finite steps skipped)")
-    for note in res.notes:  # what the run changed on its own (the memory preflight)
-        print(note)
-
-
 def _expect_result(args, path: Path, preview: Path) -> None:
     """Refuse an output folder that is a file, or a result/preview path that is a folder, before
     anything loads; then remember which file holds the run's result and when the run began, so
@@ -370,10 +392,22 @@ def _expect_result(args, path: Path, preview: Path) -> None:
     args.result_path, args.started = path, time.time()
 
 
-def _saved_note(args) -> str:
+#: commands whose result file is written by the training loop (it reports what it saved)
+_LOOP_SAVES = ("ti", "dreambooth")
+
+
+def _saved_note(args, exc: BaseException | None = None) -> str:
     path = getattr(args, "result_path", None)
     if path is None:
         return "nothing was saved"
+    done = getattr(exc, "likeness_result", None) if args.command in _LOOP_SAVES else None
+    if done is not None:  # the loop says which step it saved, and which state can continue it
+        if not done.saved_step:
+            return f"nothing was saved by this run ({path} was not written)"
+        note = f"the last good result (step {done.saved_step}) was saved to {path}"
+        if done.state_path is not None:
+            note += f"; continue it with --resume (state {done.state_path.name})"
+        return note
     try:
         fresh = path.stat().st_mtime >= args.started - 1
     except OSError:
@@ -471,8 +505,8 @@ def main(argv: list[str] | None = None) -> int:
     with _StopSignals() as stop:
         try:
             return runs[args.command](args)
-        except KeyboardInterrupt:
-            print(f"likeness: {stop.reason()}; {_saved_note(args)}", file=sys.stderr)
+        except KeyboardInterrupt as exc:
+            print(f"likeness: {stop.reason()}; {_saved_note(args, exc)}", file=sys.stderr)
             return 128 + stop.signum
         except Exception as exc:  # noqa: BLE001 - every failure ends in one line, never a traceback
             known = _failure(exc)
@@ -481,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
             message, rc = known
             print(f"likeness: error: {message}", file=sys.stderr)
             if rc == 1:
-                print(f"likeness: {_saved_note(args)}", file=sys.stderr)
+                print(f"likeness: {_saved_note(args, exc)}", file=sys.stderr)
             return rc
 
 if __name__ == "__main__":

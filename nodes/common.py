@@ -110,6 +110,22 @@ def count_reporter(node_id):
     return progress
 
 
+def state_inputs() -> list:
+    """The inputs of stopping and continuing that every trainer node shares (``trainers/run_state.py``),
+    optional and last, so workflows saved before them still load."""
+    from ..trainers.run_state import KEEP, SUFFIX
+
+    return [
+        io.String.Input("resume", default="off", optional=True, tooltip="Continue a stopped run of this name: "
+                        "'off' (start anew), 'latest' (its most recent saved state), or a state's file name "
+                        f"(<name>.stepNNNNNNNN{SUFFIX}, beside the result). Same model, images and settings; steps "
+                        "may be raised to train longer. The result is the same as a run never stopped."),
+        io.Int.Input("keep_states", default=KEEP, min=0, max=1000, optional=True, advanced=True,
+                     tooltip="How many run states (for resume) to keep beside the result; one is written with "
+                     "every save, at the end and on Cancel. 0: write none."),
+    ]
+
+
 def compile_input():
     """The advanced ``compile`` input every training node shares (``trainers.compile``)."""
     return io.Combo.Input("compile", options=list(COMPILE_MODES), default="off", advanced=True, optional=True,
@@ -153,4 +169,4 @@ __all__ = ["compile_input", "compile_notes",
            "TRAINING_CATEGORY", "PROGRESS_EVENT", "model_folder", "embeddings_dir", "to_pil", "parse_captions",
            "batch_captions", "send_progress", "progress_reporter", "count_reporter", "node_id_of",
            "node_type_of",
-           "training_report"]
+           "training_report", "state_inputs"]

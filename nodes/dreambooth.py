@@ -22,8 +22,7 @@ from ..trainers.dreambooth import MODE_DEFAULTS, DreamBoothConfig, train_dreambo
 from ..trainers.lora import PRESETS
 from ..trainers.loop import OPTIMIZERS
 from .common import (TRAINING_CATEGORY, batch_captions, compile_input, compile_notes, count_reporter, embeddings_dir,
-                     model_folder, node_id_of,
-                     node_type_of, progress_reporter, training_report)
+                     model_folder, node_id_of, node_type_of, progress_reporter, state_inputs, training_report)
 
 
 def _common_inputs(mode: str) -> list:
@@ -77,6 +76,7 @@ def _common_inputs(mode: str) -> list:
                        "(same size as the training images), e.g. from KSampler → VAEDecode on the class prompt."),
         io.String.Input("captions", default="", multiline=True, optional=True, tooltip="Optional: one caption "
                         "per line in image order; when every image has one they replace the instance prompt."),
+        *state_inputs(),  # optional inputs follow every required one, so these stay last in each node
     ]
 
 
@@ -89,7 +89,8 @@ def _config(kw: dict, mode: str, **extra) -> DreamBoothConfig:
         learning_rate=kw["learning_rate"], batch_size=kw["batch_size"], resolution=kw["resolution"] or None,
         flip=kw["flip"], min_snr_gamma=kw["min_snr_gamma"], noise_offset=kw["noise_offset"],
         gradient_checkpointing=kw["gradient_checkpointing"], seed=kw["seed"], preview_every=kw["preview_every"],
-        save_every=kw["save_every"], overwrite=kw["overwrite"], **extra)
+        save_every=kw["save_every"], overwrite=kw["overwrite"], resume=kw.get("resume", "off"),
+        keep_states=kw.get("keep_states", 2), **extra)
 
 
 def _train(cls, kw: dict, cfg: DreamBoothConfig):

@@ -7,6 +7,8 @@ the first ``models/embeddings`` folder, where ``embedding:<name>`` in any prompt
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from comfy_api.latest import io
@@ -16,8 +18,7 @@ from ..trainers import data as D
 from ..trainers.compile import compiled_step
 from ..trainers.textual_inversion import TIConfig, train_textual_inversion
 from .common import (TRAINING_CATEGORY, batch_captions, compile_input, compile_notes, embeddings_dir, node_id_of,
-                     node_type_of, progress_reporter,
-                     training_report)
+                     node_type_of, progress_reporter, state_inputs, training_report)
 
 
 def _prompt_text(prompt: str, name: str) -> str:
@@ -95,6 +96,12 @@ class TrainTextualInversion(io.ComfyNode):
                                 "caption per line, in image order, each containing the new word (or [name]); an "
                                 "empty line is an image without a caption. Connect the captions output of Load "
                                 "Training Images (Likeness). Used when templates is 'captions' or 'auto'."),
+                *state_inputs(),
+                io.String.Input("init_embedding", default="", optional=True, tooltip="Continue training an "
+                                "existing embedding instead of starting from init_text: a file name in "
+                                "models/embeddings or a path (ours, an A1111 .pt, emb_params or clip_l+clip_g "
+                                ".safetensors). Its vectors and their count are used; the step count continues. "
+                                "Give a new name, or set overwrite to replace that file."),
                 compile_input(),
             ],
             outputs=[
@@ -114,13 +121,15 @@ class TrainTextualInversion(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, images, name, init_text, templates, num_vectors, steps, learning_rate,
                 batch_size, resolution, flip, random_crop, seed, prompt, preview_every, preview_steps, save_every,
-                overwrite, captions="", compile="off") -> io.NodeOutput:
+                overwrite, captions="", resume="off", keep_states=2, init_embedding="",
+                compile="off") -> io.NodeOutput:
         data = D.images_from_batch(images, batch_captions(images, captions))
         cfg = TIConfig(
             name=name, output_dir=embeddings_dir(), init_text=init_text, num_vectors=num_vectors, steps=steps,
             learning_rate=learning_rate, batch_size=batch_size, seed=seed, templates=templates,
             resolution=resolution or None, random_crop=random_crop, flip=flip, save_every=save_every,
             preview_every=preview_every, preview_steps=preview_steps, preview_prompt=prompt, overwrite=overwrite,
+            resume=resume, keep_states=keep_states, init_file=_embedding_file(init_embedding),
         )
         host = ComfyHost(model, clip, vae)
         with host.training(), compiled_step(host, compile) as compiled:
@@ -133,6 +142,13 @@ class TrainTextualInversion(io.ComfyNode):
         conditioning = [[cond.cross_attn[0].detach().cpu(), {"pooled_output": _cpu(cond.pooled[0]), **extra}]]
         preview, loss, show = training_report(cls, res, f"embedding:{word}", compile_notes(compiled))
         return io.NodeOutput(conditioning, f"embedding:{word}", preview, loss, ui=show)
+
+
+def _embedding_file(name: str) -> str:
+    """A typed embedding: a file name in the embeddings folder when there is one, else a path as given."""
+    name = (name or "").strip()
+    inside = os.path.join(embeddings_dir(), name)
+    return inside if name and not os.path.isabs(name) and os.path.isfile(inside) else name
 
 
 def _cpu(t):

@@ -6,8 +6,6 @@ import os
 import pickle
 import re
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -16,6 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from likeness import cli
+from support.cli_process import stop_when
 
 HUGE_SEED = str(10**23)
 
@@ -242,19 +241,11 @@ def test_stop_signals_stop_once_and_do_not_abort_the_save(capsys):
 
 def test_sigterm_mid_run_keeps_the_last_good_embedding(tiny_folder, tmp_path):
     imgs, out = _images(tmp_path / "imgs"), tmp_path / "out"
-    cmd = [sys.executable, "-u", "-m", "likeness.cli", *_base("ti", tiny_folder, imgs, out),
-           "--steps", "2000", "--save-every", "0"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
-    try:
-        for line in proc.stdout:
-            if line.startswith("step "):
-                break
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM, err
-    assert "stopped by SIGTERM; the last good result was saved to" in err and "Traceback" not in err
+    rc, err = stop_when([*_base("ti", tiny_folder, imgs, out), "--steps", "2000", "--save-every", "0"], "step ",
+                        signal.SIGTERM)
+    assert rc == 128 + signal.SIGTERM, err
+    assert re.search(r"stopped by SIGTERM; the last good result \(step \d+\) was saved to", err), err
+    assert "Traceback" not in err
     assert load_file(str(out / "sks-hostile.safetensors"))["emb_params"].shape == (1, 32)
     assert 100 <= torch.load(out / "sks-hostile.pt", weights_only=True)["step"] < 2000
 

@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 
 from . import data as D
-from . import loop, objective, preflight
+from . import loop, objective, preflight, run_state
 from .formats import embedding, kohya_lora
 from .formats.files import check_paths_writable, safe_path, validate_name
 from .formats.layer_names import normalize_layer_name
@@ -100,6 +100,10 @@ class DreamBoothConfig:
     preview_steps: int = 20
     preview_cfg: float = 5.0
     overwrite: bool = False
+    #: continue a stopped run: "off", "latest", or a state file (``trainers/run_state.py``)
+    resume: str = "off"
+    #: run states kept beside the result (0: none)
+    keep_states: int = run_state.KEEP
 
 
 @dataclass
@@ -116,6 +120,8 @@ class DreamBoothResult:
     class_images: int = 0
     preview: torch.Tensor | None = None
     data_summary: str = ""
+    resumed_from: int = 0  # the step a resumed run continued after (0: a fresh run)
+    state_path: Path | None = None  # the last run state written
     notes: list[str] = field(default_factory=list)  # settings the run changed on its own (memory)
 
 
@@ -131,7 +137,7 @@ def check_config(cfg: DreamBoothConfig) -> None:
 
 
 def _check_config(cfg: DreamBoothConfig) -> list[str]:
-    p = D.number_problems(cfg.seed, cfg.resolution)
+    p = D.number_problems(cfg.seed, cfg.resolution) + run_state.option_problems(cfg.keep_states, cfg.resume)
     if cfg.mode not in MODES:
         p.append(f"mode must be one of {', '.join(MODES)}, got {cfg.mode!r}")
     if not cfg.instance_prompt.strip():
@@ -183,6 +189,7 @@ class _Plan:
     prior: bool
     files: dict[str, Path]
     init_text: str = ""
+    state: run_state.StateSpec | None = None
 
 
 def _prompts(images: D.TrainingImages, how: str, cfg: DreamBoothConfig) -> list[str | None]:
@@ -203,19 +210,31 @@ def _prompts(images: D.TrainingImages, how: str, cfg: DreamBoothConfig) -> list[
     return caps
 
 
-def _output_files(host: Host, cfg: DreamBoothConfig, name: str) -> dict[str, Path]:
+def _output_files(host: Host, cfg: DreamBoothConfig, name: str, overwrite: bool) -> dict[str, Path]:
     files = {}
     if cfg.mode == "full":
         files["checkpoint"] = safe_path(cfg.output_dir, name + ".safetensors")
-        check_paths_writable(cfg.output_dir, [files["checkpoint"]], cfg.overwrite)
+        check_paths_writable(cfg.output_dir, [files["checkpoint"]], overwrite)
         if cfg.extract_rank:
             files["lora"] = kohya_lora.check_can_write_lora(cfg.lora_dir or cfg.output_dir, name + "_lora",
-                                                              cfg.overwrite)
+                                                              overwrite)
     else:
-        files["lora"] = kohya_lora.check_can_write_lora(cfg.output_dir, name, cfg.overwrite)
+        files["lora"] = kohya_lora.check_can_write_lora(cfg.output_dir, name, overwrite)
     if cfg.mode == "pivotal":
-        embedding.check_can_write(cfg.embedding_dir or cfg.output_dir, cfg.token, host.info.family, cfg.overwrite)
+        embedding.check_can_write(cfg.embedding_dir or cfg.output_dir, cfg.token, host.info.family, overwrite)
     return files
+
+
+#: options a resumed run may change: they decide what is shown and written, not what is trained
+_VOLATILE = ("save_every", "preview_every", "preview_prompt", "preview_steps", "preview_cfg", "overwrite",
+             "save_dtype", "extract_rank", "lora_dir", "embedding_dir", "bundle_embedding", "memory_budget_gb")
+
+
+def _state_spec(host: Host, images: D.TrainingImages, cfg: DreamBoothConfig, name: str,
+                class_images: D.TrainingImages | None) -> run_state.StateSpec:
+    cls = run_state.images_digest(class_images.images) if class_images is not None and len(class_images) else ""
+    return run_state.spec_for(f"dreambooth_{cfg.mode}", cfg, host, images, name=name, folder=cfg.output_dir,
+                              volatile=_VOLATILE, class_images=cls)
 
 
 def prepare(host: Host, images: D.TrainingImages, cfg: DreamBoothConfig,
@@ -231,7 +250,8 @@ def prepare(host: Host, images: D.TrainingImages, cfg: DreamBoothConfig,
         host.check_placeholder(cfg.token)
     if len(images) == 0:
         raise D.DatasetError("no instance images: connect 3-5 images of the subject")
-    files = _output_files(host, cfg, name)
+    spec = _state_spec(host, images, cfg, name, class_images)
+    files = _output_files(host, cfg, name, cfg.overwrite or spec.path is not None)  # a resume replaces its own
     captions = _prompts(images, cfg.prompts, cfg)
     planned = D.plan_geometry(images, cfg.resolution, host.latent_scale)
     crop = min(min(im.shape[:2]) for im in planned) if cfg.resolution else None
@@ -252,7 +272,7 @@ def prepare(host: Host, images: D.TrainingImages, cfg: DreamBoothConfig,
         init = cfg.init_text.strip() or (words[-1] if words else "object")
         if cfg.token in init.split():
             raise ValueError(f"the init text must describe the concept with existing words, not {cfg.token!r}")
-    return _Plan(planned, crop_hw, captions, cls_planned, prior, files, init)
+    return _Plan(planned, crop_hw, captions, cls_planned, prior, files, init, spec)
 
 
 def _plan_class_images(class_images: D.TrainingImages, cfg: DreamBoothConfig, host: Host,
@@ -559,7 +579,7 @@ def train_dreambooth(host: Host, images: D.TrainingImages, cfg: DreamBoothConfig
 
     lcfg = loop.LoopConfig(steps=cfg.steps, learning_rate=cfg.learning_rate, save_every=cfg.save_every,
                            preview_every=cfg.preview_every, optimizer=cfg.optimizer,
-                           max_grad_norm=cfg.max_grad_norm, snapshot=cfg.mode != "full")
+                           max_grad_norm=cfg.max_grad_norm, snapshot=cfg.mode != "full", state=plan.state)
     ckpt = host.gradient_checkpointing() if memory.checkpointing else contextlib.nullcontext()
     with _trained(host, tr), ckpt:
         res = loop.run(method, lcfg, device=host.device, compute_dtype=host.compute_dtype, save=saver,
@@ -569,6 +589,7 @@ def train_dreambooth(host: Host, images: D.TrainingImages, cfg: DreamBoothConfig
         seconds=res.seconds, mode=cfg.mode, lora_layers=tr.lora_layers(),
         deltas=tr.delta_tensors() if cfg.mode == "full" else {}, vectors=tr.vector_tensors(),
         class_images=n_class, preview=last_preview[0] if last_preview else None, data_summary=images.summary(),
+        resumed_from=res.resumed_from, state_path=res.state_path,
         notes=[memory.note] if memory.note else [],
     )
 
@@ -579,8 +600,9 @@ def train_dreambooth(host: Host, images: D.TrainingImages, cfg: DreamBoothConfig
 @dataclass(frozen=True)
 class ModeDefaults:
     """What a mode starts from when the user does not say: a full fine-tune moves every weight, so
-    it takes a smaller learning rate, more steps and Adafactor (no optimizer copies of the model),
-    and writes a multi-GB checkpoint only at the end."""
+    it takes a smaller learning rate, more steps and Adafactor (no optimizer copies of the model);
+    it still writes its multi-GB checkpoint (and its run state) every 200 steps, so a run that is
+    killed keeps a recent result and can be resumed."""
 
     steps: int
     learning_rate: float
@@ -598,7 +620,7 @@ class ModeDefaults:
 MODE_DEFAULTS = {
     "lora": ModeDefaults(steps=500, learning_rate=1e-4, text_encoder_lr=5e-5, optimizer="adamw", save_every=100,
                          folder="loras"),
-    "full": ModeDefaults(steps=800, learning_rate=5e-6, text_encoder_lr=2e-6, optimizer="adafactor", save_every=0,
+    "full": ModeDefaults(steps=800, learning_rate=5e-6, text_encoder_lr=2e-6, optimizer="adafactor", save_every=200,
                          folder="checkpoints"),
     "pivotal": ModeDefaults(steps=500, learning_rate=1e-4, text_encoder_lr=5e-5, optimizer="adamw", save_every=100,
                             folder="loras"),

@@ -19,6 +19,7 @@ from typing import Callable, Iterable, Protocol
 
 import torch
 
+from . import run_state
 from .precision import autocast_for
 
 
@@ -37,6 +38,10 @@ class Method(Protocol):
     #   its update (SeedSelect's target loss).
     # ``after_step(step)``: after the optimizer changed the parameters (SeedSelect projects its
     #   noise back onto the Gaussian shell).
+    # ``state_ok()`` -> bool: after an update, whether the new parameters still give a finite
+    #   result; False skips the step like a non-finite loss (with the snapshot on).
+    # ``extra_state()`` / ``load_extra_state(tensors, json)``: state of the method's own to keep
+    #   in a run state beside the generators (``trainers/run_state.py``).
 
 
 @dataclass
@@ -66,6 +71,9 @@ class LoopConfig:
     lr_factor: Callable[[int], float] | None = None
     #: run ``method.loss`` under the host's autocast (off when the method casts per call itself)
     autocast: bool = True
+    #: write the run's state (``trainers/run_state.py``) with every save, and resume from
+    #: ``state.path`` when set; None: no states (SeedSelect's inner runs, tests of the loop alone)
+    state: "run_state.StateSpec | None" = None
 
 
 @dataclass
@@ -76,6 +84,11 @@ class LoopResult:
     cancelled: bool = False
     stopped_early: bool = False
     seconds: float = 0.0
+    #: the step a resumed run continued after (0: a fresh run)
+    resumed_from: int = 0
+    #: the step of the last result ``save`` that completed, and the last state file written
+    saved_step: int = 0
+    state_path: "run_state.Path | None" = None
 
 
 #: progress(step, total, loss or None, preview image [H, W, 3] or None)
@@ -203,6 +216,14 @@ class _Run:
         self.result = LoopResult()
         self.bad_run = 0
         self.last_good = 0  # the step whose parameters the snapshot holds
+        # for the run state: every step's loss (NaN: skipped), the generators as the last finished
+        # step left them (a stop can land mid-step, after some draws), and whether the step under
+        # way has begun to change the method or the optimizer (from ``observe`` until it is booked:
+        # a stop then finds a state that is neither the last step's nor this one's, and none is saved)
+        self.history: list[float] = []
+        self.rngs_end = run_state.rng_states(method)
+        self.dirty = False
+        self.state_step = 0
 
     def _hook(self, name: str, *args):
         fn = getattr(self.method, name, None)
@@ -225,6 +246,7 @@ class _Run:
         return ok
 
     def _update(self) -> bool:
+        self.dirty = True
         if self.scaler:
             self.scaler.step(self.opt)
             self.scaler.update()
@@ -232,7 +254,9 @@ class _Run:
             self.opt.step()
         if self.snap is None:
             return True
-        ok = all(bool(torch.isfinite(p).all()) for p in self.params)
+        # the state the update produced, not only the update: finite parameters can still give a
+        # non-finite result (vectors so large the text encoder overflows); the method says so
+        ok = all(bool(torch.isfinite(p).all()) for p in self.params) and self._hook("state_ok") is not False
         if not ok:
             self.snap.restore()
         return ok
@@ -243,6 +267,7 @@ class _Run:
         value = float(loss.detach())
         ok = math.isfinite(value)
         if ok:
+            self.dirty = True
             self._hook("observe", step, value)
             if self._hook("should_stop", step, value):
                 self._good(step, value)
@@ -254,6 +279,39 @@ class _Run:
         else:
             self._bad()
         return value, ok, False
+
+    def finished(self, step: int, value: float, ok: bool) -> None:
+        """Book-keeping after a step, whatever it gave: the history and the generators' states."""
+        self.result.steps_done = step
+        self.history.append(value if ok else math.nan)
+        self.rngs_end = run_state.rng_states(self.method)
+        self.dirty = False
+
+    def write_state(self, step: int) -> None:
+        spec = self.cfg.state
+        if spec is None or spec.keep < 1 or step <= self.state_step or self.dirty:
+            return
+        counters = {"last_good": self.last_good, "bad_run": self.bad_run, "skipped": self.result.skipped_steps}
+        extra = self._hook("extra_state")
+        self.result.state_path = run_state.write(
+            spec, step, params=self.params, opt=self.opt, rngs=self.rngs_end, history=self.history,
+            counters=counters, scaler=self.scaler, extra=extra)
+        self.state_step = step
+
+    def resume(self, path) -> int:
+        """Continue from a state file: parameters, optimizer, generators, history, counters."""
+        got = run_state.restore(path, params=self.params, opt=self.opt, method=self.method, scaler=self.scaler)
+        if hasattr(self.method, "load_extra_state"):
+            self.method.load_extra_state(*got.extra)
+        if self.snap is not None:
+            self.snap.take()
+        self.history = list(got.history)
+        self.rngs_end = run_state.rng_states(self.method)
+        self.last_good, self.bad_run = got.counters["last_good"], got.counters["bad_run"]
+        self.result.skipped_steps = got.counters["skipped"]
+        self.result.losses = run_state.finite_losses(self.history)
+        self.result.steps_done = self.result.resumed_from = self.state_step = got.step
+        return got.step
 
     def _good(self, step: int, value: float) -> None:
         if self.snap is not None:
@@ -284,10 +342,18 @@ def run(
     preview: Callable[[int], torch.Tensor] | None = None,
 ) -> LoopResult:
     """Optimise ``method.parameters()`` for ``cfg.steps`` steps (AdamW or Adafactor, state in fp32);
-    ``save(step)`` every ``save_every`` steps, at the end and on Cancel (the last good state)."""
+    ``save(step)`` every ``save_every`` steps, at the end and on Cancel (the last good state), each
+    time with the run's state beside it (``cfg.state``), from which a later run can resume."""
+    with run_state.owned(cfg.state):  # a second run of the same name refuses while this one lives
+        return _run(method, cfg, device, compute_dtype, save, progress, preview)
+
+
+def _run(method, cfg: LoopConfig, device, compute_dtype, save, progress, preview) -> LoopResult:
     r = _Run(method, cfg, device, compute_dtype)
     t0 = time.perf_counter()
-    last_saved = 0
+    start = 1
+    if cfg.state is not None and cfg.state.path is not None:
+        start = r.resume(cfg.state.path) + 1
 
     def report(step: int, loss: float | None) -> None:
         if progress is None:
@@ -297,25 +363,42 @@ def run(
         progress(step, cfg.steps, loss, img)
 
     try:
-        for step in range(1, cfg.steps + 1):
+        if progress is not None:  # a resumed run's chart continues from the saved history
+            for step, v in enumerate(r.history, 1):
+                progress(step, cfg.steps, v if math.isfinite(v) else None, None)
+        for step in range(start, cfg.steps + 1):
             value, ok, stop = r.step(step)
-            r.result.steps_done = step
+            r.finished(step, value, ok)
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps and not stop:
                 save(step)
-                last_saved = step
+                r.result.saved_step = step
+                r.write_state(step)
             report(step, value if ok else None)
             if stop:
                 r.result.stopped_early = True
                 break
-    except BaseException:
+    except BaseException as exc:
         # Cancel, Ctrl-C, OOM or a bug: keep the last good state on disk, then let it propagate.
-        r.result.cancelled = True
-        if r.snap is not None:
-            r.snap.restore()
-        if r.last_good > last_saved:
-            save(r.last_good)
+        _stopped(r, save)
         r.result.seconds = time.perf_counter() - t0
+        with contextlib.suppress(AttributeError):  # what was saved, for whoever reports the stop
+            exc.likeness_result = r.result
         raise
     save(r.result.steps_done)
+    r.result.saved_step = r.result.steps_done
+    r.write_state(r.result.steps_done)
     r.result.seconds = time.perf_counter() - t0
     return r.result
+
+
+def _stopped(r: _Run, save: Callable[[int], None]) -> None:
+    """A run that stops early keeps its last good result and its state; a failure to write the
+    state (a full disk) does not hide why the run stopped."""
+    r.result.cancelled = True
+    if r.snap is not None:
+        r.snap.restore()
+    if r.last_good > r.result.saved_step:
+        save(r.last_good)
+        r.result.saved_step = r.last_good
+    with contextlib.suppress(Exception):
+        r.write_state(r.result.steps_done)

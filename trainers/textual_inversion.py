@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from . import data as D
-from . import loop, objective, preflight
+from . import loop, objective, preflight, run_state
 from .formats import embedding
 from .formats.files import validate_name
 from .preview import render_preview
@@ -48,6 +48,13 @@ class TIConfig:
     preview_cfg: float = 5.0
     overwrite: bool = False
     keep_snapshots: bool = False
+    #: continue a stopped run: "off", "latest", or a state file (``trainers/run_state.py``)
+    resume: str = "off"
+    #: run states kept beside the embedding (0: none)
+    keep_states: int = run_state.KEEP
+    #: continue from an existing embedding file instead of ``init_text`` (ours, an A1111 ``.pt``,
+    #: any ``emb_params`` or ``clip_l`` + ``clip_g`` safetensors): its vectors, its count, its step
+    init_file: str = ""
     memory_budget_gb: float = 0.0  # 0: the device's free memory (CUDA); see trainers/preflight.py
 
 
@@ -62,12 +69,15 @@ class TIResult:
     preview: torch.Tensor | None = None
     data_summary: str = ""
     template_kind: str = ""
+    resumed_from: int = 0  # the step a resumed run continued after (0: a fresh run)
+    state_path: Path | None = None  # the last run state written
+    first_step: int = 0  # steps the embedding had before this run (init_file); files count on from it
     notes: list[str] = field(default_factory=list)  # settings the run changed on its own (memory)
 
 
 def check_config(cfg: TIConfig) -> None:
     """Every check of the options alone (no model, no images): the CLI runs it before loading."""
-    problems = D.number_problems(cfg.seed, cfg.resolution)
+    problems = D.number_problems(cfg.seed, cfg.resolution) + run_state.option_problems(cfg.keep_states, cfg.resume)
     if not 1 <= cfg.num_vectors <= 75:
         problems.append(f"vectors per token must be 1..75 (a prompt holds 75 tokens), got {cfg.num_vectors}")
     if cfg.steps < 1:
@@ -100,6 +110,12 @@ class TextualInversion:
     def parameters(self):
         return list(self.vectors.values())
 
+    def state_ok(self) -> bool:
+        """Whether the vectors still give finite conditioning: at an extreme learning rate finite
+        vectors can overflow the text encoder, and such a state must not become the last good one."""
+        with torch.no_grad():
+            return _finite(self.host.encode_text([f"a photo of {self.name}"], self.name, self.vectors))
+
     def loss(self, step: int) -> torch.Tensor:
         host = self.host
         x0, idx, metas = self.cache.sample(self.batch_size, self.rng)
@@ -108,6 +124,45 @@ class TextualInversion:
         cond = host.encode_text(prompts, self.name, self.vectors, metas)
         x0_hat = host.denoise(n.x, n.sigma, cond)
         return objective.native_error(host, x0_hat, x0, n.sigma).mean()
+
+
+#: options a resumed run may change: they decide what is shown and written, not what is trained
+_VOLATILE = ("save_every", "preview_every", "preview_prompt", "preview_steps", "preview_cfg", "overwrite",
+             "keep_snapshots", "memory_budget_gb")
+
+
+def _finite(obj, depth: int = 3) -> bool:
+    """Every floating tensor inside a host's conditioning (tensors, lists, dicts, plain objects) is finite."""
+    if torch.is_tensor(obj):
+        return not obj.is_floating_point() or bool(torch.isfinite(obj).all())
+    if depth == 0:
+        return True
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    elif not isinstance(obj, (list, tuple)):
+        obj = list(vars(obj).values()) if hasattr(obj, "__dict__") else []
+    return all(_finite(v, depth - 1) for v in obj)
+
+
+def start_vectors(host: Host, cfg: TIConfig, init_text: str) -> tuple[dict[str, torch.Tensor], int]:
+    """The vectors a run starts from and the step they were trained to: ``init_file``'s (its own
+    vector count, whatever ``num_vectors`` says), or ``init_text``'s words at step 0."""
+    if not cfg.init_file:
+        return initial_vectors(host, init_text, cfg.num_vectors), 0
+    path = Path(cfg.init_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"init file {path} does not exist: give an embedding file (.safetensors or .pt)")
+    widths = {e.key: e.width for e in host.text_encoders()}
+    try:
+        vectors, meta = embedding.load_embedding(path, family=host.info.family, widths=widths)
+        embedding.check_vectors(vectors, host.info.family, widths)
+    except ValueError as e:
+        raise ValueError(f"init file {path}: {e} Give an embedding trained for this model's family.") from e
+    try:
+        first = int(meta.get("likeness.step") or meta.get("step") or 0)
+    except ValueError:
+        first = 0
+    return vectors, max(first, 0)
 
 
 def _metadata(cfg: TIConfig, init_text: str, kind: str) -> dict[str, str]:
@@ -122,19 +177,23 @@ def _metadata(cfg: TIConfig, init_text: str, kind: str) -> dict[str, str]:
 
 def prepare(host: Host, images: D.TrainingImages, cfg: TIConfig):
     """Every check that can fail, before any model work: config, name, output files, images,
-    captions.  Returns (kind, captions, planned images, init text)."""
+    captions, the state to resume, the init file.  Returns (name, kind, captions, planned images, init
+    text, state spec, (start vectors, their step))."""
     check_config(cfg)
     name = validate_name(cfg.name)
     host.check_placeholder(name)
     if len(images) == 0:
         raise D.DatasetError("no training images")
-    embedding.check_can_write(cfg.output_dir, name, host.info.family, cfg.overwrite)
+    spec = run_state.spec_for("textual_inversion", cfg, host, images, name=name, folder=cfg.output_dir,
+                              volatile=_VOLATILE)
+    # a resumed run replaces its own files
+    embedding.check_can_write(cfg.output_dir, name, host.info.family, cfg.overwrite or spec.path is not None)
     kind, captions = D.resolve_prompts(images, name, cfg.templates)
     planned = D.plan_geometry(images, cfg.resolution, host.latent_scale)
     init_text = cfg.init_text.strip() or ("painting" if kind == "style" else "object")
     if name in init_text.split():
         raise ValueError(f"the init text must describe the concept with existing words, not the new word {name!r}")
-    return name, kind, captions, planned, init_text
+    return name, kind, captions, planned, init_text, spec, start_vectors(host, cfg, init_text)
 
 
 def _preflight(host: Host, name: str, vectors: dict, cfg: TIConfig, crop_hw) -> preflight.Choice:
@@ -151,10 +210,9 @@ def train_textual_inversion(host: Host, images: D.TrainingImages, cfg: TIConfig,
                             progress: loop.ProgressFn | None = None) -> TIResult:
     """Train, save ``<name>`` into ``cfg.output_dir`` (every ``save_every`` steps, at the end, and
     on Cancel), and return the vectors, files and loss history."""
-    name, kind, captions, planned, init_text = prepare(host, images, cfg)
+    name, kind, captions, planned, init_text, spec, (vectors, first) = prepare(host, images, cfg)
     crop = min(min(im.shape[:2]) for im in planned) if cfg.resolution else None
     crop_hw = (crop, crop) if crop else tuple(planned[0].shape[:2])
-    vectors = initial_vectors(host, init_text, cfg.num_vectors)
     memory = _preflight(host, name, vectors, cfg, crop_hw)
     cache = D.LatentCache(host, planned, crop_hw=crop_hw, flip=cfg.flip, random_crop=cfg.random_crop)
     method = TextualInversion(host, cache, kind, captions, name, vectors, cfg.batch_size, cfg.seed)
@@ -164,8 +222,8 @@ def train_textual_inversion(host: Host, images: D.TrainingImages, cfg: TIConfig,
 
     def save(step: int) -> None:
         vecs = {k: v.detach().float().cpu() for k, v in method.vectors.items()}
-        files[:] = embedding.save_embedding(cfg.output_dir, name, vecs, host.info, step=step,
-                                          metadata=dict(meta, steps_done=str(step)), overwrite=True,
+        files[:] = embedding.save_embedding(cfg.output_dir, name, vecs, host.info, step=first + step,
+                                          metadata=dict(meta, steps_done=str(first + step)), overwrite=True,
                                           widths=widths)
         if cfg.keep_snapshots and step < cfg.steps:
             embedding.save_embedding(Path(cfg.output_dir) / "snapshots", f"{name}-{step}", vecs, host.info,
@@ -180,7 +238,7 @@ def train_textual_inversion(host: Host, images: D.TrainingImages, cfg: TIConfig,
         return img[0]
 
     lcfg = loop.LoopConfig(steps=cfg.steps, learning_rate=cfg.learning_rate, save_every=cfg.save_every,
-                           preview_every=cfg.preview_every)
+                           preview_every=cfg.preview_every, state=spec)
     ckpt = host.gradient_checkpointing() if memory.checkpointing else contextlib.nullcontext()
     with ckpt:
         res = loop.run(method, lcfg, device=host.device, compute_dtype=host.compute_dtype, save=save,
@@ -189,6 +247,7 @@ def train_textual_inversion(host: Host, images: D.TrainingImages, cfg: TIConfig,
         vectors={k: v.detach().float().cpu() for k, v in method.vectors.items()}, files=list(files),
         losses=res.losses, steps_done=res.steps_done, skipped_steps=res.skipped_steps, seconds=res.seconds,
         preview=last_preview[0] if last_preview else None, data_summary=images.summary(), template_kind=kind,
+        resumed_from=res.resumed_from, state_path=res.state_path, first_step=first,
         notes=[memory.note] if memory.note else [],
     )
 

@@ -132,22 +132,25 @@ def _as_2d(key: str, t: object) -> torch.Tensor:
     return cpu_fp32(t.unsqueeze(0) if t.ndim == 1 else t)  # diffusers may store one vector as 1-D
 
 
-def _vectors_from_dict(data: Mapping[str, object], source: str) -> dict[str, torch.Tensor]:
+def _vectors_from_dict(data: Mapping[str, object], source: str,
+                       widths: Mapping[str, int] | None = None) -> dict[str, torch.Tensor]:
     """Encoder-keyed vectors from a tensor dict: ``{clip_l, clip_g}`` (SDXL), or one tensor under
-    any name (kohya ``emb_params``, diffusers ``{token: T}``, ``{"clip_l": T}``)."""
+    any name (kohya ``emb_params``, diffusers ``{token: T}``, ``{"clip_l": T}``).  ``widths``
+    ({encoder key: width} of a model, e.g. a narrow test model) replaces the standard widths."""
     pair = family_of("sdxl")
+    width_to_key = {w: k for k, w in widths.items()} if widths else WIDTH_TO_KEY
     if set(data) == set(pair.encoder_keys):
         vectors = {e.key: _as_2d(e.key, data[e.key]) for e in pair.encoders}
         shapes = {k: tuple(v.shape) for k, v in vectors.items()}
         n = shapes[pair.encoders[0].key][0]
-        if shapes != {e.key: (n, e.width) for e in pair.encoders}:
+        if shapes != {e.key: (n, (widths or {}).get(e.key, e.width)) for e in pair.encoders}:
             need = " and ".join(f"{e.key} [n, {e.width}]" for e in pair.encoders)
             raise ValueError(f"{source}: an {pair.title} embedding needs {need}, got {shapes}.")
         return vectors
     if len(data) == 1:
         (key, t), = data.items()
         t = _as_2d(key, t)
-        width_key = WIDTH_TO_KEY.get(t.shape[1])
+        width_key = width_to_key.get(t.shape[1])
         if width_key is None or (key in WIDTH_TO_KEY.values() and key != width_key):
             known = ", ".join(f"{f.title} ({'+'.join(str(e.width) for e in f.encoders)})"
                               for f in FAMILIES.values())
@@ -158,7 +161,7 @@ def _vectors_from_dict(data: Mapping[str, object], source: str) -> dict[str, tor
                      "one tensor, {clip_l, clip_g}, or an A1111 .pt.")
 
 
-def _load_pt(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _load_pt(path: Path, widths: Mapping[str, int] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """A1111 ``.pt`` or diffusers ``.bin``.  ``weights_only=True`` refuses arbitrary objects
     (pickles can run code), which also rules out rinongal's ParameterDict files."""
     try:
@@ -175,15 +178,15 @@ def _load_pt(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         if not isinstance(params, dict) or len(params) != 1:
             raise ValueError(f"{path.name}: 'string_to_param' must hold exactly one tensor.")
         (t,) = params.values()
-        vectors = _vectors_from_dict({"*": t}, path.name)
+        vectors = _vectors_from_dict({"*": t}, path.name, widths)
         meta = {k: str(data[k]) for k in ("name", "step", "sd_checkpoint", "sd_checkpoint_name")
                 if data.get(k) is not None}
         return vectors, meta
-    return _vectors_from_dict(data, path.name), {}
+    return _vectors_from_dict(data, path.name, widths), {}
 
 
-def load_embedding(path: str | os.PathLike,
-                   family: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def load_embedding(path: str | os.PathLike, family: str | None = None,
+                   widths: Mapping[str, int] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read an embedding (ours or a common third-party layout) as encoder-keyed fp32 CPU vectors
     plus its metadata (safetensors header, or the A1111 ``.pt`` fields as strings).
 
@@ -194,9 +197,9 @@ def load_embedding(path: str | os.PathLike,
     ext = path.suffix.lower()
     if ext == ".safetensors":
         data, meta = read_safetensors(path, max_tensors=8, what="an embedding")
-        vectors = _vectors_from_dict(data, path.name)
+        vectors = _vectors_from_dict(data, path.name, widths)
     elif ext in (".pt", ".bin"):
-        vectors, meta = _load_pt(path)
+        vectors, meta = _load_pt(path, widths)
     else:
         raise ValueError(f"{path.name}: embeddings are .safetensors, .pt or .bin files.")
     if family is not None:

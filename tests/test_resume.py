@@ -1,0 +1,277 @@
+"""Stopping and continuing (issue 15): a run stopped at any step and resumed ends bit-identical on
+the CPU to the same run never stopped; a state of another run is refused naming what differs; only
+the last K states are kept, written atomically beside the result."""
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from likeness import cli
+from likeness.trainers import data as D
+from likeness.trainers import loop, run_state
+from likeness.trainers.dreambooth import DreamBoothConfig, train_dreambooth
+from likeness.trainers.textual_inversion import TIConfig, start_vectors, train_textual_inversion
+from support.cli_process import stop_when
+
+
+class Stop(BaseException):
+    """What ComfyUI's Cancel is: a BaseException out of the progress callback."""
+
+
+def _images(n=3, size=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return D.images_from_batch(torch.rand(n, size, size, 3, generator=g))
+
+
+def _stop_at(step):
+    def progress(s, total, loss, img):
+        if s == step:
+            raise Stop()
+    return progress
+
+
+def _ti(out, **kw):
+    base = dict(name="sks-resume", output_dir=out, steps=9, learning_rate=5e-2, batch_size=2, save_every=4,
+                preview_every=0, random_crop=True, resolution=64, flip=True, seed=3)
+    base.update(kw)
+    return TIConfig(**base)
+
+
+def test_ti_stopped_and_resumed_is_bit_identical(tiny_sd1_host, tmp_path):
+    host, imgs = tiny_sd1_host, _images(size=80)
+    whole = train_textual_inversion(host, imgs, _ti(tmp_path / "a"))
+    with pytest.raises(Stop):
+        train_textual_inversion(host, imgs, _ti(tmp_path / "b"), progress=_stop_at(6))
+    states = run_state.list_states(tmp_path / "b", "sks-resume")
+    assert [p.name for p in states] == ["sks-resume.step00000004.likeness-state",
+                                        "sks-resume.step00000006.likeness-state"]
+    seen = []
+    res = train_textual_inversion(host, imgs, _ti(tmp_path / "b", resume="latest"),
+                                  progress=lambda s, n, loss, img: seen.append((s, loss)))
+    assert res.resumed_from == 6 and res.steps_done == 9
+    assert torch.equal(res.vectors["clip_l"], whole.vectors["clip_l"])
+    assert res.losses == whole.losses  # the history continues, every value the same
+    assert [s for s, _ in seen] == list(range(1, 10))  # the chart is redrawn from step 1, then continues
+    assert [v for _, v in seen] == whole.losses
+    saved = load_file(str(tmp_path / "b" / "sks-resume.safetensors"))["emb_params"]
+    assert torch.equal(saved, whole.vectors["clip_l"])
+    # keep 2: the final state and the one before it
+    assert [p.name[-27:] for p in run_state.list_states(tmp_path / "b", "sks-resume")] == [
+        "step00000008.likeness-state", "step00000009.likeness-state"]
+
+
+def test_ti_resume_from_a_chosen_state_and_train_longer(tiny_sd1_host, tmp_path):
+    host, imgs = tiny_sd1_host, _images()
+    whole = train_textual_inversion(host, imgs, _ti(tmp_path / "a", steps=12, resolution=None, random_crop=False))
+    short = _ti(tmp_path / "b", steps=8, resolution=None, random_crop=False, keep_states=5)
+    train_textual_inversion(host, imgs, short)
+    chosen = run_state.state_path(tmp_path / "b", "sks-resume", 4)
+    res = train_textual_inversion(host, imgs, _ti(tmp_path / "b", steps=12, resolution=None, random_crop=False,
+                                                  resume=str(chosen)))
+    assert res.resumed_from == 4 and torch.equal(res.vectors["clip_l"], whole.vectors["clip_l"])
+
+
+@pytest.mark.parametrize("change, named", [
+    (dict(learning_rate=1e-2), "learning_rate"),
+    (dict(num_vectors=2), "num_vectors"),
+    (dict(seed=4), "seed"),
+    ("images", "images"),
+])
+def test_a_state_of_another_run_is_refused_naming_what_differs(tiny_sd1_host, tmp_path, change, named):
+    host = tiny_sd1_host
+    train_textual_inversion(host, _images(), _ti(tmp_path, steps=4, resolution=None, random_crop=False))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    imgs = _images(seed=1) if change == "images" else _images()
+    kw = {} if change == "images" else change
+    cfg = _ti(tmp_path, steps=8, resolution=None, random_crop=False, resume="latest", **kw)
+    with pytest.raises(run_state.ResumeError, match=rf"belongs to another run.*{named}: saved"):
+        train_textual_inversion(host, imgs, cfg)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing written
+
+
+def test_resume_refusals_before_any_work(tiny_sd1_host, tmp_path):
+    host = tiny_sd1_host
+    with pytest.raises(run_state.ResumeError, match="no saved run state of 'sks-resume'"):
+        train_textual_inversion(host, _images(), _ti(tmp_path, resume="latest"))
+    train_textual_inversion(host, _images(), _ti(tmp_path, steps=4, resolution=None, random_crop=False))
+    with pytest.raises(run_state.ResumeError, match="already at step 4; set steps above 4"):
+        train_textual_inversion(host, _images(), _ti(tmp_path, steps=4, resolution=None, random_crop=False,
+                                                     resume="latest"))
+    (tmp_path / "junk.likeness-state").write_bytes(b"not a state")
+    with pytest.raises(run_state.ResumeError, match="not a readable Likeness run state"):
+        train_textual_inversion(host, _images(), _ti(tmp_path, steps=8, resume="junk.likeness-state"))
+
+
+DB_MODES = {
+    "lora": dict(rank=2, train_text_encoder=True),
+    "full": dict(optimizer="adamw", learning_rate=1e-4),
+    "pivotal": dict(token="sks_lk", ti_fraction=0.5, rank=2),
+}
+
+
+def _db(out, mode, **kw):
+    base = dict(name="subj", output_dir=out, instance_prompt="a photo of sks_lk dog", mode=mode, steps=7,
+                save_every=3, preview_every=0, seed=5, batch_size=1, flip=True, class_prompt="a photo of a dog",
+                num_class_images=2, class_sample_steps=2, embedding_dir=out / "emb", **DB_MODES[mode])
+    base.update(kw)
+    return DreamBoothConfig(**base)
+
+
+@pytest.mark.parametrize("mode", list(DB_MODES))
+def test_dreambooth_stopped_and_resumed_is_bit_identical(tiny_sd1_host, tmp_path, mode):
+    host, imgs = tiny_sd1_host, _images()
+    whole = train_dreambooth(host, imgs, _db(tmp_path / "a", mode))
+    with pytest.raises(Stop):
+        train_dreambooth(host, imgs, _db(tmp_path / "b", mode), progress=_stop_at(5))
+    res = train_dreambooth(host, imgs, _db(tmp_path / "b", mode, resume="latest"))
+    assert res.resumed_from == 5 and res.losses == whole.losses
+    if mode == "full":
+        assert whole.deltas and all(torch.equal(res.deltas[k], v) for k, v in whole.deltas.items())
+    else:
+        assert all(torch.equal(a, b) for k in whole.lora_layers
+                   for a, b in zip(res.lora_layers[k][:2], whole.lora_layers[k][:2]))
+    if mode == "pivotal":
+        assert all(torch.equal(res.vectors[k], v) for k, v in whole.vectors.items())
+
+
+# ------------------------------------------------------------------------------------------ the CLI
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory, tiny_sd1_host):
+    import tiny_models
+
+    return tiny_models.save_diffusers_folder(tiny_models.host_parts(tiny_sd1_host),
+                                             tmp_path_factory.mktemp("model") / "tiny-sd1")
+
+
+def _image_folder(folder):
+    folder.mkdir()
+    for i, im in enumerate(_images().images):
+        Image.fromarray((im * 255).round().byte().numpy()).save(folder / f"{i}.png")
+    return folder
+
+
+def _ti_args(model, imgs, out, *extra):
+    return ["ti", "--model", str(model), "--images", str(imgs), "--out", str(out), "--device", "cpu",
+            "--name", "sks-cli", "--preview-every", "0", "--steps", "16", "--save-every", "3",
+            "--lr", "0.05", *extra]
+
+
+def test_cli_ctrl_c_then_resume_is_bit_identical(tiny_folder, tmp_path, capsys):
+    imgs = _image_folder(tmp_path / "imgs")
+    assert cli.main(_ti_args(tiny_folder, imgs, tmp_path / "whole")) == 0
+    out = tmp_path / "stopped"
+    rc, err = stop_when(_ti_args(tiny_folder, imgs, out), "step 4/", signal.SIGINT)
+    assert rc == 128 + signal.SIGINT, err
+    assert re.search(r"interrupted; the last good result \(step (\d+)\) was saved to .*continue it with "
+                     r"--resume \(state sks-cli\.step\d{8}\.likeness-state\)", err), err
+    states = run_state.list_states(out, "sks-cli")
+    assert states and run_state.read_header(states[-1])["step"] < 16
+    capsys.readouterr()
+    assert cli.main(_ti_args(tiny_folder, imgs, out, "--resume")) == 0
+    assert "continued after step" in capsys.readouterr().out
+    whole = load_file(str(tmp_path / "whole" / "sks-cli.safetensors"))["emb_params"]
+    assert torch.equal(load_file(str(out / "sks-cli.safetensors"))["emb_params"], whole)
+    assert torch.load(out / "sks-cli.pt", weights_only=True)["step"] == 16
+
+
+# ------------------------------------------------------------------------------ a run owns its name
+
+
+class Line:
+    """A tiny method for the loop alone: fit p to a target."""
+
+    def __init__(self):
+        self.p = torch.nn.Parameter(torch.zeros(3))
+
+    def parameters(self):
+        return [self.p]
+
+    def loss(self, step):
+        return ((self.p - torch.tensor([1.0, 2.0, 3.0])) ** 2).sum()
+
+
+def _loop(folder, **kw):
+    spec = run_state.StateSpec(folder, "owned", {"method": "line"}, **kw)
+    cfg = loop.LoopConfig(steps=3, learning_rate=0.1, save_every=1, state=spec)
+    return loop.run(Line(), cfg, device=torch.device("cpu"), compute_dtype=torch.float32, save=lambda s: None)
+
+
+def test_a_second_run_of_the_same_name_refuses_while_the_first_lives(tmp_path):
+    lock = tmp_path / "owned.likeness-lock"
+    tmp_path.mkdir(exist_ok=True)
+    lock.write_text(f"{os.getppid()}\n{os.uname().nodename}\n")  # a live process of this machine
+    with pytest.raises(FileExistsError, match=rf"another run \(process {os.getppid()}\) is writing 'owned'"):
+        _loop(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [lock.name]  # nothing written, the lock left alone
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over_and_released(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / "owned.likeness-lock").write_text(f"{int(dead.stdout)}\n{os.uname().nodename}\n")
+    res = _loop(tmp_path)
+    assert res.steps_done == 3 and res.state_path.name == "owned.step00000003.likeness-state"
+    assert not (tmp_path / "owned.likeness-lock").exists()
+    assert len(run_state.list_states(tmp_path, "owned")) == 2  # keep 2
+
+
+# ------------------------------------------------------------------------ continue from a file (TI)
+
+
+def test_ti_continues_from_its_own_file_and_counts_steps_on(tiny_sd1_host, tmp_path):
+    host = tiny_sd1_host
+    first = train_textual_inversion(host, _images(), _ti(tmp_path, name="sks-base", steps=4, resolution=None,
+                                                         random_crop=False, save_every=0))
+    more = _ti(tmp_path, name="sks-more", steps=3, resolution=None, random_crop=False, save_every=0,
+               init_file=str(tmp_path / "sks-base.safetensors"), num_vectors=5)
+    vecs, step = start_vectors(host, more, "")
+    assert step == 4 and torch.equal(vecs["clip_l"], first.vectors["clip_l"])  # its count, not num_vectors
+    res = train_textual_inversion(host, _images(), more)
+    assert res.first_step == 4 and res.vectors["clip_l"].shape == first.vectors["clip_l"].shape
+    assert torch.load(tmp_path / "sks-more.pt", weights_only=True)["step"] == 7
+    vecs, step = start_vectors(host, _ti(tmp_path, init_file=str(tmp_path / "sks-base.pt")), "")  # the A1111 .pt
+    assert step == 4 and torch.equal(vecs["clip_l"], first.vectors["clip_l"])
+
+
+def test_ti_continues_from_another_tools_files(tiny_sd1_host, tiny_sdxl_host, tmp_path):
+    from safetensors.torch import save_file
+
+    v = torch.randn(2, 32)
+    save_file({"emb_params": v}, str(tmp_path / "kohya.safetensors"))
+    vecs, step = start_vectors(tiny_sd1_host, _ti(tmp_path, init_file=str(tmp_path / "kohya.safetensors")), "")
+    assert step == 0 and torch.equal(vecs["clip_l"], v)
+    widths = {e.key: e.width for e in tiny_sdxl_host.text_encoders()}
+    pair = {k: torch.randn(3, w) for k, w in widths.items()}
+    save_file(pair, str(tmp_path / "xl.safetensors"))
+    vecs, _ = start_vectors(tiny_sdxl_host, _ti(tmp_path, init_file=str(tmp_path / "xl.safetensors")), "")
+    assert all(torch.equal(vecs[k], pair[k]) for k in widths)
+    with pytest.raises(ValueError, match=r"init file .*xl\.safetensors.*this model's family"):
+        train_textual_inversion(tiny_sd1_host, _images(), _ti(tmp_path, init_file=str(tmp_path / "xl.safetensors")))
+    assert not (tmp_path / "sks-resume.safetensors").exists()
+
+
+# ------------------------------------------------------------- the guard checks the state it keeps
+
+
+class Overflowing(Line):
+    """Finite parameters whose *result* is not finite beyond 1.5 (as huge vectors overflow a text
+    encoder): the guard must not keep them as the last good state."""
+
+    def state_ok(self):
+        return bool((self.p.abs() < 1.5).all())
+
+
+def test_an_update_whose_state_gives_a_non_finite_result_is_skipped_not_kept(tmp_path):
+    m, saved = Overflowing(), []
+    cfg = loop.LoopConfig(steps=40, learning_rate=0.1, max_bad_steps=50)
+    res = loop.run(m, cfg, device=torch.device("cpu"), compute_dtype=torch.float32,
+                   save=lambda s: saved.append(m.p.detach().clone()))
+    assert res.skipped_steps > 0 and m.state_ok()
+    assert all(bool((p.abs() < 1.5).all()) for p in saved)
