@@ -66,6 +66,9 @@ class LoopConfig:
     lr_factor: Callable[[int], float] | None = None
     #: run ``method.loss`` under the host's autocast (off when the method casts per call itself)
     autocast: bool = True
+    #: call ``run``'s ``evaluate(step)`` every N steps and at the last step (0: never); its wall
+    #: time is kept apart in ``LoopResult.eval_seconds`` (trainers/best_step.py)
+    eval_every: int = 0
 
 
 @dataclass
@@ -76,6 +79,8 @@ class LoopResult:
     cancelled: bool = False
     stopped_early: bool = False
     seconds: float = 0.0
+    #: of ``seconds``, the time ``evaluate`` took (sampling and scoring, not training)
+    eval_seconds: float = 0.0
 
 
 #: progress(step, total, loss or None, preview image [H, W, 3] or None)
@@ -281,9 +286,11 @@ def run(
     save: Callable[[int], None],
     progress: ProgressFn | None = None,
     preview: Callable[[int], torch.Tensor] | None = None,
+    evaluate: Callable[[int], object] | None = None,
 ) -> LoopResult:
     """Optimise ``method.parameters()`` for ``cfg.steps`` steps (AdamW or Adafactor, state in fp32);
-    ``save(step)`` every ``save_every`` steps, at the end and on Cancel (the last good state)."""
+    ``save(step)`` every ``save_every`` steps, at the end and on Cancel (the last good state);
+    ``evaluate(step)`` every ``eval_every`` steps and at the last one (best step)."""
     r = _Run(method, cfg, device, compute_dtype)
     t0 = time.perf_counter()
     last_saved = 0
@@ -302,6 +309,10 @@ def run(
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps and not stop:
                 save(step)
                 last_saved = step
+            if evaluate is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps or stop):
+                t_eval = time.perf_counter()
+                evaluate(step)
+                r.result.eval_seconds += time.perf_counter() - t_eval
             report(step, value if ok else None)
             if stop:
                 r.result.stopped_early = True

@@ -14,10 +14,12 @@ import random
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from . import data as D
+from . import best_step as BS
 from . import loop, objective
 from .formats import embedding
 from .formats.files import validate_name
@@ -47,6 +49,10 @@ class TIConfig:
     preview_cfg: float = 5.0
     overwrite: bool = False
     keep_snapshots: bool = False
+    # best step (trainers/best_step.py): sample the evaluation prompts every N steps (0: off)
+    eval_every: int = 0
+    eval_prompts: str = ""  # one per line, {} = the new word; "": the template kind's defaults
+    eval_steps: int = 20  # sampling steps of each evaluation image (Euler, cfg preview_cfg)
 
 
 @dataclass
@@ -60,6 +66,15 @@ class TIResult:
     preview: torch.Tensor | None = None
     data_summary: str = ""
     template_kind: str = ""
+    #: the evaluation (best step), None when ``eval_every`` was 0; ``state["vectors"]`` is the
+    #: best snapshot's embedding
+    evaluation: BS.Outcome | None = None
+
+    def pick(self, which: str) -> dict[str, torch.Tensor]:
+        """The vectors of the "best" snapshot or of the "last" step (the last without evaluation)."""
+        if which == "best" and self.evaluation is not None and self.evaluation.state:
+            return self.evaluation.state["vectors"]
+        return self.vectors
 
 
 def check_config(cfg: TIConfig) -> None:
@@ -75,6 +90,7 @@ def check_config(cfg: TIConfig) -> None:
         problems.append(f"batch size must be at least 1, got {cfg.batch_size}")
     if cfg.save_every < 0 or cfg.preview_every < 0:
         problems.append("save/preview intervals must be 0 (off) or positive")
+    problems += BS.check_plan(cfg.eval_every, cfg.eval_steps)
     if problems:
         raise ValueError("; ".join(problems))
 
@@ -115,15 +131,20 @@ def _metadata(cfg: TIConfig, init_text: str, kind: str) -> dict[str, str]:
     }
 
 
-def prepare(host: Host, images: D.TrainingImages, cfg: TIConfig):
+def prepare(host: Host, images: D.TrainingImages, cfg: TIConfig, encoders: BS.Encoders | None = None):
     """Every check that can fail, before any model work: config, name, output files, images,
     captions.  Returns (kind, captions, planned images, init text)."""
     check_config(cfg)
+    problems = BS.check_plan(cfg.eval_every, cfg.eval_steps, encoders is not None)
+    if problems:
+        raise ValueError("; ".join(problems))
     name = validate_name(cfg.name)
     host.check_placeholder(name)
     if len(images) == 0:
         raise D.DatasetError("no training images")
     embedding.check_can_write(cfg.output_dir, name, host.info.family, cfg.overwrite)
+    if cfg.eval_every:
+        embedding.check_can_write(cfg.output_dir, name + ".best", host.info.family, cfg.overwrite)
     kind, captions = D.resolve_prompts(images, name, cfg.templates)
     planned = D.plan_geometry(images, cfg.resolution, host.latent_scale)
     init_text = cfg.init_text.strip() or ("painting" if kind == "style" else "object")
@@ -132,11 +153,22 @@ def prepare(host: Host, images: D.TrainingImages, cfg: TIConfig):
     return name, kind, captions, planned, init_text
 
 
+def _evaluation(host: Host, cfg: TIConfig, method: TextualInversion, kind: str, init_text: str, planned,
+                crop_hw, encoders, on_point) -> BS.BestStep | None:
+    """The loop's best-step hook: the evaluation prompts sampled with the vectors as they are."""
+    prompts = BS.fill(BS.parse_prompts(cfg.eval_prompts, kind), method.name)
+    plan = BS.Plan(cfg.eval_every, prompts, cfg.eval_steps, cfg.preview_cfg, cfg.seed, method.name, init_text)
+    sample = BS.host_sampler(host, method.name, method.vectors, crop_hw, cfg.eval_steps, cfg.preview_cfg)
+    return BS.start(plan, encoders, planned, sample, method.parameters(), on_point)
+
+
 def train_textual_inversion(host: Host, images: D.TrainingImages, cfg: TIConfig,
-                            progress: loop.ProgressFn | None = None) -> TIResult:
+                            progress: loop.ProgressFn | None = None, encoders: BS.Encoders | None = None,
+                            on_point: Callable[[BS.Point], None] | None = None) -> TIResult:
     """Train, save ``<name>`` into ``cfg.output_dir`` (every ``save_every`` steps, at the end, and
-    on Cancel), and return the vectors, files and loss history."""
-    name, kind, captions, planned, init_text = prepare(host, images, cfg)
+    on Cancel), and return the vectors, files and loss history.  With ``eval_every`` the best
+    step is kept (scored with ``encoders``) and written as ``<name>.best``."""
+    name, kind, captions, planned, init_text = prepare(host, images, cfg, encoders)
     crop = min(min(im.shape[:2]) for im in planned) if cfg.resolution else None
     crop_hw = (crop, crop) if crop else tuple(planned[0].shape[:2])
     cache = D.LatentCache(host, planned, crop_hw=crop_hw, flip=cfg.flip, random_crop=cfg.random_crop)
@@ -164,13 +196,24 @@ def train_textual_inversion(host: Host, images: D.TrainingImages, cfg: TIConfig,
         return img[0]
 
     lcfg = loop.LoopConfig(steps=cfg.steps, learning_rate=cfg.learning_rate, save_every=cfg.save_every,
-                           preview_every=cfg.preview_every)
+                           preview_every=cfg.preview_every, eval_every=cfg.eval_every)
+    best = _evaluation(host, cfg, method, kind, init_text, planned, crop_hw, encoders, on_point)
     res = loop.run(method, lcfg, device=host.device, compute_dtype=host.compute_dtype, save=save,
-                   progress=progress, preview=preview if cfg.preview_every else None)
+                   progress=progress, preview=preview if cfg.preview_every else None, evaluate=best)
+
+    def write_best(step: int) -> list[Path]:
+        vecs = {k: v.detach().float().cpu() for k, v in method.vectors.items()}
+        return embedding.save_embedding(cfg.output_dir, name + ".best", vecs, host.info, step=step,
+                                        metadata=dict(meta, steps_done=str(step), best_step=str(step)),
+                                        overwrite=True, widths=widths)
+
+    evaluation = BS.finish(best, write_best, lambda: {"vectors": {k: v.detach().float().cpu()
+                                                                  for k, v in method.vectors.items()}})
     return TIResult(
         vectors={k: v.detach().float().cpu() for k, v in method.vectors.items()}, files=list(files),
         losses=res.losses, steps_done=res.steps_done, skipped_steps=res.skipped_steps, seconds=res.seconds,
         preview=last_preview[0] if last_preview else None, data_summary=images.summary(), template_kind=kind,
+        evaluation=evaluation,
     )
 
 
