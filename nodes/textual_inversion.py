@@ -14,6 +14,7 @@ from comfy_api.latest import io
 from ..hosts.comfy import ComfyHost
 from ..trainers import data as D
 from ..trainers.textual_inversion import TIConfig, train_textual_inversion
+from . import best_step as NB
 from .common import (TRAINING_CATEGORY, batch_captions, embeddings_dir, node_id_of, node_type_of, progress_reporter,
                      training_report)
 
@@ -93,7 +94,7 @@ class TrainTextualInversion(io.ComfyNode):
                                 "caption per line, in image order, each containing the new word (or [name]); an "
                                 "empty line is an image without a caption. Connect the captions output of Load "
                                 "Training Images (Likeness). Used when templates is 'captions' or 'auto'."),
-            ],
+            ] + NB.eval_inputs("the new word"),
             outputs=[
                 io.Conditioning.Output(display_name="conditioning", tooltip="The prompt above, encoded with "
                                        "the trained embedding (the same as CLIPTextEncode of it with "
@@ -103,6 +104,7 @@ class TrainTextualInversion(io.ComfyNode):
                                 "previews are off)."),
                 io.LossMap.Output(display_name="loss", tooltip="The loss of every step, for the Plot Loss "
                                   "Graph node."),
+                NB.CURVES_OUTPUT,
             ],
             hidden=[io.Hidden.unique_id],
             is_output_node=True,
@@ -111,25 +113,30 @@ class TrainTextualInversion(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, images, name, init_text, templates, num_vectors, steps, learning_rate,
                 batch_size, resolution, flip, random_crop, seed, prompt, preview_every, preview_steps, save_every,
-                overwrite, captions="") -> io.NodeOutput:
+                overwrite, captions="", **evaluation) -> io.NodeOutput:
         data = D.images_from_batch(images, batch_captions(images, captions))
         cfg = TIConfig(
             name=name, output_dir=embeddings_dir(), init_text=init_text, num_vectors=num_vectors, steps=steps,
             learning_rate=learning_rate, batch_size=batch_size, seed=seed, templates=templates,
             resolution=resolution or None, random_crop=random_crop, flip=flip, save_every=save_every,
             preview_every=preview_every, preview_steps=preview_steps, preview_prompt=prompt, overwrite=overwrite,
+            eval_every=evaluation.get("eval_every", 0), eval_prompts=evaluation.get("eval_prompts", ""),
         )
+        which = evaluation.get("output", "last")
         host = ComfyHost(model, clip, vae)
         with host.training():
             progress = progress_reporter(node_id_of(cls), steps, node_type_of(cls))
-            res = train_textual_inversion(host, data, cfg, progress=progress)
+            res = train_textual_inversion(host, data, cfg, progress=progress, encoders=NB.encoders(evaluation),
+                                          on_point=progress.on_point)
             word = name.strip()
             with torch.no_grad():
-                cond = host.encode_text([_prompt_text(prompt, word)], word, res.vectors)
+                cond = host.encode_text([_prompt_text(prompt, word)], word, res.pick(which))
         extra = dict(cond.extra[0]) if cond.extra else {}
         conditioning = [[cond.cross_attn[0].detach().cpu(), {"pooled_output": _cpu(cond.pooled[0]), **extra}]]
-        preview, loss, show = training_report(cls, res, f"embedding:{word}")
-        return io.NodeOutput(conditioning, f"embedding:{word}", preview, loss, ui=show)
+        if which == "best" and res.pick("best") is not res.vectors:
+            word += ".best"  # the best snapshot's file: <name>.best
+        preview, loss, show = training_report(cls, res, f"embedding:{word}", NB.notes(res, which))
+        return io.NodeOutput(conditioning, f"embedding:{word}", preview, loss, NB.curves(res), ui=show)
 
 
 def _cpu(t):

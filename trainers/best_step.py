@@ -274,6 +274,49 @@ def _copied(value):
     return value
 
 
+#: the curves drawn, with their colours (also the live chart's: web/likeness.js)
+CURVES = {"CLIP-I": (52, 120, 220), "DINO": (150, 60, 200), "CLIP-T": (220, 120, 30),
+          "diversity": (40, 160, 90), "combined": (20, 20, 20)}
+
+
+def curves_image(points: Sequence[Point], best: Point | None = None, size: tuple[int, int] = (640, 320)):
+    """The metric curves over the steps as IMAGE ``[1, H, W, 3]``: one line per available metric
+    (each scaled to its own range, so a flat CLIP-T and a steep CLIP-I are both readable; the
+    legend gives each range), the best step as a vertical line."""
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+
+    w, h = size
+    img = Image.new("RGB", (w, h), "white")
+    draw, font = ImageDraw.Draw(img), ImageFont.load_default(size=12)
+    left, right, top, bottom = 12, w - 12, 12, h - 30 - 16 * 2
+    steps = [p.step for p in points]
+    lo_s, hi_s = (min(steps), max(steps)) if steps else (0, 1)
+    x_of = lambda s: left + (s - lo_s) / max(1, hi_s - lo_s) * (right - left)  # noqa: E731
+    draw.rectangle((left, top, right, bottom), outline=(180, 180, 180))
+    if best is not None:
+        draw.line((x_of(best.step), top, x_of(best.step), bottom), fill=(230, 60, 60), width=2)
+    legend = []
+    for name, colour in CURVES.items():
+        pts = [(p.step, p.as_dict()[name]) for p in points if p.as_dict()[name] is not None]
+        if not pts:
+            continue
+        lo, hi = min(v for _, v in pts), max(v for _, v in pts)
+        y_of = lambda v: bottom - (v - lo) / ((hi - lo) or 1.0) * (bottom - top)  # noqa: E731
+        xy = [(x_of(s), y_of(v)) for s, v in pts]
+        if len(xy) > 1:
+            draw.line(xy, fill=colour, width=3 if name == "combined" else 2)
+        for x, y in xy:
+            draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=colour)
+        legend.append((f"{name} {lo:.3f}..{hi:.3f}", colour))
+    for k, (text, colour) in enumerate(legend):
+        row, col = divmod(k, 3)
+        draw.text((left + col * (w - 24) // 3, bottom + 8 + row * 16), text, fill=colour, font=font)
+    pick = f"best step {best.step}" if best is not None else "no best step"
+    draw.text((left, h - 18), f"steps {lo_s}..{hi_s}   {pick}", fill=(230, 60, 60), font=font)
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None]
+
+
 __all__ = ["DEFAULT_PROMPTS", "OUTPUTS", "default_prompts", "parse_prompts", "fill", "identifier", "Encoders",
            "Point", "SampleFn", "embed_references", "BestStep", "host_sampler", "Plan", "check_plan", "start", "Outcome",
-           "finish"]
+           "finish", "CURVES", "curves_image"]
