@@ -172,3 +172,53 @@ def test_textual_inversion_keeps_the_best_embedding(tiny_sd1_host, tmp_path):
     saved = safetensors.torch.load_file(tmp_path / "thing_lk.best.safetensors")
     assert torch.allclose(saved["emb_params"].float(), res.pick("best")["clip_l"], atol=1e-6)
     assert res.pick("last") is res.vectors
+
+
+# ------------------------------------------------------------------------------------- the CLI
+
+
+def tiny_clip_and_dino(folder):
+    """A full CLIPModel (both towers, the shipped tokenizer) and a DINOv2 model, tiny and random,
+    saved as the local transformers folders --clip and --dino take."""
+    from transformers import (CLIPConfig, CLIPModel, CLIPTokenizer, Dinov2Config, Dinov2Model)
+
+    from likeness.hosts.diffusers import CLIP_TOKENIZER_DIR
+
+    torch.manual_seed(0)
+    cfg = CLIPConfig(text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, max_position_embeddings=77),
+                     vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=4), projection_dim=16)
+    CLIPModel(cfg).save_pretrained(folder / "clip")
+    CLIPTokenizer.from_pretrained(str(CLIP_TOKENIZER_DIR)).save_pretrained(folder / "clip")
+    Dinov2Model(Dinov2Config(image_size=28, patch_size=14, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4)).save_pretrained(folder / "dino")
+    return folder / "clip", folder / "dino"
+
+
+def test_cli_dreambooth_eval_every_writes_the_best_lora_and_the_curves(tiny_sd1_host, tmp_path, capsys):
+    import tiny_models
+    from PIL import Image
+
+    from likeness import cli
+
+    model = tiny_models.save_diffusers_folder(tiny_models.host_parts(tiny_sd1_host), tmp_path / "tiny-sd1")
+    clip, dino = tiny_clip_and_dino(tmp_path)
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i, im in enumerate(training_images().images):
+        Image.fromarray((im.numpy() * 255).round().astype("uint8")).save(imgs / f"{i}.png")
+    out = tmp_path / "out"
+    args = ["dreambooth", "--model", str(model), "--images", str(imgs), "--name", "subj", "--steps", "4",
+            "--preview-every", "0", "--out", str(out), "--device", "cpu", "--instance-prompt", "a photo of sks dog",
+            "--eval-every", "2", "--eval-steps", "2", "--eval-prompt", "{}", "--eval-prompt", "{} at night",
+            "--clip", str(clip), "--dino", str(dino)]
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "eval step 2:" in printed and "eval step 4:" in printed
+    assert "CLIP-T" in printed and "DINO" in printed  # both towers of the one folder; DINO from --dino
+    assert "best step" in printed and "training alone" in printed
+    assert (out / "subj.safetensors").is_file() and (out / "subj.best.safetensors").is_file()
+    assert Image.open(out / "subj.curves.png").size == (640, 320)
+    assert cli.main(args[:-4] + ["--dino", str(dino)]) == 2  # --dino without --clip
+    assert "--dino needs --clip" in capsys.readouterr().err

@@ -58,7 +58,8 @@ function findNode(id) {
   return node;
 }
 
-function drawChart(ctx, state, x, y, w, h) {
+// A chart's dark panel; the caller restores the context.
+function panel(ctx, x, y, w, h) {
   ctx.save();
   ctx.fillStyle = "#1b1b1b";
   ctx.strokeStyle = "#444";
@@ -67,6 +68,10 @@ function drawChart(ctx, state, x, y, w, h) {
   ctx.fill();
   ctx.stroke();
   ctx.font = "10px sans-serif";
+}
+
+function drawChart(ctx, state, x, y, w, h) {
+  panel(ctx, x, y, w, h);
   ctx.fillStyle = "#999";
   const pts = state ? state.loss.map((l, i) => [state.step[i], l]).filter((p) => Number.isFinite(p[1])) : [];
   if (pts.length < 2) {
@@ -116,14 +121,7 @@ function drawChart(ctx, state, x, y, w, h) {
 // The second panel: the evaluation metrics over the steps (best step, trainers/best_step.py).
 function drawMetrics(ctx, state, x, y, w, h) {
   const points = state?.metrics ?? [];
-  ctx.save();
-  ctx.fillStyle = "#1b1b1b";
-  ctx.strokeStyle = "#444";
-  ctx.beginPath();
-  ctx.rect(x, y, w, h);
-  ctx.fill();
-  ctx.stroke();
-  ctx.font = "10px sans-serif";
+  panel(ctx, x, y, w, h);
   const total = Math.max(state?.total || 1, ...points.map((p) => p.step));
   const px = (s) => x + 4 + (s / total) * (w - 8);
   let best = null;
