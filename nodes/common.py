@@ -102,7 +102,8 @@ def progress_reporter(node_id, total: int, node_type: str | None = None):
         pbar.update_absolute(step, n, shown)
 
     # the trainers' ``on_point``: an evaluation travels with the next progress event
-    progress.on_point = lambda point: pending.append(point.as_dict())
+    # (a best-step ``Point``, or SeedSelect's ``{"step", "CLIP distance"}``)
+    progress.on_point = lambda point: pending.append(point.as_dict() if hasattr(point, "as_dict") else dict(point))
     return progress
 
 

@@ -5,7 +5,8 @@
 //    elapsed (seconds since the run started), prompt_id, and - when evaluations (best step) finished
 //    since the last event - metrics: [{step, "CLIP-I", DINO, "CLIP-T", diversity, combined, seconds}]}.
 // The metrics are drawn as a second panel under the loss, one curve per metric (each on its own
-// range, the colours of trainers/best_step.py's CURVES), the best combined score marked.
+// range, the colours of trainers/best_step.py's CURVES), the best combined score marked; SeedSelect
+// sends {step, "CLIP distance"} every iteration, its distance to the references in CLIP space.
 // GET /likeness/progress (nodes/progress.py) says which node types chart ("chart_nodes", from the
 // server's LIVE_CHART flag) and returns the latest prompt's points so far, so a reloaded page
 // redraws a run in progress.
@@ -15,7 +16,7 @@ import { api } from "../../scripts/api.js";
 const CHART_HEIGHT = 90;
 const METRICS_HEIGHT = 80;
 const METRIC_COLOURS = { "CLIP-I": "#3478dc", DINO: "#963cc8", "CLIP-T": "#dc781e", diversity: "#28a05a",
-                         combined: "#eeeeee" };
+                         combined: "#eeeeee", "CLIP distance": "#e0c040" };
 const PROGRESS_ROUTE = "/likeness/progress";
 const charted = new Set();
 let serverInfo = null;
@@ -149,8 +150,10 @@ function drawMetrics(ctx, state, x, y, w, h) {
   }
   ctx.fillStyle = "#bbb";
   const spent = points.reduce((a, p) => a + (p.seconds || 0), 0);
+  const last = points[points.length - 1];
+  const distance = Number.isFinite(last?.["CLIP distance"]) ? `CLIP distance ${last["CLIP distance"].toFixed(4)}` : "";
   ctx.fillText(best ? `best step ${best.step}  combined ${best.combined.toFixed(4)}  eval ${formatSeconds(spent)}`
-                    : "metrics: no combined score yet", x + 6, y + h - 3);
+                    : distance || "metrics: no combined score yet", x + 6, y + h - 3);
   ctx.restore();
 }
 
