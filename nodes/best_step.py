@@ -16,17 +16,18 @@ DINO_USE = "The dino input needs {} (ComfyUI's Load CLIP Vision loads DINOv2 che
 
 
 def eval_inputs(subject: str) -> list:
-    """The inputs every training node adds, after its own (all with defaults that keep evaluation
-    off, so existing workflows run unchanged)."""
+    """The inputs every training node adds, after its own: all optional and last, so a saved
+    workflow's widget values (positional) still land on the widgets they were saved from, and the
+    defaults keep evaluation off."""
     return [
-        io.Int.Input("eval_every", default=0, min=0, max=100000, tooltip="Best step: every N steps (and at "
+        io.Int.Input("eval_every", default=0, min=0, max=100000, optional=True, tooltip="Best step: every N steps (and at "
                      "the end) sample the evaluation prompts with the model being trained, score the images "
                      "against the training images (CLIP-I, DINO, diversity; needs clip_vision) and keep the best "
                      "snapshot. 0: off."),
-        io.String.Input("eval_prompts", default="", multiline=True, advanced=True, tooltip="Evaluation prompts, "
+        io.String.Input("eval_prompts", default="", multiline=True, advanced=True, optional=True, tooltip="Evaluation prompts, "
                         f"one per line, {{}} = {subject}; each is sampled at its own fixed seed so snapshots are "
                         "comparable. Empty: four varied prompts (photo, beach, snow, painting)."),
-        io.Combo.Input("output", options=list(BS.OUTPUTS), default="best", tooltip="With eval_every: output "
+        io.Combo.Input("output", options=list(BS.OUTPUTS), default="best", optional=True, tooltip="With eval_every: output "
                        "the best snapshot (also written as <name>.best.*) or the last step's. Without "
                        "evaluation the last step is output."),
         io.ClipVision.Input("clip_vision", optional=True, tooltip="For eval_every: a CLIP vision model (Load "
