@@ -109,6 +109,10 @@ def _report_evaluation(res, out: Path, name: str) -> None:
         path = out / f"{name}.curves.png"
         _save_png(curves_image(ev.points, ev.best)[0], path)
         print(f"wrote {path}")
+def _memory_arg(p) -> None:
+    p.add_argument("--memory-budget", type=float, default=0.0, metavar="GB",
+                   help="GPU memory the run may use (default: what is free); the run turns on gradient "
+                        "checkpointing or stops before starting when it would not fit")
 
 
 def _ti_parser(sub) -> None:
@@ -133,6 +137,7 @@ def _ti_parser(sub) -> None:
     p.add_argument("--save-every", type=int, default=100, help="write the embedding every N steps (0: end only)")
     p.add_argument("--preview-every", type=int, default=50, help="render a preview every N steps (0: never)")
     p.add_argument("--preview-prompt", default="a photo of {}", help="{} is replaced by the new word")
+    _memory_arg(p)
     p.add_argument("--out", default="embeddings", help="folder to write the embedding into")
     _eval_args(p, "the new word")
     _model_args(p, "embedding")
@@ -149,7 +154,8 @@ def _run_ti(args) -> int:
         steps=args.steps, learning_rate=args.lr, batch_size=args.batch_size, seed=args.seed,
         templates=args.templates, resolution=args.resolution, random_crop=args.random_crop,
         flip=not args.no_flip, save_every=args.save_every, preview_every=args.preview_every,
-        preview_prompt=args.preview_prompt, overwrite=args.overwrite, **_eval_config(args),
+        preview_prompt=args.preview_prompt, overwrite=args.overwrite, memory_budget_gb=args.memory_budget,
+        **_eval_config(args),
     )
     check_config(cfg)  # option, name and image problems are reported before the model loads
     name = validate_name(args.name)
@@ -160,7 +166,7 @@ def _run_ti(args) -> int:
     preview_path = Path(args.out) / f"{cfg.name}.preview.png"
     res = train_textual_inversion(host, images, cfg, progress=_Printer(preview_path if args.preview_every else None),
                                   encoders=_encoders(args, host), on_point=_print_point)
-    print(f"done: {res.steps_done} steps in {res.seconds:.1f} s ({res.skipped_steps} non-finite steps skipped)")
+    _print_done(res)
     for f in res.files:
         print(f"wrote {f}")
     _report_evaluation(res, Path(args.out), name)
@@ -219,6 +225,7 @@ def _dreambooth_parser(sub) -> None:
                    help=f"default per mode: {_per_mode('save_every')} (0: at the end only)")
     p.add_argument("--preview-every", type=int, default=50)
     p.add_argument("--out", default=None, help=f"output folder (default per mode: {_per_mode('folder')})")
+    _memory_arg(p)
     p.add_argument("--embeddings-out", default="embeddings", help="pivotal: folder for the embedding")
     _eval_args(p, "the instance prompt")
     _model_args(p, "file")
@@ -244,7 +251,8 @@ def _run_dreambooth(args) -> int:
         flip=args.flip, token=args.token, embedding_dir=args.embeddings_out, num_vectors=args.num_vectors,
         ti_learning_rate=args.ti_lr, ti_fraction=args.ti_fraction, bundle_embedding=args.bundle_embedding,
         extract_rank=args.extract_rank, lora_dir=None if args.out is not None else MODE_DEFAULTS["lora"].folder,
-        preview_every=args.preview_every, overwrite=args.overwrite, **per_mode, **_eval_config(args),
+        preview_every=args.preview_every, overwrite=args.overwrite, memory_budget_gb=args.memory_budget, **per_mode,
+        **_eval_config(args),
     )
     check_config(cfg)  # option, name and image problems are reported before the model loads
     name = validate_name(args.name)
@@ -262,7 +270,7 @@ def _run_dreambooth(args) -> int:
                            progress=_Printer(preview_path if args.preview_every else None),
                            class_progress=class_progress, encoders=_encoders(args, host),
                            on_point=_print_point)
-    print(f"done: {res.steps_done} steps in {res.seconds:.1f} s ({res.skipped_steps} non-finite steps skipped)")
+    _print_done(res)
     for f in res.files:
         print(f"wrote {f}")
     _report_evaluation(res, out, name)
@@ -371,6 +379,12 @@ def _run_seedselect(args) -> int:
 
 # ------------------------------------------------------------------------------------------
 # failures and stops: one line that says what happened and what is on disk, never a traceback
+
+
+def _print_done(res) -> None:
+    print(f"done: {res.steps_done} steps in {res.seconds:.1f} s ({res.skipped_steps} non-finite steps skipped)")
+    for note in res.notes:  # what the run changed on its own (the memory preflight)
+        print(note)
 
 
 def _expect_result(args, path: Path, preview: Path) -> None:

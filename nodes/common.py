@@ -135,7 +135,7 @@ def training_report(node_cls, res, headline: str, notes: tuple[str, ...] = ()):
     last = f"{res.losses[-1]:.4f}" if res.losses else "n/a"
     skipped = (f"{res.skipped_steps} non-finite steps skipped",) if res.skipped_steps else ()
     text = (", ".join((f"{headline} - {res.steps_done} steps in {res.seconds:.0f} s, last loss {last}",
-                       *notes, *skipped))
+                       *notes, *getattr(res, "notes", ()), *skipped))
             + "\n" + "\n".join(str(f) for f in res.files) + "\n" + res.data_summary)
     show = ui.PreviewText(text).as_dict()
     if res.preview is not None:

@@ -54,6 +54,13 @@ class DiffusersAdapter:
         return result  # with_lora / with_deltas return a new DiffusersHost
 
     @staticmethod
+    def in_dtype(c: "Case", host, dtype: torch.dtype) -> Host:
+        """The same tiny model computing in ``dtype`` on the CPU (its own modules, cast)."""
+        import tiny_models
+
+        return tiny_models.tiny_host(c.family, seed=0, dtype=dtype)
+
+    @staticmethod
     def reload(path, like, workdir) -> Host:
         """Through the single-file loader real checkpoints take, with the tiny model's own configs
         in place of the shipped full-size ones."""
@@ -89,6 +96,21 @@ class ComfyAdapter:
         model, clip = result
         with torch.inference_mode():
             return ComfyHost(model, clip, like._vae)
+
+    @staticmethod
+    def in_dtype(c: "Case", host, dtype: torch.dtype) -> Host:
+        """The tiny checkpoint loaded by ComfyUI with its UNet and text encoders stored in ``dtype``."""
+        import comfy.sd
+        from support import tiny_checkpoints
+
+        from likeness.hosts.comfy import ComfyHost
+
+        path = tiny_checkpoints.ensure_tiny_checkpoint(c.fixture.partition(":")[2])
+        opts = {"dtype": dtype}
+        with torch.inference_mode():
+            model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(path), model_options=opts,
+                                                                     te_model_options=opts)[:3]
+            return ComfyHost(model, clip, vae)
 
     @staticmethod
     def reload(path, like, workdir) -> Host:
@@ -411,3 +433,80 @@ def test_saved_checkpoint_reloads_as_the_tuned_model(case, tmp_path):
     with c.adapter.node(), other.training(), torch.no_grad():
         got = _denoise(other, PROMPTS, x, sigma)
     torch.testing.assert_close(got, expected, atol=1e-3, rtol=1e-3)
+
+
+# ---- module branches (how LoRA trains) ------------------------------------------------------------
+
+
+def _bias_of(name: str) -> str:
+    return name[: -len(".weight")] + ".bias"
+
+
+def test_a_branch_changes_exactly_its_layer_and_trains_what_it_closes_over(case):
+    """``module_branches``: a branch adding a constant is that layer's bias moved by the constant, a
+    branch adding ``x @ D.T`` is its weight moved by ``D`` (the branch sees the layer's own input and
+    output); gradients reach the tensors the branch closes over and never a weight; afterwards the
+    model computes bit-identically, with its weights untouched; a name that is not a branchable
+    weight is refused before anything is hooked."""
+    c, host = case
+    before = _hashes(host)
+    name = _a_weight(host)
+    w = host.tunable_parameters("unet")[name]
+    d = 0.05 * torch.randn(w.shape, generator=torch.Generator().manual_seed(5))
+    with c.adapter.node(), host.training():
+        x0, noise, sigma, _ = _probe(host)
+        x = x0 + noise * sigma.view(-1, 1, 1, 1)
+        with torch.no_grad():
+            plain = _denoise(host, PROMPTS, x, sigma)
+            with host.parameter_patches({_bias_of(name): lambda b: b + 0.25}):
+                bias_moved = _denoise(host, PROMPTS, x, sigma)
+            weight_moved = _patched_output(host, {name: d}, x, sigma)
+            with host.module_branches({name: lambda xi, y: y + xi @ d.to(xi.device, xi.dtype).T}):
+                via_input = _denoise(host, PROMPTS, x, sigma)
+        k = torch.zeros((), device=host.device, requires_grad=True)
+        with host.module_branches({name: lambda xi, y: y + (0.25 + k).to(y.dtype)}):
+            branched = _denoise(host, PROMPTS, x, sigma)
+            objective.native_error(host, branched, x0, sigma).mean().backward()
+        with torch.no_grad():
+            after = _denoise(host, PROMPTS, x, sigma)
+        for bad in ("no.such.weight", _bias_of(name)):
+            with pytest.raises(ValueError), host.module_branches({bad: lambda xi, y: y}):
+                pass
+    torch.testing.assert_close(branched.detach(), bias_moved, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(via_input, weight_moved, atol=1e-4, rtol=1e-4)
+    assert float((bias_moved - plain).abs().max()) > 1e-4
+    assert k.grad is not None and bool(torch.isfinite(k.grad)) and float(k.grad.abs()) > 0
+    assert all(p.grad is None and not p.requires_grad for p in host.frozen_parameters().values())
+    assert torch.equal(after, plain)
+    assert _hashes(host) == before
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_a_small_lora_change_reaches_the_low_precision_output(case, dtype):
+    """A LoRA (rank 4, fp32 factors) whose change is 1e-4 of each adapted weight's norm changes
+    what a bf16/fp16 model computes, and its gradients reach both factors: the adapter enters as a
+    branch, rounded against the layer's output, never merged into (and rounded against) the weight."""
+    from likeness.trainers.lora import LoraSet, target_weights
+
+    c, _ = case
+    host = c.adapter.in_dtype(c, _, dtype)
+    assert host.compute_dtype == dtype
+    params = host.tunable_parameters("unet")
+    lora = LoraSet({n: params[n] for n in target_weights(params, "attention")}, 4, 4.0, device=host.device, seed=3)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, a in lora.adapters.items():
+            a.up.copy_(torch.randn(a.up.shape, generator=g))
+            a.up.mul_(1e-4 * params[n].float().norm() / a.delta().norm())
+    with c.adapter.node(), host.training():
+        x0, noise, sigma, _ = _probe(host)
+        x = x0 + noise * sigma.view(-1, 1, 1, 1)
+        with torch.no_grad():
+            plain = _denoise(host, PROMPTS, x, sigma)
+        with host.module_branches(lora.branches()):
+            moved = _denoise(host, PROMPTS, x, sigma)
+            objective.native_error(host, moved, x0, sigma).mean().backward()
+    assert not torch.equal(moved.detach(), plain)
+    for p in lora.parameters():
+        assert p.dtype == torch.float32 and p.grad is not None and bool(torch.isfinite(p.grad).all())
+    assert any(float(p.grad.abs().sum()) > 0 for p in lora.parameters())

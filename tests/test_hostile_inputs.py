@@ -57,6 +57,7 @@ def _base(command, model, imgs, out):
 
 
 OPTION_CASES = [
+    ("ti", ["--memory-budget", "-1"], r"memory budget must be 0 .* got -1"),
     ("ti", ["--steps", "0"], r"steps must be at least 1, got 0"),
     ("ti", ["--steps", "-1"], r"steps must be at least 1, got -1"),
     ("ti", ["--lr", "0"], r"learning rate must be in \(0, 1\], got 0"),
@@ -190,6 +191,14 @@ def test_a_run_failure_is_one_line_and_claims_no_save(tiny_folder, tmp_path, cap
     assert rc == 1 and re.search(match, err) and "Traceback" not in err
     assert "nothing was saved by this run" in err and "saved to" not in err
     assert not (out / "sks-hostile.safetensors").exists()
+
+
+@pytest.mark.parametrize("command", ["ti", "dreambooth"])
+def test_a_run_too_big_for_its_memory_budget_is_refused_before_training(tiny_folder, tmp_path, capsys, command):
+    out = tmp_path / "out"
+    rc = cli.main(_base(command, tiny_folder, _images(tmp_path / "imgs"), out) + ["--memory-budget", "0.000001"])
+    err = _refused(capsys, rc, r"needs about .* GB even with every memory saving on.*lower the batch size", out)
+    assert "saved to" not in err
 
 
 def test_a_rank_above_a_layers_width_keeps_the_asked_scale(tiny_folder, tmp_path):

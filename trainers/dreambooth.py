@@ -34,7 +34,7 @@ import torch
 
 from . import data as D
 from . import best_step as BS
-from . import loop, objective
+from . import loop, objective, preflight
 from .formats import embedding, kohya_lora
 from .formats.files import check_paths_writable, safe_path, validate_name
 from .formats.layer_names import normalize_layer_name
@@ -75,7 +75,8 @@ class DreamBoothConfig:
     noise_offset: float = 0.0
     optimizer: str = "adamw"  # adamw | adafactor
     max_grad_norm: float = 1.0
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # the memory preflight may also turn it on (trainers/preflight.py)
+    memory_budget_gb: float = 0.0  # 0: the device's free memory (CUDA)
     seed: int = 0
     # data
     resolution: int | None = None
@@ -120,6 +121,7 @@ class DreamBoothResult:
     class_images: int = 0
     preview: torch.Tensor | None = None
     data_summary: str = ""
+    notes: list[str] = field(default_factory=list)  # settings the run changed on its own (memory)
     #: the evaluation (best step) of the run, None when ``eval_every`` was 0; its ``state`` holds
     #: the best snapshot's ``lora_layers`` / ``deltas`` / ``vectors``
     evaluation: BS.Outcome | None = None
@@ -174,6 +176,8 @@ def _check_config(cfg: DreamBoothConfig) -> list[str]:
     p += BS.check_plan(cfg.eval_every, cfg.eval_steps)
     if cfg.extract_rank < 0:
         p.append(f"extract rank must be 0 (off) or positive, got {cfg.extract_rank}")
+    if not cfg.memory_budget_gb >= 0:
+        p.append(f"memory budget must be 0 (the device's free memory) or a size in GB, got {cfg.memory_budget_gb}")
     if cfg.mode == "pivotal":
         if not cfg.token:
             p.append("pivotal tuning needs the new word (token) it learns vectors for")
@@ -435,11 +439,15 @@ class _Trainables:
         return name.startswith(("unet.", "diffusion_model."))
 
     def patches(self) -> dict:
+        """Full fine-tune: the weight plus its fp32 delta, summed in fp32 and rounded once (a host
+        that keeps a full-precision weight passes that one, so the sum is exact before the cast)."""
+        return {n: (lambda w, _d=d: (w.float() + _d).to(w.dtype)) for n, d in self.deltas.items()}
+
+    def branches(self) -> dict:
+        """LoRA (and pivotal tuning's LoRA): branches on the activations, never merged weights."""
         fns = {}
         for ls in self.loras.values():
-            fns.update(ls.patches())
-        for n, d in self.deltas.items():
-            fns[n] = lambda w, _d=d: w + _d.to(w.dtype)
+            fns.update(ls.branches())
         return fns
 
     def lora_layers(self) -> dict:
@@ -521,6 +529,26 @@ def _loader_maps(name: str, family: str, layout, naming) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def _trained(host: Host, tr: _Trainables):
+    """The network as the method trains it (what the step, the preflight and previews run in):
+    full fine-tune deltas as parameter patches, LoRA as branches on the activations."""
+    with host.parameter_patches(tr.patches()), host.module_branches(tr.branches()):
+        yield
+
+
+def _preflight(host: Host, cfg: DreamBoothConfig, plan: _Plan, tr: _Trainables) -> preflight.Choice:
+    """Will the run fit?  Measured with the mode's own step (patched network, the prior's doubled
+    batch) before class images are sampled or any latent is encoded."""
+    batch = cfg.batch_size * (2 if plan.prior else 1)
+    token = cfg.token if tr.vectors is not None else None
+    step = preflight.denoising_step(host, cfg.instance_prompt, batch, token, tr.vectors)
+    hw = (plan.crop_hw[0] // host.latent_scale, plan.crop_hw[1] // host.latent_scale)
+    numel = sum(p.numel() for g in tr.groups() for p in g["params"])
+    with _trained(host, tr):
+        return preflight.plan(host, step, target_hw=hw, trainable_numel=numel, optimizer=cfg.optimizer,
+                              checkpointing=cfg.gradient_checkpointing, budget_gb=cfg.memory_budget_gb,
+                              what_to_lower="the batch size or the resolution, or use mode lora instead of full")
 def _eval_plan(cfg: DreamBoothConfig) -> BS.Plan:
     word, noun = BS.identifier(cfg.instance_prompt, cfg.class_prompt)
     prompts = BS.fill(BS.parse_prompts(cfg.eval_prompts, "instance"), cfg.instance_prompt)
@@ -558,6 +586,8 @@ def train_dreambooth(host: Host, images: D.TrainingImages, cfg: DreamBoothConfig
     step is kept (``encoders`` score it; ``on_point`` sees every evaluation) and written as
     ``<name>.best.*``."""
     plan = prepare(host, images, cfg, class_images, encoders)
+    tr = _Trainables(host, cfg, plan.init_text)
+    memory = _preflight(host, cfg, plan, tr)
     inst = D.LatentCache(host, plan.images, crop_hw=plan.crop_hw, flip=cfg.flip, random_crop=cfg.random_crop)
     prior, n_class = None, 0
     if plan.prior:
@@ -570,7 +600,6 @@ def train_dreambooth(host: Host, images: D.TrainingImages, cfg: DreamBoothConfig
             prior = D.LatentCache.from_latents(lat, host.latent_scale)
         n_class = len(prior)
     prompts = [c if c is not None else cfg.instance_prompt for c in plan.captions]
-    tr = _Trainables(host, cfg, plan.init_text)
     method = DreamBooth(host, cfg, inst, prompts, prior, tr.groups(), tr.vectors)
     saver = _Saver(host, cfg, plan, tr, _metadata(cfg, host, len(images), n_class))
     last_preview: list[torch.Tensor] = []
@@ -585,9 +614,9 @@ def train_dreambooth(host: Host, images: D.TrainingImages, cfg: DreamBoothConfig
     lcfg = loop.LoopConfig(steps=cfg.steps, learning_rate=cfg.learning_rate, save_every=cfg.save_every,
                            preview_every=cfg.preview_every, optimizer=cfg.optimizer,
                            max_grad_norm=cfg.max_grad_norm, snapshot=cfg.mode != "full", eval_every=cfg.eval_every)
-    ckpt = host.gradient_checkpointing() if cfg.gradient_checkpointing else contextlib.nullcontext()
+    ckpt = host.gradient_checkpointing() if memory.checkpointing else contextlib.nullcontext()
     best = _evaluation(host, cfg, plan, tr, encoders, on_point)
-    with host.parameter_patches(tr.patches()), ckpt:
+    with _trained(host, tr), ckpt:
         res = loop.run(method, lcfg, device=host.device, compute_dtype=host.compute_dtype, save=saver,
                        progress=progress, preview=preview if cfg.preview_every else None, evaluate=best)
     evaluation = _finish_best(best, host, cfg, plan, tr, saver.meta)
@@ -597,6 +626,7 @@ def train_dreambooth(host: Host, images: D.TrainingImages, cfg: DreamBoothConfig
         deltas=tr.delta_tensors() if cfg.mode == "full" else {}, vectors=tr.vector_tensors(),
         class_images=n_class, preview=last_preview[0] if last_preview else None, data_summary=images.summary(),
         evaluation=evaluation,
+        notes=[memory.note] if memory.note else [],
     )
 
 

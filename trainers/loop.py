@@ -201,8 +201,9 @@ class _Run:
             raise TypeError("trainable tensors must be fp32 (optimizer state follows their dtype)")
         self.method, self.cfg, self.device, self.compute_dtype = method, cfg, device, compute_dtype
         self.opt = _make_optimizer(groups, cfg)
-        use_scaler = device.type == "cuda" and compute_dtype == torch.float16
-        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+        # fp16 on the CPU too (a CPU host loaded in fp16): its gradients underflow the same way
+        use_scaler = device.type in ("cuda", "cpu") and compute_dtype == torch.float16
+        self.scaler = torch.amp.GradScaler(device.type) if use_scaler else None
         self.snap = _Snapshot(self.params) if cfg.snapshot else None
         self.result = LoopResult()
         self.bad_run = 0

@@ -1,9 +1,13 @@
-"""LoRA adapters trained through a host's parameter patches (``seam.Tunable``).
+"""LoRA adapters trained as branches on a host's layers (``seam.Tunable.module_branches``).
 
-A layer with weight ``W`` computes with ``W + (alpha / r) · up @ down`` (Hu et al. 2021, eq. 3,
-with kohya's alpha scaling; conv factors flattened as every loader rebuilds them), so what we
-train is exactly what ComfyUI, A1111/Forge and diffusers compute when they load the file.  The
-factors are fp32 tensors of our own; the host's weights are never written.
+A layer with weight ``W`` computes ``W x + (alpha / r) · up(down(x))`` (Hu et al. 2021, eq. 3,
+with kohya's alpha scaling): the same function as the merged weight ``W + (alpha / r) · up @ down``
+(conv factors flattened as every loader rebuilds them), so what we train is exactly what ComfyUI,
+A1111/Forge and diffusers compute when they load the file.  It is trained as a branch, not merged,
+because a merged change below half a bf16/fp16 step of ``W`` rounds away (a 1e-4 relative change is
+lost in every element of a bf16 weight); the branch's own output is not rounded against ``W``.  The
+factors are fp32 masters of our own, cast to the compute dtype inside the branch; the host's
+weights are never written.
 
 Targets (which layers get an adapter), by preset - names are matched on the module path's tail,
 which is the same in diffusers and LDM naming inside a transformer block:
@@ -24,6 +28,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 import torch
+import torch.nn.functional as F
 
 from .formats.kohya_lora import weight_delta
 
@@ -75,9 +80,19 @@ class LoraAdapter:
         # the delta is computed in fp32 and enters in the weight's dtype: what a loader does
         return w + self.delta().to(w.dtype)
 
+    def branch(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``y + (alpha / r) · up(down(x))`` in ``y``'s dtype (the layer's compute dtype); ``x``
+        is the layer's input (``[..., in]`` for a Linear, ``[B, in, h, w]`` for a 1x1 conv)."""
+        down, up, x = self.down.to(y.dtype), self.up.to(y.dtype), x.to(y.dtype)
+        if down.ndim == 4:
+            h = F.conv2d(F.conv2d(x, down), up)
+        else:
+            h = F.linear(F.linear(x, down), up)
+        return y + h * (self.alpha / self.rank)
+
 
 class LoraSet:
-    """Adapters for a set of a host's weights; ``patches()`` feeds ``host.parameter_patches``."""
+    """Adapters for a set of a host's weights; ``branches()`` feeds ``host.module_branches``."""
 
     def __init__(self, weights: dict[str, torch.Tensor], rank: int, alpha: float, *,
                  device: torch.device, seed: int = 0):
@@ -115,7 +130,13 @@ class LoraSet:
         return [t for a in self.adapters.values() for t in (a.down, a.up)]
 
     def patches(self) -> dict:
+        """Merged-weight patches for ``host.parameter_patches`` (what a loader computes; used to
+        check results, not to train: a small change rounds away in a bf16 weight)."""
         return {name: a.patch for name, a in self.adapters.items()}
+
+    def branches(self) -> dict:
+        """Branches for ``host.module_branches``: how the adapters train."""
+        return {name: a.branch for name, a in self.adapters.items()}
 
     def layers(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
         """``{module name: (down, up, alpha)}`` on the CPU, fp32 - what ``kohya_lora.save_lora``

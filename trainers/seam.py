@@ -176,7 +176,9 @@ class Tunable(Host, Protocol):
 
     def parameter_patches(self, fns: dict[str, Any]) -> Any:
         """Context manager: while active, every forward that reads parameter ``name`` uses
-        ``fns[name](p)`` instead (``p`` in the compute dtype; the result must keep its shape).
+        ``fns[name](p)`` instead (``p`` in the compute dtype, or the weight as loaded, in fp32, when
+        the compute copy lost precision - the host then casts the result once; the result must keep
+        its shape).
         Gradients flow through ``fns`` to whatever tensors they close over."""
 
     def unet_layout(self) -> Any:

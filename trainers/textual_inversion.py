@@ -10,8 +10,9 @@ dense 49408-row gradient or optimizer state (algorithms.md §1.7) and no weight 
 """
 from __future__ import annotations
 
+import contextlib
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -20,7 +21,7 @@ import torch
 
 from . import data as D
 from . import best_step as BS
-from . import loop, objective
+from . import loop, objective, preflight
 from .formats import embedding
 from .formats.files import validate_name
 from .preview import render_preview
@@ -53,6 +54,7 @@ class TIConfig:
     eval_every: int = 0
     eval_prompts: str = ""  # one per line, {} = the new word; "": the template kind's defaults
     eval_steps: int = 20  # sampling steps of each evaluation image (Euler, cfg preview_cfg)
+    memory_budget_gb: float = 0.0  # 0: the device's free memory (CUDA); see trainers/preflight.py
 
 
 @dataclass
@@ -66,6 +68,7 @@ class TIResult:
     preview: torch.Tensor | None = None
     data_summary: str = ""
     template_kind: str = ""
+    notes: list[str] = field(default_factory=list)  # settings the run changed on its own (memory)
     #: the evaluation (best step), None when ``eval_every`` was 0; ``state["vectors"]`` is the
     #: best snapshot's embedding
     evaluation: BS.Outcome | None = None
@@ -91,6 +94,8 @@ def check_config(cfg: TIConfig) -> None:
     if cfg.save_every < 0 or cfg.preview_every < 0:
         problems.append("save/preview intervals must be 0 (off) or positive")
     problems += BS.check_plan(cfg.eval_every, cfg.eval_steps)
+    if not cfg.memory_budget_gb >= 0:
+        problems.append(f"memory budget must be 0 (the device's free memory) or a size in GB, got {cfg.memory_budget_gb}")
     if problems:
         raise ValueError("; ".join(problems))
 
@@ -160,6 +165,14 @@ def _evaluation(host: Host, cfg: TIConfig, method: TextualInversion, kind: str, 
     plan = BS.Plan(cfg.eval_every, prompts, cfg.eval_steps, cfg.preview_cfg, cfg.seed, method.name, init_text)
     sample = BS.host_sampler(host, method.name, method.vectors, crop_hw, cfg.eval_steps, cfg.preview_cfg)
     return BS.start(plan, encoders, planned, sample, method.parameters(), on_point)
+def _preflight(host: Host, name: str, vectors: dict, cfg: TIConfig, crop_hw) -> preflight.Choice:
+    """Will the run fit?  Measured with the run's own step on throw-away copies of the vectors."""
+    trial = {k: v.detach().to(host.device, torch.float32).requires_grad_() for k, v in vectors.items()}
+    step = preflight.denoising_step(host, f"a photo of {name}", cfg.batch_size, name, trial)
+    hw = (crop_hw[0] // host.latent_scale, crop_hw[1] // host.latent_scale)
+    return preflight.plan(host, step, target_hw=hw, trainable_numel=sum(v.numel() for v in trial.values()),
+                          optimizer="adamw", checkpointing=False, budget_gb=cfg.memory_budget_gb,
+                          what_to_lower="the batch size or the resolution")
 
 
 def train_textual_inversion(host: Host, images: D.TrainingImages, cfg: TIConfig,
@@ -171,8 +184,9 @@ def train_textual_inversion(host: Host, images: D.TrainingImages, cfg: TIConfig,
     name, kind, captions, planned, init_text = prepare(host, images, cfg, encoders)
     crop = min(min(im.shape[:2]) for im in planned) if cfg.resolution else None
     crop_hw = (crop, crop) if crop else tuple(planned[0].shape[:2])
-    cache = D.LatentCache(host, planned, crop_hw=crop_hw, flip=cfg.flip, random_crop=cfg.random_crop)
     vectors = initial_vectors(host, init_text, cfg.num_vectors)
+    memory = _preflight(host, name, vectors, cfg, crop_hw)
+    cache = D.LatentCache(host, planned, crop_hw=crop_hw, flip=cfg.flip, random_crop=cfg.random_crop)
     method = TextualInversion(host, cache, kind, captions, name, vectors, cfg.batch_size, cfg.seed)
     meta = _metadata(cfg, init_text, kind)
     widths = {e.key: e.width for e in host.text_encoders()}
@@ -198,8 +212,10 @@ def train_textual_inversion(host: Host, images: D.TrainingImages, cfg: TIConfig,
     lcfg = loop.LoopConfig(steps=cfg.steps, learning_rate=cfg.learning_rate, save_every=cfg.save_every,
                            preview_every=cfg.preview_every, eval_every=cfg.eval_every)
     best = _evaluation(host, cfg, method, kind, init_text, planned, crop_hw, encoders, on_point)
-    res = loop.run(method, lcfg, device=host.device, compute_dtype=host.compute_dtype, save=save,
-                   progress=progress, preview=preview if cfg.preview_every else None, evaluate=best)
+    ckpt = host.gradient_checkpointing() if memory.checkpointing else contextlib.nullcontext()
+    with ckpt:
+        res = loop.run(method, lcfg, device=host.device, compute_dtype=host.compute_dtype, save=save,
+                       progress=progress, preview=preview if cfg.preview_every else None, evaluate=best)
 
     def write_best(step: int) -> list[Path]:
         vecs = {k: v.detach().float().cpu() for k, v in method.vectors.items()}
@@ -214,6 +230,7 @@ def train_textual_inversion(host: Host, images: D.TrainingImages, cfg: TIConfig,
         losses=res.losses, steps_done=res.steps_done, skipped_steps=res.skipped_steps, seconds=res.seconds,
         preview=last_preview[0] if last_preview else None, data_summary=images.summary(), template_kind=kind,
         evaluation=evaluation,
+        notes=[memory.note] if memory.note else [],
     )
 
 

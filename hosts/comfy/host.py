@@ -370,6 +370,45 @@ class ComfyHost:
             for k in fns:
                 self._patches.pop(k, None)
 
+    # ---- module_branches (seam.Tunable): LoRA as a branch on the activations ----------------
+    @contextlib.contextmanager
+    def module_branches(self, fns: dict):
+        """Forward hooks on ComfyUI's own layers (``comfy.ops`` Linear / 1x1 Conv2d, which cast
+        their weights per call; the hook sees the layer's input and its finished output).  The
+        modules are shared with every other clone of the user's MODEL/CLIP, so the hooks exist
+        only while the block runs and are removed in ``finally``; every name is checked first."""
+        layers = {name: self._branch_layer(name) for name in fns}
+        handles = []
+        try:
+            for name, layer in layers.items():
+                handles.append(layer.register_forward_hook(self._branch_hook(fns[name])))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    @staticmethod
+    def _branch_hook(fn):
+        def hook(_module, args, out):
+            return fn(args[0], out)
+        return hook
+
+    def _branch_layer(self, name: str) -> torch.nn.Module:
+        prefixes = {"unet": self.naming.unet_prefix, **self.naming.encoder_prefixes}
+        part = next((k for k, p in prefixes.items() if name.startswith(p)), None)
+        layer = None
+        if part is not None and name.endswith(".weight"):
+            root, _ = self._part_root(part)
+            try:
+                layer = root.get_submodule(name[: -len(".weight")])
+            except AttributeError:
+                layer = None
+        linear = isinstance(layer, torch.nn.Linear)
+        conv1 = isinstance(layer, torch.nn.Conv2d) and tuple(layer.kernel_size) == (1, 1)
+        if not (linear or conv1) or not hasattr(layer, "weight_function"):
+            raise ValueError(f"cannot branch {name!r}: not the weight of a Linear or 1x1 conv layer of this model")
+        return layer
+
     def unet_layout(self):
         return unet_layout_of(self._model.model.model_config.unet_config)
 

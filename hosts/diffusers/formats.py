@@ -31,14 +31,16 @@ def lora_weight_deltas(state_dict: dict[str, torch.Tensor], *, family: str, layo
     return {name: weight_delta(*layer) for name, layer in layers.items()}
 
 
-def write_checkpoint(path: Path, parts: dict, replace: dict[str, torch.Tensor], dtype: torch.dtype,
+def write_checkpoint(path: Path, parts: dict, replace: dict[str, torch.Tensor], dtype: torch.dtype | None,
                      metadata: dict | None) -> Path:
     """``parts`` (unet, vae, text_encoders, family) with the ``replace`` tensors swapped in, as one
-    ``dtype`` safetensors file in the original layout, written to a temp name and renamed."""
+    safetensors file in the original layout, written to a temp name and renamed.  ``dtype``: every
+    floating tensor in it, or None to keep each tensor's own."""
     import safetensors.torch
 
     sd = to_ldm_state_dict(parts, replace)
-    sd = {k: (v.to(dtype) if v.is_floating_point() else v).cpu().contiguous() for k, v in sd.items()}
+    sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).cpu().contiguous()
+          for k, v in sd.items()}
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     data = safetensors.torch.save(sd, metadata=meta)
     path = Path(path)

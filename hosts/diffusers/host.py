@@ -74,14 +74,53 @@ _TUNABLE_MODULES = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.GroupNorm, torch.
 
 
 class _Patch(torch.nn.Module):
-    """A parametrization that computes ``fn(original)``."""
+    """A parametrization that computes ``fn(original)``, or ``fn(master)`` from the weight's
+    full-precision stored copy when the computing copy lost precision (then the result is cast
+    once to the compute dtype: a small fp32 delta added to the master is not rounded twice)."""
 
-    def __init__(self, fn):
+    def __init__(self, fn, master: torch.Tensor | None = None):
         super().__init__()
-        self.fn = fn
+        self.fn, self.master = fn, master
 
     def forward(self, original: torch.Tensor) -> torch.Tensor:
-        return self.fn(original)
+        if self.master is None:
+            return self.fn(original)
+        return self.fn(self.master.float()).to(original.dtype)
+
+
+def _lost_in_cast(before: dict[str, torch.Tensor], module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors of ``before`` (a module's state dict before its cast to the compute dtype)
+    that the cast changed the dtype of: the weights as loaded, which a fine-tune starts from and
+    an export writes back in their own dtype.  Kept by reference; a module whose dtype did not
+    change keeps nothing."""
+    after = module.state_dict()
+    return {k: v for k, v in before.items()
+            if k in after and v.is_floating_point() and v.dtype != after[k].dtype}
+
+
+class _Stored:
+    """A module seen through its full-precision stored tensors (``ldm_export`` reads ``config``
+    and ``state_dict()``): what a checkpoint export starts from."""
+
+    def __init__(self, module: torch.nn.Module, source: dict[str, torch.Tensor]):
+        self.config, self._module, self._source = module.config, module, source
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: self._source.get(k, v) for k, v in self._module.state_dict().items()}
+
+
+def _branchable(module: torch.nn.Module) -> bool:
+    """A layer whose output a LoRA-style branch can extend: Linear, or a 1x1 conv."""
+    if isinstance(module, torch.nn.Linear):
+        return True
+    return isinstance(module, torch.nn.Conv2d) and tuple(module.kernel_size) == (1, 1)
+
+
+def _branch_hook(fn):
+    """A forward hook returning ``fn(input, output)``: the layer's output through the branch."""
+    def hook(_module, args, out):
+        return fn(args[0], out)
+    return hook
 
 
 class DiffusersHost:
@@ -106,9 +145,13 @@ class DiffusersHost:
             raise ValueError("SDXL's second text encoder must be a CLIPTextModelWithProjection (pooled output)")
         self.device, self.compute_dtype = torch.device(device), dtype
         self.family, self.prediction, self._encoders = family, prediction, spec.encoders
+        given = {"unet": unet, "vae": vae, **{e.component: te for e, te in zip(spec.encoders, text_encoders)}}
+        before = {k: m.state_dict() for k, m in given.items()}  # the weights as loaded (references)
         self.unet = self._freeze(unet, dtype)
         self.vae = self._freeze(vae, self._vae_dtype(vae, dtype))
         self.text_encoder_modules = [self._freeze(te, dtype) for te in text_encoders]
+        #: per component, the loaded tensors whose compute copy has another dtype (bf16 from fp16)
+        self._source = {k: _lost_in_cast(before[k], m) for k, m in given.items()}
         self.tokenizers = list(tokenizers)
         self.latent_channels = int(unet.config.in_channels)
         self.latent_scale = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -385,12 +428,32 @@ class DiffusersHost:
         done = []
         try:
             for name, (module, pname) in owners.items():
-                parametrize.register_parametrization(module, pname, _Patch(fns[name]), unsafe=True)
+                master = self._master(name)
+                master = master.to(self.device) if master is not None else None
+                parametrize.register_parametrization(module, pname, _Patch(fns[name], master), unsafe=True)
                 done.append((module, pname))
             yield
         finally:
             for module, pname in reversed(done):
                 parametrize.remove_parametrizations(module, pname, leave_parametrized=False)
+
+    @contextlib.contextmanager
+    def module_branches(self, fns: dict):
+        """Each branch is a forward hook on the layer owning the weight (a Linear or a 1x1 conv)
+        whose result replaces the layer's output; every name is checked before any hook is added,
+        and the hooks are removed in ``finally``, so the modules are exactly as before afterwards."""
+        owners = self._owners(fns)
+        for name, (module, pname) in owners.items():
+            if pname != "weight" or not _branchable(module):
+                raise ValueError(f"cannot branch {name!r}: only the weight of a Linear or 1x1 conv layer")
+        handles = []
+        try:
+            for name, (module, _) in owners.items():
+                handles.append(module.register_forward_hook(_branch_hook(fns[name])))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
 
     def _owners(self, names) -> dict[str, tuple[torch.nn.Module, str]]:
         roots = {prefix: root for prefix, root in self._parts().values()}
@@ -405,6 +468,12 @@ class DiffusersHost:
                 raise ValueError(f"cannot patch {name!r}: no such parameter")
             out[name] = (module, pname)
         return out
+
+    def _master(self, name: str) -> torch.Tensor | None:
+        """Parameter ``name`` as loaded when its compute copy has another dtype, else None (the
+        compute copy is the weight)."""
+        prefix, _, rest = name.partition(".")
+        return self._source.get(prefix, {}).get(rest)
 
     def unet_layout(self):
         return formats.unet_layout(self.unet.config)
@@ -422,12 +491,18 @@ class DiffusersHost:
     # -- results (seam.Exportable) -----------------------------------------------------------
 
     def _merged(self, deltas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``{name: weight + delta}`` in fp32 for each delta (names as ``tunable_parameters``)."""
+        """``{name: weight + delta}`` for each delta (names as ``tunable_parameters``), summed in
+        fp32 from the full-precision weight and rounded once to the dtype it was loaded in."""
         params = self._all_tunable()
         unknown = sorted(set(deltas) - set(params))
         if unknown:
             raise ValueError(f"deltas for parameters this model does not have: {unknown[:3]}")
-        return {n: params[n].float() + d.to(params[n].device).float() for n, d in deltas.items()}
+        out = {}
+        for n, d in deltas.items():
+            w = self._master(n)
+            w = params[n] if w is None else w
+            out[n] = (w.float() + d.to(w.device).float()).to(w.dtype)
+        return out
 
     def with_deltas(self, deltas: dict[str, torch.Tensor]) -> "DiffusersHost":
         """A new host over copies of the modules ``deltas`` change, with them added (in fp32, then
@@ -440,9 +515,13 @@ class DiffusersHost:
         new.unet = copy.deepcopy(self.unet) if "unet" in touched else self.unet
         new.text_encoder_modules = [copy.deepcopy(te) if e.component in touched else te
                                     for e, te in zip(self._encoders, self.text_encoder_modules)]
+        new._source = {k: dict(v) for k, v in self._source.items()}
         with torch.no_grad():
             for name, (module, pname) in new._owners(merged).items():
                 getattr(module, pname).copy_(merged[name])
+                prefix, _, rest = name.partition(".")
+                if rest in new._source.get(prefix, {}):  # the new full-precision weight
+                    new._source[prefix][rest] = merged[name]
         return new
 
     def with_lora(self, lora_state_dict: dict[str, torch.Tensor], strength_model: float = 1.0,
@@ -461,12 +540,16 @@ class DiffusersHost:
     def save_checkpoint(self, path: str | os.PathLike, deltas: dict[str, torch.Tensor],
                         metadata: dict[str, str] | None = None) -> Path:
         """The model with ``deltas`` added (names as ``tunable_parameters``), as one single-file
-        checkpoint in the original layout (``hosts/ldm_export``), written atomically.  fp16 when
-        the model computes in half precision, else fp32 (exact)."""
-        half = self.compute_dtype in (torch.float16, torch.bfloat16)
-        parts = dict(unet=self.unet, vae=self.vae, text_encoders=self.text_encoder_modules, family=self.family)
-        return formats.write_checkpoint(Path(path), parts, self._merged(deltas),
-                                        torch.float16 if half else torch.float32, metadata)
+        checkpoint in the original layout (``hosts/ldm_export``), written atomically.  Every
+        tensor is written from the weights as loaded, in the precision it was loaded in (not the
+        compute copy): a weight no delta changes is written back bit-identical, a changed one is
+        the fp32 sum rounded once."""
+        def stored(component: str, module):
+            return _Stored(module, self._source.get(component, {}))
+
+        parts = dict(unet=stored("unet", self.unet), vae=stored("vae", self.vae), family=self.family,
+                     text_encoders=[stored(e.component, te) for e, te in zip(self._encoders, self.text_encoder_modules)])
+        return formats.write_checkpoint(Path(path), parts, self._merged(deltas), None, metadata)
 
 
 __all__ = ["DiffusersHost", "pick_compute_dtype", "default_device", "PLACEHOLDER_ADVICE"]
