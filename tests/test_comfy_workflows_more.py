@@ -185,38 +185,6 @@ def test_dreambooth_lora_with_class_images_from_the_sampler(server):
     assert not matching_lines(log, LORA_WARNING), log
 
 
-def test_train_and_evaluate_keeps_the_best_lora_and_samples_with_it(server):
-    """Best step through the server: eval_every with Load CLIP Vision, the curves saved, the best
-    snapshot written as <name>.best.safetensors and carried by the MODEL the KSampler uses, the
-    evaluations kept by the live chart's route."""
-    p = _api(server, "train_and_evaluate")
-    tr = find_node(p, "LikenessTrainDreamBoothLoRA")
-    t = p[tr]["inputs"]
-    assert t["eval_every"] == 50 and t["output"] == "best" and t["eval_prompts"] == ""
-    cv = t["clip_vision"][0]
-    assert p[cv]["class_type"] == "CLIPVisionLoader"
-    p[cv]["inputs"]["clip_name"] = TINY_CV
-    final = find_node(p, "KSampler")
-    assert p[final]["inputs"]["model"] == [tr, 0]
-    curves = find_node(p, "SaveImage", lambda n: n["inputs"]["images"] == [tr, 5])
-    picture = find_node(p, "SaveImage", lambda n: n["inputs"]["images"] != [tr, 5])
-    _make_sampling_tiny(p, final)
-    t.update(steps=2, eval_every=1, preview_every=0, eval_prompts="{}\n{}, at night")  # two evaluations, 2 prompts
-    entry, log, seconds = _run(server, p)
-    print(f"\ntrain_and_evaluate: {seconds:.1f} s")
-    loras = server.base / "models" / "loras"
-    assert (loras / "likeness_best.safetensors").is_file() and (loras / "likeness_best.best.safetensors").is_file()
-    text = entry["outputs"][tr]["text"][0]
-    assert "best step" in text and "evaluations took" in text and "outputs: the best snapshot" in text, text
-    _saved_image(server, entry, curves)
-    _saved_image(server, entry, picture)
-    run = server.get(f"/likeness/progress/{tr}")
-    assert [m["step"] for m in run["metrics"]] == [1, 2] and all(m["CLIP-I"] is not None for m in run["metrics"])
-    # the best file loads through Load LoRA in a later workflow, every key used
-    log, _ = _use_later(server, "a photo of sks dog", lora="likeness_best.best.safetensors")
-    assert not matching_lines(log, LORA_WARNING), log
-
-
 def test_dreambooth_full_samples_its_own_class_images(server):
     p = _api(server, "dreambooth_full")
     tr = find_node(p, "LikenessTrainDreamBoothFull")
