@@ -58,6 +58,27 @@ def _model_args(p, what: str) -> None:
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
     p.add_argument("--prediction", default="auto", choices=["auto", "eps", "v"],
                    help="single-file SD2 checkpoints: eps (512-base) or v (768); auto = v for SD2")
+    from .trainers.compile import MODES as COMPILE_MODES
+
+    p.add_argument("--compile", default="off", choices=COMPILE_MODES,
+                   help="torch.compile the denoiser step (CUDA): default, or max = also CUDA graphs; the "
+                        "warm-up is reported apart from s/step, and a failure to compile runs eagerly")
+
+
+def _compiled(args, target):
+    """``trainers.compile.compiled_step`` for ``--compile``; prints what it did when the run ends."""
+    import contextlib
+
+    from .trainers.compile import compiled_step
+
+    @contextlib.contextmanager
+    def run():
+        with compiled_step(target, args.compile) as state:
+            yield state
+        if args.compile != "off":
+            print(state.summary(), flush=True)
+
+    return run()
 
 
 def _eval_args(p, subject: str) -> None:
@@ -164,8 +185,9 @@ def _run_ti(args) -> int:
     host = DiffusersHost.load(args.model, device=args.device, prediction=args.prediction)
     print(images.summary(), flush=True)  # the trainer runs every remaining check before any work
     preview_path = Path(args.out) / f"{cfg.name}.preview.png"
-    res = train_textual_inversion(host, images, cfg, progress=_Printer(preview_path if args.preview_every else None),
-                                  encoders=_encoders(args, host), on_point=_print_point)
+    with _compiled(args, host):
+        res = train_textual_inversion(host, images, cfg, progress=_Printer(preview_path if args.preview_every else None),
+                                      encoders=_encoders(args, host), on_point=_print_point)
     _print_done(res)
     for f in res.files:
         print(f"wrote {f}")
@@ -266,10 +288,11 @@ def _run_dreambooth(args) -> int:
         print(f"class images {done}/{total}", flush=True)
 
     preview_path = out / f"{cfg.name}.preview.png"
-    res = train_dreambooth(host, images, cfg, class_images=class_images,
-                           progress=_Printer(preview_path if args.preview_every else None),
-                           class_progress=class_progress, encoders=_encoders(args, host),
-                           on_point=_print_point)
+    with _compiled(args, host):
+        res = train_dreambooth(host, images, cfg, class_images=class_images,
+                               progress=_Printer(preview_path if args.preview_every else None),
+                               class_progress=class_progress, encoders=_encoders(args, host),
+                               on_point=_print_point)
     _print_done(res)
     for f in res.files:
         print(f"wrote {f}")
@@ -362,8 +385,10 @@ def _run_seedselect(args) -> int:
     host = DiffusersHost.load(args.model, device=args.device, prediction=args.prediction)
     vision = load_clip_vision(args.clip_vision, device=host.device)
     print(images.summary(), flush=True)
-    res = train_seedselect(SeamSeedModel(host, args.prompt, args.negative), vision, refs, cfg,
-                           progress=_Printer(Path(args.out) / f"{args.name}.preview.png"))
+    seed_model = SeamSeedModel(host, args.prompt, args.negative)
+    with _compiled(args, seed_model):
+        res = train_seedselect(seed_model, vision, refs, cfg,
+                               progress=_Printer(Path(args.out) / f"{args.name}.preview.png"))
     entry = B.SeedEntry(noise=res.noise, sigmas=res.sigmas, sampler=res.sampler, cfg=res.cfg, prompt=args.prompt,
                         negative=args.negative, model_name=host.info.name, model_hash=host.info.hash,
                         family=host.info.family, scheduler=args.scheduler, steps=args.steps, width=args.width,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import math
 import os
 import statistics
 import subprocess
@@ -25,6 +24,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 SHARED_BENCH = Path(os.environ.get("LIKENESS_SHARED_BENCH", HERE.parent.parent / "shared" / "bench"))
 
 
@@ -40,54 +40,10 @@ def _import_comfy(comfy_dir: str):
 
 def random_checkpoint(arch: str):
     """A state dict with the real architecture in ComfyUI's checkpoint layout, random weights
-    (scaled like a trained network's so bf16 activations stay finite)."""
-    import torch
-    import comfy.ops
-    import comfy.supported_models as sm
-    from comfy.ldm.models.autoencoder import AutoencoderKL
-    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    (``comfy_env.random_checkpoint``: the one builder of bench/gpu.py and devtools/gpu)."""
+    import comfy_env
 
-    common = dict(use_checkpoint=False, image_size=32, in_channels=4, out_channels=4, model_channels=320,
-                  use_spatial_transformer=True, legacy=False, use_temporal_attention=False,
-                  use_temporal_resblock=False)
-    if arch == "sd15":  # the real SD1.5 UNet (860 M parameters)
-        unet_cfg = dict(common, adm_in_channels=None, num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 2, 4, 4],
-                        transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_output=[1] * 9 + [0] * 3,
-                        transformer_depth_middle=1, use_linear_in_transformer=False, context_dim=768, num_heads=8)
-        model_cfg = sm.SD15(dict(unet_cfg))
-    else:  # the real SDXL base UNet (2.6 G parameters)
-        unet_cfg = dict(common, num_classes="sequential", adm_in_channels=2816, num_res_blocks=[2, 2, 2],
-                        channel_mult=[1, 2, 4], transformer_depth=[0, 0, 2, 2, 10, 10],
-                        transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10], transformer_depth_middle=10,
-                        use_linear_in_transformer=True, context_dim=2048, num_head_channels=64)
-        model_cfg = sm.SDXL(dict(unet_cfg))
-    unet = UNetModel(**dict(model_cfg.unet_config), device="meta", operations=comfy.ops.disable_weight_init)
-    clip = model_cfg.clip_target().clip(device="meta", dtype=torch.float16, model_options={})
-    dd = dict(double_z=True, z_channels=4, resolution=256, in_channels=3, out_ch=3, ch=128, ch_mult=[1, 2, 4, 4],
-              num_res_blocks=2, attn_resolutions=[], dropout=0.0)
-    with torch.device("meta"):
-        vae = AutoencoderKL(ddconfig=dd, embed_dim=4)
-    gen = torch.Generator().manual_seed(0)
-
-    def fill(module):
-        out = {}
-        for k, v in module.state_dict().items():
-            shape = tuple(v.shape)
-            if k.endswith("position_ids"):
-                out[k] = torch.arange(shape[-1]).expand(shape).clone()
-            elif len(shape) <= 1:
-                norm_weight = k.endswith("weight") and ("norm" in k.lower() or "ln" in k.lower())
-                out[k] = (torch.ones if norm_weight or not shape else torch.zeros)(shape).half()
-            else:
-                std = min(0.02, 1 / math.sqrt(max(1, math.prod(shape[1:]))))
-                out[k] = (torch.randn(shape, generator=gen) * std).half()
-        return out
-
-    sd = {}
-    sd.update(model_cfg.process_unet_state_dict_for_saving(fill(unet)))
-    sd.update(model_cfg.process_clip_state_dict_for_saving(fill(clip)))
-    sd.update(model_cfg.process_vae_state_dict_for_saving(fill(vae)))
-    return sd
+    return comfy_env.random_checkpoint(arch)
 
 
 def time_training(arch: str, train, warmup: int) -> dict:

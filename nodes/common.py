@@ -15,8 +15,9 @@ from PIL import Image
 import comfy.model_management
 import comfy.utils
 import folder_paths
-from comfy_api.latest import ui
+from comfy_api.latest import io, ui
 
+from ..trainers.compile import MODES as COMPILE_MODES
 from . import progress as live
 
 TRAINING_CATEGORY = "Likeness/training"
@@ -117,6 +118,19 @@ def count_reporter(node_id):
     return progress
 
 
+def compile_input():
+    """The advanced ``compile`` input every training node shares (``trainers.compile``)."""
+    return io.Combo.Input("compile", options=list(COMPILE_MODES), default="off", advanced=True, optional=True,
+                          tooltip="Compile the denoiser step with torch.compile (CUDA). default: faster steps "
+                          "after a warm-up of a minute or so; max: also CUDA graphs (fastest at one resolution "
+                          "and batch). If compiling fails the run continues unchanged, uncompiled, with a note.")
+
+
+def compile_notes(state) -> tuple[str, ...]:
+    """The result panel's line about compilation (nothing when it was off)."""
+    return () if state.requested == "off" else (state.summary(),)
+
+
 def node_type_of(node_cls) -> str:
     """The node's type as the graph names it (the schema's ``node_id``, e.g. "LikenessSeedSelect")."""
     return node_cls.define_schema().node_id
@@ -143,7 +157,8 @@ def training_report(node_cls, res, headline: str, notes: tuple[str, ...] = ()):
     return preview, {"loss": list(res.losses)}, show
 
 
-__all__ = ["TRAINING_CATEGORY", "PROGRESS_EVENT", "model_folder", "embeddings_dir", "to_pil", "parse_captions",
+__all__ = ["compile_input", "compile_notes",
+           "TRAINING_CATEGORY", "PROGRESS_EVENT", "model_folder", "embeddings_dir", "to_pil", "parse_captions",
            "batch_captions", "send_progress", "progress_reporter", "count_reporter", "node_id_of",
            "node_type_of",
            "training_report"]

@@ -16,12 +16,14 @@ from comfy_api.latest import io
 
 from ..hosts.comfy import ComfyHost
 from ..trainers import data as D
+from ..trainers.compile import compiled_step
 from ..trainers.formats import kohya_lora
 from ..trainers.dreambooth import MODE_DEFAULTS, DreamBoothConfig, train_dreambooth
 from ..trainers.lora import PRESETS
 from ..trainers.loop import OPTIMIZERS
 from . import best_step as NB
-from .common import (TRAINING_CATEGORY, batch_captions, count_reporter, embeddings_dir, model_folder, node_id_of,
+from .common import (TRAINING_CATEGORY, batch_captions, compile_input, compile_notes, count_reporter, embeddings_dir,
+                     model_folder, node_id_of,
                      node_type_of, progress_reporter, training_report)
 
 
@@ -69,6 +71,7 @@ def _common_inputs(mode: str) -> list:
                      "every N steps (0: never)."),
         io.Int.Input("save_every", default=d.save_every, min=0, max=100000, advanced=True, tooltip="Also write "
                      "the file every N steps (it is always written at the end and on Cancel)."),
+        compile_input(),
         io.Boolean.Input("overwrite", default=False, tooltip="Replace existing files of the same name; off: "
                          "refuse to start."),
         io.Image.Input("class_images", optional=True, tooltip="Optional class images for prior preservation "
@@ -99,16 +102,18 @@ def _train(cls, kw: dict, cfg: DreamBoothConfig):
     class_data = D.images_from_batch(kw["class_images"]) if kw.get("class_images") is not None else None
     host = ComfyHost(kw["model"], kw["clip"], kw["vae"])
     node_id = node_id_of(cls)
-    with host.training():
+    with host.training(), compiled_step(host, kw.get("compile", "off")) as compiled:
         progress = progress_reporter(node_id, cfg.steps, node_type_of(cls))
         res = train_dreambooth(host, data, cfg, class_images=class_data, progress=progress,
                                class_progress=count_reporter(node_id), encoders=NB.encoders(kw),
                                on_point=progress.on_point)
+    res.compile_notes = compile_notes(compiled)  # for _report's panel
     return host, res
 
 
 def _report(cls, res, headline: str, which: str = "last"):
     notes = (f"{res.class_images} class images",) if res.class_images else ()
+    notes += getattr(res, "compile_notes", ())
     return training_report(cls, res, headline, notes + NB.notes(res, which))
 
 

@@ -17,8 +17,9 @@ from comfy_api.latest import io, ui
 from ..hosts.comfy import ComfyClipVision, ComfySeedModel, OptimizedNoise
 from ..trainers import diff_sampling as DS
 from ..trainers import seed_bank as B
+from ..trainers.compile import compiled_step
 from ..trainers.seedselect import STARTS, SeedSelectConfig, SeedSelectResult, train_seedselect
-from .common import model_folder, node_id_of, node_type_of, progress_reporter
+from .common import compile_input, compile_notes, model_folder, node_id_of, node_type_of, progress_reporter
 
 CATEGORY = "Likeness/seeds"
 FOLDER = "likeness_seeds"
@@ -115,6 +116,7 @@ class SeedSelect(io.ComfyNode):
                 io.Boolean.Input("overwrite", default=False, tooltip="Replace a saved seed of the same name."),
                 io.Sigmas.Input("sigmas", optional=True, tooltip="A schedule (e.g. from BasicScheduler) instead of "
                                 "scheduler/steps; connect the same SIGMAS to SamplerCustomAdvanced."),
+                compile_input(),
             ],
             outputs=[
                 io.Noise.Output(display_name="noise", tooltip="The optimised noise, for SamplerCustomAdvanced."),
@@ -132,7 +134,7 @@ class SeedSelect(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, vae, clip_vision, references, width, height, sampler, scheduler,
                 steps, cfg, iterations, learning_rate, seed, num_seeds, start, candidates, optimise_without_cfg,
-                target_loss, bootstrap_iterations, save_as, overwrite, sigmas=None) -> io.NodeOutput:
+                target_loss, bootstrap_iterations, save_as, overwrite, sigmas=None, compile="off") -> io.NodeOutput:
         save_name = save_as.strip()
         folder = seeds_dir()
         if save_name:  # name problems and an existing file are reported before any work
@@ -157,7 +159,7 @@ class SeedSelect(io.ComfyNode):
             B.save_seed(folder, save_name or CANCEL_NAME, _entry(partial, model, conf, scheduler, steps, sigmas is not None),
                         overwrite=overwrite or not save_name)
 
-        with torch.inference_mode(False), torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad(), compiled_step(seed_model, compile) as compiled:
             res = train_seedselect(seed_model, vision, refs, conf, progress, on_cancel=on_cancel,
                                    on_point=progress.on_point)
         files = []
@@ -169,6 +171,7 @@ class SeedSelect(io.ComfyNode):
                 f"loss {res.start_loss:.4f} -> {res.best_loss:.4f} (best at iteration {res.best_iteration + 1})"
                 + (f"; target reached at iteration {res.iterations_to_target} ({res.seconds_to_target:.1f} s)"
                    if res.iterations_to_target else "")
+                + "".join(f"; {n}" for n in compile_notes(compiled))
                 + "".join(f"\nsaved {f}" for f in files))
         show = ui.PreviewImage(res.images, cls=cls).as_dict() | ui.PreviewText(text).as_dict()
         return io.NodeOutput(OptimizedNoise(res.noise, seed), {"samples": res.noise.clone()}, {"samples": samples},

@@ -13,9 +13,11 @@ from comfy_api.latest import io
 
 from ..hosts.comfy import ComfyHost
 from ..trainers import data as D
+from ..trainers.compile import compiled_step
 from ..trainers.textual_inversion import TIConfig, train_textual_inversion
 from . import best_step as NB
-from .common import (TRAINING_CATEGORY, batch_captions, embeddings_dir, node_id_of, node_type_of, progress_reporter,
+from .common import (TRAINING_CATEGORY, batch_captions, compile_input, compile_notes, embeddings_dir, node_id_of,
+                     node_type_of, progress_reporter,
                      training_report)
 
 
@@ -94,6 +96,7 @@ class TrainTextualInversion(io.ComfyNode):
                                 "caption per line, in image order, each containing the new word (or [name]); an "
                                 "empty line is an image without a caption. Connect the captions output of Load "
                                 "Training Images (Likeness). Used when templates is 'captions' or 'auto'."),
+                compile_input(),
             ] + NB.eval_inputs("the new word"),
             outputs=[
                 io.Conditioning.Output(display_name="conditioning", tooltip="The prompt above, encoded with "
@@ -113,7 +116,7 @@ class TrainTextualInversion(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, images, name, init_text, templates, num_vectors, steps, learning_rate,
                 batch_size, resolution, flip, random_crop, seed, prompt, preview_every, preview_steps, save_every,
-                overwrite, captions="", **evaluation) -> io.NodeOutput:
+                overwrite, captions="", compile="off", **evaluation) -> io.NodeOutput:
         data = D.images_from_batch(images, batch_captions(images, captions))
         cfg = TIConfig(
             name=name, output_dir=embeddings_dir(), init_text=init_text, num_vectors=num_vectors, steps=steps,
@@ -124,7 +127,7 @@ class TrainTextualInversion(io.ComfyNode):
         )
         which = evaluation.get("output", "last")
         host = ComfyHost(model, clip, vae)
-        with host.training():
+        with host.training(), compiled_step(host, compile) as compiled:
             progress = progress_reporter(node_id_of(cls), steps, node_type_of(cls))
             res = train_textual_inversion(host, data, cfg, progress=progress, encoders=NB.encoders(evaluation),
                                           on_point=progress.on_point)
@@ -135,7 +138,7 @@ class TrainTextualInversion(io.ComfyNode):
         conditioning = [[cond.cross_attn[0].detach().cpu(), {"pooled_output": _cpu(cond.pooled[0]), **extra}]]
         if which == "best" and res.pick("best") is not res.vectors:
             word += ".best"  # the best snapshot's file: <name>.best
-        preview, loss, show = training_report(cls, res, f"embedding:{word}", NB.notes(res, which))
+        preview, loss, show = training_report(cls, res, f"embedding:{word}", compile_notes(compiled) + NB.notes(res, which))
         return io.NodeOutput(conditioning, f"embedding:{word}", preview, loss, NB.curves(res), ui=show)
 
 

@@ -47,7 +47,7 @@ def captured_config(monkeypatch):
 
     def train(host, images, cfg, **kw):
         seen["cfg"] = cfg
-        return types.SimpleNamespace(steps_done=0, seconds=0.0, skipped_steps=0, files=[])
+        return types.SimpleNamespace(steps_done=0, seconds=0.0, skipped_steps=0, files=[], notes=[])
 
     monkeypatch.setattr(DB, "train_dreambooth", train)
     monkeypatch.setattr(D, "load_image_folder", lambda path: types.SimpleNamespace(summary=lambda: "images"))

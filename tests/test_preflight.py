@@ -150,3 +150,14 @@ def test_budget_is_checked_with_the_other_options():
     from likeness.trainers import textual_inversion
     with pytest.raises(ValueError, match="memory budget"):
         textual_inversion.check_config(TIConfig(name="x", output_dir=".", memory_budget_gb=float("nan")))
+
+
+def test_the_probes_run_eagerly_under_compile(tiny_sd1_host):
+    from likeness.trainers.compile import compiled_step
+
+    vecs = {e.key: torch.zeros(1, e.width, requires_grad=True) for e in tiny_sd1_host.text_encoders()}
+    step = P.denoising_step(tiny_sd1_host, "a photo of zqx_lk", 1, "zqx_lk", vecs)
+    with tiny_sd1_host.training(), compiled_step(tiny_sd1_host, "default", note=lambda _: None) as state:
+        choice = P.plan(tiny_sd1_host, step, target_hw=(16, 16), trainable_numel=10, optimizer="adamw",
+                        checkpointing=False, budget_gb=64.0, what_to_lower="x")
+    assert choice.estimate > 0 and state.calls == 0 and state.warmup_seconds == 0

@@ -32,6 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from . import objective
+from .compile import eager
 from .precision import autocast_for
 from .seam import Host, ImageMeta, Tunable
 
@@ -209,8 +210,9 @@ def plan(host: Host, forward_at: Callable[[tuple[int, int]], torch.Tensor], *, t
     can_ckpt = isinstance(host, Tunable)
     if budget_gb <= 0 and host.device.type != "cuda":
         return Choice(checkpointing and can_ckpt, False, 0, None)
-    act, act_ckpt = measure(forward_at, host.latent_multiple, target_hw,
-                            host.gradient_checkpointing if can_ckpt else None)
+    with eager(host):
+        act, act_ckpt = measure(forward_at, host.latent_multiple, target_hw,
+                                host.gradient_checkpointing if can_ckpt else None)
     # read after the probes: a host that loads its weights lazily (ComfyUI) has loaded them now
     budget = int(budget_gb * GiB) if budget_gb > 0 else device_budget(host.device)
     need = Need(state_bytes(trainable_numel, optimizer), act, act_ckpt)
