@@ -81,6 +81,55 @@ def _compiled(args, target):
     return run()
 
 
+def _eval_args(p, subject: str) -> None:
+    """Best step (trainers/best_step.py): the options the training commands share."""
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="every N steps (and at the end) sample the evaluation prompts, score them against the "
+                        "training images and keep the best snapshot as <name>.best.* (0: off; needs --clip)")
+    p.add_argument("--eval-prompt", action="append", default=None, metavar="PROMPT",
+                   help=f"an evaluation prompt, {{}} = {subject} (repeat it; default: four varied prompts)")
+    p.add_argument("--eval-steps", type=int, default=20, help="sampling steps of each evaluation image")
+    p.add_argument("--clip", default=None, metavar="DIR",
+                   help="local transformers CLIP folder for CLIP-I (a full CLIPModel with its tokenizer: CLIP-T too)")
+    p.add_argument("--dino", default=None, metavar="DIR", help="local transformers DINOv2 folder for DINO")
+
+
+def _eval_config(args) -> dict:
+    return dict(eval_every=args.eval_every, eval_prompts="\n".join(args.eval_prompt or []),
+                eval_steps=args.eval_steps)
+
+
+def _encoders(args, host):
+    """The metrics' encoders of --clip / --dino (None without --clip: the trainer then refuses
+    --eval-every before any work, saying to give one)."""
+    if not args.clip:
+        if args.dino:
+            raise ValueError("--dino needs --clip too (CLIP-I is the metric every score uses)")
+        return None
+    from .hosts.diffusers.metric_encoders import load_encoders
+
+    return load_encoders(args.clip, args.dino, host.device)
+
+
+def _print_point(point) -> None:
+    parts = [f"{k} {v:.4f}" for k, v in point.as_dict().items() if k not in ("step", "seconds") and v is not None]
+    print(f"eval step {point.step}: {'  '.join(parts)}  ({point.seconds:.1f} s)", flush=True)
+
+
+def _report_evaluation(res, out: Path, name: str) -> None:
+    """The pick, the time evaluation took apart from training, the best files and the curves PNG."""
+    ev = getattr(res, "evaluation", None)
+    if ev is None:
+        return
+    from .trainers.best_step import curves_image
+
+    print(ev.summary() + f"; training alone {res.seconds - ev.seconds:.1f} s")
+    for f in ev.files:
+        print(f"wrote {f} (best step)")
+    if ev.points:
+        path = out / f"{name}.curves.png"
+        _save_png(curves_image(ev.points, ev.best)[0], path)
+        print(f"wrote {path}")
 def _memory_arg(p) -> None:
     p.add_argument("--memory-budget", type=float, default=0.0, metavar="GB",
                    help="GPU memory the run may use (default: what is free); the run turns on gradient "
@@ -124,6 +173,7 @@ def _ti_parser(sub) -> None:
     p.add_argument("--preview-prompt", default="a photo of {}", help="{} is replaced by the new word")
     _memory_arg(p)
     p.add_argument("--out", default="embeddings", help="folder to write the embedding into")
+    _eval_args(p, "the new word")
     _model_args(p, "embedding")
     _state_args(p, "embedding")
 
@@ -141,6 +191,7 @@ def _run_ti(args) -> int:
         flip=not args.no_flip, save_every=args.save_every, preview_every=args.preview_every,
         preview_prompt=args.preview_prompt, overwrite=args.overwrite, resume=args.resume,
         keep_states=args.keep_states, init_file=args.init_from, memory_budget_gb=args.memory_budget,
+        **_eval_config(args),
     )
     check_config(cfg)  # option, name and image problems are reported before the model loads
     name = validate_name(args.name)
@@ -150,8 +201,10 @@ def _run_ti(args) -> int:
     print(images.summary(), flush=True)  # the trainer runs every remaining check before any work
     preview_path = Path(args.out) / f"{cfg.name}.preview.png"
     with _compiled(args, host):
-        res = train_textual_inversion(host, images, cfg, progress=_Printer(preview_path if args.preview_every else None))
+        res = train_textual_inversion(host, images, cfg, progress=_Printer(preview_path if args.preview_every else None),
+                                      encoders=_encoders(args, host), on_point=_print_point)
     _print_done(res)
+    _report_evaluation(res, Path(args.out), name)
     return 0
 
 
@@ -224,6 +277,7 @@ def _dreambooth_parser(sub) -> None:
     p.add_argument("--out", default=None, help=f"output folder (default per mode: {_per_mode('folder')})")
     _memory_arg(p)
     p.add_argument("--embeddings-out", default="embeddings", help="pivotal: folder for the embedding")
+    _eval_args(p, "the instance prompt")
     _model_args(p, "file")
     _state_args(p, "LoRA / checkpoint")
 
@@ -250,6 +304,7 @@ def _run_dreambooth(args) -> int:
         extract_rank=args.extract_rank, lora_dir=None if args.out is not None else MODE_DEFAULTS["lora"].folder,
         preview_every=args.preview_every, overwrite=args.overwrite, resume=args.resume,
         keep_states=args.keep_states, memory_budget_gb=args.memory_budget, **per_mode,
+        **_eval_config(args),
     )
     check_config(cfg)  # option, name and image problems are reported before the model loads
     name = validate_name(args.name)
@@ -266,8 +321,10 @@ def _run_dreambooth(args) -> int:
     with _compiled(args, host):
         res = train_dreambooth(host, images, cfg, class_images=class_images,
                                progress=_Printer(preview_path if args.preview_every else None),
-                               class_progress=class_progress)
+                               class_progress=class_progress, encoders=_encoders(args, host),
+                               on_point=_print_point)
     _print_done(res)
+    _report_evaluation(res, out, name)
     return 0
 
 

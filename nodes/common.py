@@ -64,22 +64,25 @@ def batch_captions(images: torch.Tensor | None, text: str | None) -> list[str | 
 
 
 def send_progress(node_id, step: int, total: int, loss: float | None, elapsed: float = 0.0,
-                  node_type: str | None = None) -> None:
+                  node_type: str | None = None, metrics: list[dict] | None = None) -> None:
     """The ``likeness.progress`` websocket event that web/likeness.js draws as a loss chart, also
     kept by ``progress.record`` so a reloaded page can ask for the run so far.  ``node_type`` lets
-    the page skip a node of another workflow that happens to have the same id."""
+    the page skip a node of another workflow that happens to have the same id.  ``metrics``: the
+    evaluations (best step, ``trainers/best_step.Point.as_dict``) finished since the last event,
+    drawn as the chart's second panel."""
     if node_id is None:
         return
     value = loss if loss is not None and math.isfinite(loss) else None
     prompt_id = live.running_prompt_id()
-    live.record(str(node_id), int(step), int(total), value, float(elapsed), prompt_id, node_type)
+    live.record(str(node_id), int(step), int(total), value, float(elapsed), prompt_id, node_type, metrics)
     # ComfyUI's main.py has imported its ``server`` module before any node runs; outside a server
     # (tests, scripts) there is none, or no PromptServer instance, and nothing is sent.
     srv = live.prompt_server()
     if srv is None:
         return
     srv.send_sync(PROGRESS_EVENT, {"node": str(node_id), "step": int(step), "total": int(total), "loss": value,
-                                   "elapsed": round(float(elapsed), 3), "prompt_id": prompt_id, "type": node_type},
+                                   "elapsed": round(float(elapsed), 3), "prompt_id": prompt_id, "type": node_type,
+                                   **({"metrics": metrics} if metrics else {})},
                   getattr(srv, "client_id", None))
 
 
@@ -90,13 +93,18 @@ def progress_reporter(node_id, total: int, node_type: str | None = None):
     node's progress bar, with the preview image when there is one."""
     pbar = comfy.utils.ProgressBar(total, node_id=node_id)
     started = time.monotonic()
+    pending: list[dict] = []  # evaluations since the last event (``progress.on_point``)
 
     def progress(step, n, loss, preview):
         comfy.model_management.throw_exception_if_processing_interrupted()
-        send_progress(node_id, step, n, loss, time.monotonic() - started, node_type)
+        send_progress(node_id, step, n, loss, time.monotonic() - started, node_type, pending[:] or None)
+        pending.clear()
         shown = ("JPEG", to_pil(preview), PREVIEW_SIZE) if preview is not None else None
         pbar.update_absolute(step, n, shown)
 
+    # the trainers' ``on_point``: an evaluation travels with the next progress event
+    # (a best-step ``Point``, or SeedSelect's ``{"step", "CLIP distance"}``)
+    progress.on_point = lambda point: pending.append(point.as_dict() if hasattr(point, "as_dict") else dict(point))
     return progress
 
 

@@ -21,6 +21,7 @@ from ..trainers.formats import kohya_lora
 from ..trainers.dreambooth import MODE_DEFAULTS, DreamBoothConfig, train_dreambooth
 from ..trainers.lora import PRESETS
 from ..trainers.loop import OPTIMIZERS
+from . import best_step as NB
 from .common import (TRAINING_CATEGORY, batch_captions, compile_input, compile_notes, count_reporter, embeddings_dir,
                      model_folder, node_id_of, node_type_of, progress_reporter, state_inputs, training_report)
 
@@ -90,7 +91,8 @@ def _config(kw: dict, mode: str, **extra) -> DreamBoothConfig:
         flip=kw["flip"], min_snr_gamma=kw["min_snr_gamma"], noise_offset=kw["noise_offset"],
         gradient_checkpointing=kw["gradient_checkpointing"], seed=kw["seed"], preview_every=kw["preview_every"],
         save_every=kw["save_every"], overwrite=kw["overwrite"], resume=kw.get("resume", "off"),
-        keep_states=kw.get("keep_states", 2), **extra)
+        keep_states=kw.get("keep_states", 2), eval_every=kw.get("eval_every", 0),
+        eval_prompts=kw.get("eval_prompts", ""), **extra)
 
 
 def _train(cls, kw: dict, cfg: DreamBoothConfig):
@@ -104,19 +106,20 @@ def _train(cls, kw: dict, cfg: DreamBoothConfig):
     with host.training(), compiled_step(host, kw.get("compile", "off")) as compiled:
         progress = progress_reporter(node_id, cfg.steps, node_type_of(cls))
         res = train_dreambooth(host, data, cfg, class_images=class_data, progress=progress,
-                               class_progress=count_reporter(node_id))
+                               class_progress=count_reporter(node_id), encoders=NB.encoders(kw),
+                               on_point=progress.on_point)
     res.compile_notes = compile_notes(compiled)  # for _report's panel
     return host, res
 
 
-def _report(cls, res, headline: str):
+def _report(cls, res, headline: str, which: str = "last"):
     notes = (f"{res.class_images} class images",) if res.class_images else ()
     notes += getattr(res, "compile_notes", ())
-    return training_report(cls, res, headline, notes)
+    return training_report(cls, res, headline, notes + NB.notes(res, which))
 
 
-def _lora_applied(host: ComfyHost, res):
-    sd = kohya_lora.lora_state_dict(res.lora_layers, family=host.info.family, dtype=torch.float32,
+def _lora_applied(host: ComfyHost, res, which: str = "last"):
+    sd = kohya_lora.lora_state_dict(res.pick(which)["lora_layers"], family=host.info.family, dtype=torch.float32,
                                     layout=host.unet_layout(), naming=host.naming)
     return host.with_lora(sd)
 
@@ -154,9 +157,9 @@ class TrainDreamBoothLoRA(io.ComfyNode):
                 io.Float.Input("text_encoder_lr", default=MODE_DEFAULTS["lora"].text_encoder_lr, min=1e-7, max=1.0,
                                step=1e-6, round=1e-7, advanced=True, tooltip="Learning rate of the text-encoder "
                                "LoRA layers."),
-            ],
+            ] + NB.eval_inputs("the instance prompt"),
             outputs=[_OUT_MODEL, _OUT_CLIP, io.String.Output(display_name="lora_name", tooltip="The file "
-                     "name, as LoraLoader lists it."), _OUT_PREVIEW, _OUT_LOSS],
+                     "name, as LoraLoader lists it."), _OUT_PREVIEW, _OUT_LOSS, NB.CURVES_OUTPUT],
             hidden=[io.Hidden.unique_id],
             is_output_node=True,
         )
@@ -167,9 +170,11 @@ class TrainDreamBoothLoRA(io.ComfyNode):
                       targets=kw["targets"], train_text_encoder=kw["train_text_encoder"],
                       text_encoder_lr=kw["text_encoder_lr"])
         host, res = _train(cls, kw, cfg)
-        model, clip = _lora_applied(host, res)
-        preview, loss, show = _report(cls, res, f"LoRA {res.files[0].name}")
-        return io.NodeOutput(model, clip, res.files[0].name, preview, loss, ui=show)
+        which = kw.get("output", "last")
+        model, clip = _lora_applied(host, res, which)
+        lora = NB.chosen_file(res, which)
+        preview, loss, show = _report(cls, res, f"LoRA {lora.name}", which)
+        return io.NodeOutput(model, clip, lora.name, preview, loss, NB.curves(res), ui=show)
 
 
 class TrainDreamBoothFull(io.ComfyNode):
@@ -196,9 +201,10 @@ class TrainDreamBoothFull(io.ComfyNode):
                                "encoder(s)."),
                 io.Int.Input("extract_lora_rank", default=0, min=0, max=256, tooltip="Also write the change "
                              "as models/loras/<name>_lora.safetensors of this rank (0: no)."),
-            ],
+            ] + NB.eval_inputs("the instance prompt"),
             outputs=[_OUT_MODEL, _OUT_CLIP, io.String.Output(display_name="ckpt_name", tooltip="The "
-                     "checkpoint's file name, as CheckpointLoaderSimple lists it."), _OUT_PREVIEW, _OUT_LOSS],
+                     "checkpoint's file name, as CheckpointLoaderSimple lists it."), _OUT_PREVIEW, _OUT_LOSS,
+                     NB.CURVES_OUTPUT],
             hidden=[io.Hidden.unique_id],
             is_output_node=True,
         )
@@ -209,9 +215,11 @@ class TrainDreamBoothFull(io.ComfyNode):
                       train_text_encoder=kw["train_text_encoder"], text_encoder_lr=kw["text_encoder_lr"],
                       extract_rank=kw["extract_lora_rank"], lora_dir=model_folder(MODE_DEFAULTS["lora"].folder))
         host, res = _train(cls, kw, cfg)
-        model, clip = host.with_deltas(res.deltas)
-        preview, loss, show = _report(cls, res, f"checkpoint {res.files[0].name}")
-        return io.NodeOutput(model, clip, res.files[0].name, preview, loss, ui=show)
+        which = kw.get("output", "last")
+        model, clip = host.with_deltas(res.pick(which)["deltas"])
+        ckpt = NB.chosen_file(res, which)
+        preview, loss, show = _report(cls, res, f"checkpoint {ckpt.name}", which)
+        return io.NodeOutput(model, clip, ckpt.name, preview, loss, NB.curves(res), ui=show)
 
 
 class TrainPivotal(io.ComfyNode):
@@ -243,11 +251,11 @@ class TrainPivotal(io.ComfyNode):
                 io.Boolean.Input("bundle_embedding", default=False, advanced=True, tooltip="Also store the word "
                                  "inside the LoRA file (A1111 reads it; ComfyUI's LoraLoader logs those keys as "
                                  "not loaded)."),
-            ],
+            ] + NB.eval_inputs("the instance prompt"),
             outputs=[_OUT_MODEL, _OUT_CLIP, io.String.Output(display_name="embedding", tooltip=
                      "'embedding:<token>' for your prompts."), io.String.Output(display_name="lora_name", tooltip=
                      "The LoRA's file name, as LoraLoader lists it."),
-                     _OUT_PREVIEW, _OUT_LOSS],
+                     _OUT_PREVIEW, _OUT_LOSS, NB.CURVES_OUTPUT],
             hidden=[io.Hidden.unique_id],
             is_output_node=True,
         )
@@ -260,10 +268,12 @@ class TrainPivotal(io.ComfyNode):
                       ti_learning_rate=kw["ti_learning_rate"], ti_fraction=kw["ti_fraction"], rank=kw["rank"],
                       targets=kw["targets"], bundle_embedding=kw["bundle_embedding"])
         host, res = _train(cls, kw, cfg)
-        model, clip = _lora_applied(host, res)
-        lora = res.files[0]  # the LoRA is written first, then the embedding files
-        preview, loss, show = _report(cls, res, f"embedding:{token} + LoRA {lora.name}")
-        return io.NodeOutput(model, clip, f"embedding:{token}", lora.name, preview, loss, ui=show)
+        which = kw.get("output", "last")
+        model, clip = _lora_applied(host, res, which)
+        lora = NB.chosen_file(res, which)  # the LoRA is written first, then the embedding files
+        word = token + ".best" if lora is not res.files[0] else token
+        preview, loss, show = _report(cls, res, f"embedding:{word} + LoRA {lora.name}", which)
+        return io.NodeOutput(model, clip, f"embedding:{word}", lora.name, preview, loss, NB.curves(res), ui=show)
 
 
 NODES = [TrainDreamBoothLoRA, TrainDreamBoothFull, TrainPivotal]

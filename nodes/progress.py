@@ -31,8 +31,9 @@ def running_prompt_id() -> str | None:
 
 
 def record(node_id: str, step: int, total: int, loss: float | None, elapsed: float,
-           prompt_id: str | None = None, node_type: str | None = None) -> None:
-    """Remember one point of ``node_id``'s run (``loss`` None for a skipped step)."""
+           prompt_id: str | None = None, node_type: str | None = None, metrics: list[dict] | None = None) -> None:
+    """Remember one point of ``node_id``'s run (``loss`` None for a skipped step), and the
+    evaluations (best step) that came with it under ``"metrics"``."""
     with _lock:
         if prompt_id != _prompt["id"]:
             _runs.clear()
@@ -44,6 +45,8 @@ def record(node_id: str, step: int, total: int, loss: float | None, elapsed: flo
         run["steps"].append(step)
         run["losses"].append(loss)
         run["elapsed"].append(round(elapsed, 3))
+        if metrics:
+            run.setdefault("metrics", []).extend(dict(m) for m in metrics)
 
 
 def snapshot(node_id: str | None = None) -> dict:

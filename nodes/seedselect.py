@@ -160,7 +160,8 @@ class SeedSelect(io.ComfyNode):
                         overwrite=overwrite or not save_name)
 
         with torch.inference_mode(False), torch.enable_grad(), compiled_step(seed_model, compile) as compiled:
-            res = train_seedselect(seed_model, vision, refs, conf, progress, on_cancel=on_cancel)
+            res = train_seedselect(seed_model, vision, refs, conf, progress, on_cancel=on_cancel,
+                                   on_point=progress.on_point)
         files = []
         if save_name:
             files.append(B.save_seed(folder, save_name, _entry(res, model, conf, scheduler, steps, sigmas is not None),

@@ -17,6 +17,7 @@ from ..hosts.comfy import ComfyHost
 from ..trainers import data as D
 from ..trainers.compile import compiled_step
 from ..trainers.textual_inversion import TIConfig, train_textual_inversion
+from . import best_step as NB
 from .common import (TRAINING_CATEGORY, batch_captions, compile_input, compile_notes, embeddings_dir, node_id_of,
                      node_type_of, progress_reporter, state_inputs, training_report)
 
@@ -103,7 +104,7 @@ class TrainTextualInversion(io.ComfyNode):
                                 ".safetensors). Its vectors and their count are used; the step count continues. "
                                 "Give a new name, or set overwrite to replace that file."),
                 compile_input(),
-            ],
+            ] + NB.eval_inputs("the new word"),
             outputs=[
                 io.Conditioning.Output(display_name="conditioning", tooltip="The prompt above, encoded with "
                                        "the trained embedding (the same as CLIPTextEncode of it with "
@@ -113,6 +114,7 @@ class TrainTextualInversion(io.ComfyNode):
                                 "previews are off)."),
                 io.LossMap.Output(display_name="loss", tooltip="The loss of every step, for the Plot Loss "
                                   "Graph node."),
+                NB.CURVES_OUTPUT,
             ],
             hidden=[io.Hidden.unique_id],
             is_output_node=True,
@@ -122,7 +124,7 @@ class TrainTextualInversion(io.ComfyNode):
     def execute(cls, model, clip, vae, images, name, init_text, templates, num_vectors, steps, learning_rate,
                 batch_size, resolution, flip, random_crop, seed, prompt, preview_every, preview_steps, save_every,
                 overwrite, captions="", resume="off", keep_states=2, init_embedding="",
-                compile="off") -> io.NodeOutput:
+                compile="off", **evaluation) -> io.NodeOutput:
         data = D.images_from_batch(images, batch_captions(images, captions))
         cfg = TIConfig(
             name=name, output_dir=embeddings_dir(), init_text=init_text, num_vectors=num_vectors, steps=steps,
@@ -130,18 +132,23 @@ class TrainTextualInversion(io.ComfyNode):
             resolution=resolution or None, random_crop=random_crop, flip=flip, save_every=save_every,
             preview_every=preview_every, preview_steps=preview_steps, preview_prompt=prompt, overwrite=overwrite,
             resume=resume, keep_states=keep_states, init_file=_embedding_file(init_embedding),
+            eval_every=evaluation.get("eval_every", 0), eval_prompts=evaluation.get("eval_prompts", ""),
         )
+        which = evaluation.get("output", "last")
         host = ComfyHost(model, clip, vae)
         with host.training(), compiled_step(host, compile) as compiled:
             progress = progress_reporter(node_id_of(cls), steps, node_type_of(cls))
-            res = train_textual_inversion(host, data, cfg, progress=progress)
+            res = train_textual_inversion(host, data, cfg, progress=progress, encoders=NB.encoders(evaluation),
+                                          on_point=progress.on_point)
             word = name.strip()
             with torch.no_grad():
-                cond = host.encode_text([_prompt_text(prompt, word)], word, res.vectors)
+                cond = host.encode_text([_prompt_text(prompt, word)], word, res.pick(which))
         extra = dict(cond.extra[0]) if cond.extra else {}
         conditioning = [[cond.cross_attn[0].detach().cpu(), {"pooled_output": _cpu(cond.pooled[0]), **extra}]]
-        preview, loss, show = training_report(cls, res, f"embedding:{word}", compile_notes(compiled))
-        return io.NodeOutput(conditioning, f"embedding:{word}", preview, loss, ui=show)
+        if which == "best" and res.pick("best") is not res.vectors:
+            word += ".best"  # the best snapshot's file: <name>.best
+        preview, loss, show = training_report(cls, res, f"embedding:{word}", compile_notes(compiled) + NB.notes(res, which))
+        return io.NodeOutput(conditioning, f"embedding:{word}", preview, loss, NB.curves(res), ui=show)
 
 
 def _embedding_file(name: str) -> str:

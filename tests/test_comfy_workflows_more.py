@@ -33,7 +33,7 @@ from support.workflows import add_trigger_probes, check_widget_types, find_node,
 pytestmark = pytest.mark.comfyui
 
 WORKFLOWS = REPO / "example_workflows"
-NAMES = ("dreambooth_lora", "dreambooth_full", "pivotal_tuning", "seedselect")
+NAMES = ("dreambooth_lora", "dreambooth_full", "pivotal_tuning", "seedselect", "train_and_evaluate")
 FOLDER = "likeness_example"  # the DreamBooth examples' image folder
 REF_FOLDER = "likeness_seedselect"  # the SeedSelect example's reference folder
 TINY_CKPT = tiny_checkpoints.CHECKPOINTS["sd15"]

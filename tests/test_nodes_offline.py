@@ -25,10 +25,10 @@ from support import comfy_stub
 #: each node's output types, in order (what a graph connects to)
 OUTPUT_TYPES = {
     "LikenessLoadImageFolder": ["IMAGE", "STRING", "STRING"],
-    "LikenessTrainTextualInversion": ["CONDITIONING", "STRING", "IMAGE", "LOSS_MAP"],
-    "LikenessTrainDreamBoothLoRA": ["MODEL", "CLIP", "STRING", "IMAGE", "LOSS_MAP"],
-    "LikenessTrainDreamBoothFull": ["MODEL", "CLIP", "STRING", "IMAGE", "LOSS_MAP"],
-    "LikenessTrainPivotal": ["MODEL", "CLIP", "STRING", "STRING", "IMAGE", "LOSS_MAP"],
+    "LikenessTrainTextualInversion": ["CONDITIONING", "STRING", "IMAGE", "LOSS_MAP", "IMAGE"],
+    "LikenessTrainDreamBoothLoRA": ["MODEL", "CLIP", "STRING", "IMAGE", "LOSS_MAP", "IMAGE"],
+    "LikenessTrainDreamBoothFull": ["MODEL", "CLIP", "STRING", "IMAGE", "LOSS_MAP", "IMAGE"],
+    "LikenessTrainPivotal": ["MODEL", "CLIP", "STRING", "STRING", "IMAGE", "LOSS_MAP", "IMAGE"],
     "LikenessSeedSelect": ["NOISE", "LATENT", "LATENT", "IMAGE", "LOSS_MAP"],
     "LikenessLoadSeed": ["NOISE", "SIGMAS", "STRING"],
     "LikenessNoiseFromLatent": ["NOISE"],
@@ -180,6 +180,30 @@ def test_progress_is_kept_for_a_reloaded_page_and_restarts_with_a_new_run(comfy)
     live.record("8", 1, 4, 1.0, 0.2, "p2")                         # a new prompt: the old runs are gone
     assert live.snapshot() == {"prompt_id": "p2", "nodes": {"8": {"type": None, "total": 4, "steps": [1],
                                                                   "losses": [1.0], "elapsed": [0.2]}}}
+    live.clear()
+
+
+def test_evaluations_travel_with_the_next_progress_event_and_are_kept_for_a_reload(comfy, monkeypatch):
+    """Best step: the live chart's second panel gets each evaluation with the step's event, and a
+    reloaded page gets them back from the route's memory."""
+    from likeness.trainers.best_step import Point
+
+    live = importlib.import_module("likeness.nodes.progress")
+    live.clear()
+    sent = []
+    _fake_server(monkeypatch, sent)
+    monkeypatch.setattr(comfy.common.comfy.utils, "ProgressBar", lambda *a, **k: types.SimpleNamespace(
+        update_absolute=lambda *a, **k: None))
+    progress = comfy.common.progress_reporter("4", 3, "LikenessTrainDreamBoothLoRA")
+    progress(1, 3, 0.5, None)
+    progress.on_point(Point(2, 0.7, None, None, 0.3, 0.46, 1.5))
+    progress(2, 3, 0.4, None)
+    progress(3, 3, 0.3, None)
+    metrics = [event[1].get("metrics") for event in sent]
+    assert metrics[0] is None and metrics[2] is None
+    assert metrics[1] == [{"step": 2, "CLIP-I": 0.7, "DINO": None, "CLIP-T": None, "diversity": 0.3,
+                           "combined": 0.46, "seconds": 1.5}]
+    assert live.snapshot("4")["nodes"]["4"]["metrics"] == metrics[1]
     live.clear()
 
 

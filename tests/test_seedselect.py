@@ -159,6 +159,17 @@ def test_contrastive_run(vision):
     assert len(res.losses) == 4 and all(math.isfinite(v) for v in res.losses)
 
 
+def test_clip_distance_is_reported_every_iteration(vision):
+    """The live chart's second panel: SeedSelect's CLIP-space distance to the references per
+    iteration, the same numbers as the result's semantic curve."""
+    model = ToySeedModel()
+    refs = references_from(model, 21, toy_config())
+    points = []
+    res = S.train_seedselect(model, vision, refs, toy_config(iterations=4), on_point=points.append)
+    assert [p["step"] for p in points] == [1, 2, 3, 4]
+    assert [p["CLIP distance"] for p in points] == pytest.approx(res.semantic)
+
+
 def test_cancel_keeps_the_best_seed(vision):
     model = ToySeedModel()
     refs = references_from(model, 3, toy_config())

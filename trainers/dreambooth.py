@@ -25,7 +25,7 @@ import contextlib
 import math
 import random
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -33,6 +33,7 @@ from typing import Callable
 import torch
 
 from . import data as D
+from . import best_step as BS
 from . import loop, objective, preflight, run_state
 from .formats import embedding, kohya_lora
 from .formats.files import check_paths_writable, safe_path, validate_name
@@ -104,6 +105,10 @@ class DreamBoothConfig:
     resume: str = "off"
     #: run states kept beside the result (0: none)
     keep_states: int = run_state.KEEP
+    # best step (trainers/best_step.py): sample the evaluation prompts every N steps (0: off)
+    eval_every: int = 0
+    eval_prompts: str = ""  # one per line, {} = the instance prompt; "": best_step.DEFAULT_PROMPTS["instance"]
+    eval_steps: int = 20  # sampling steps of each evaluation image (Euler, cfg preview_cfg)
 
 
 @dataclass
@@ -123,6 +128,16 @@ class DreamBoothResult:
     resumed_from: int = 0  # the step a resumed run continued after (0: a fresh run)
     state_path: Path | None = None  # the last run state written
     notes: list[str] = field(default_factory=list)  # settings the run changed on its own (memory)
+    #: the evaluation (best step) of the run, None when ``eval_every`` was 0; its ``state`` holds
+    #: the best snapshot's ``lora_layers`` / ``deltas`` / ``vectors``
+    evaluation: BS.Outcome | None = None
+
+    def pick(self, which: str) -> dict:
+        """``lora_layers``, ``deltas`` and ``vectors`` of the "best" snapshot or the "last" step
+        (the last when there was no evaluation)."""
+        if which == "best" and self.evaluation is not None and self.evaluation.state:
+            return self.evaluation.state
+        return {"lora_layers": self.lora_layers, "deltas": self.deltas, "vectors": self.vectors}
 
 
 # ------------------------------------------------------------------------------------------
@@ -164,6 +179,7 @@ def _check_config(cfg: DreamBoothConfig) -> list[str]:
         p.append(f"prompts must be one of {', '.join(PROMPT_SOURCES)}, got {cfg.prompts!r}")
     if cfg.save_every < 0 or cfg.preview_every < 0:
         p.append("save/preview intervals must be 0 (off) or positive")
+    p += BS.check_plan(cfg.eval_every, cfg.eval_steps)
     if cfg.extract_rank < 0:
         p.append(f"extract rank must be 0 (off) or positive, got {cfg.extract_rank}")
     if not cfg.memory_budget_gb >= 0:
@@ -190,6 +206,7 @@ class _Plan:
     files: dict[str, Path]
     init_text: str = ""
     state: run_state.StateSpec | None = None
+    best_files: dict[str, Path] = field(default_factory=dict)
 
 
 def _prompts(images: D.TrainingImages, how: str, cfg: DreamBoothConfig) -> list[str | None]:
@@ -235,12 +252,18 @@ def _state_spec(host: Host, images: D.TrainingImages, cfg: DreamBoothConfig, nam
     cls = run_state.images_digest(class_images.images) if class_images is not None and len(class_images) else ""
     return run_state.spec_for(f"dreambooth_{cfg.mode}", cfg, host, images, name=name, folder=cfg.output_dir,
                               volatile=_VOLATILE, class_images=cls)
+def _best_cfg(cfg: DreamBoothConfig) -> DreamBoothConfig:
+    """The config the best snapshot is written with: ``<name>.best`` (pivotal: ``<token>.best``)."""
+    return replace(cfg, name=cfg.name.strip() + ".best", token=cfg.token + ".best" if cfg.token else "")
 
 
 def prepare(host: Host, images: D.TrainingImages, cfg: DreamBoothConfig,
-            class_images: D.TrainingImages | None = None) -> _Plan:
+            class_images: D.TrainingImages | None = None, encoders: BS.Encoders | None = None) -> _Plan:
     """Every check that can fail, before any model work: config, model, names, files, images."""
     check_config(cfg)
+    problems = BS.check_plan(cfg.eval_every, cfg.eval_steps, encoders is not None)
+    if problems:
+        raise ValueError("; ".join(problems))
     if not isinstance(host, Tunable):
         raise ValueError(f"this model ({type(host).__name__}) cannot be fine-tuned by Likeness: it does not "
                          "expose its weights for patching (SD1.x, SD2.x and SDXL checkpoints do)")
@@ -251,7 +274,9 @@ def prepare(host: Host, images: D.TrainingImages, cfg: DreamBoothConfig,
     if len(images) == 0:
         raise D.DatasetError("no instance images: connect 3-5 images of the subject")
     spec = _state_spec(host, images, cfg, name, class_images)
-    files = _output_files(host, cfg, name, cfg.overwrite or spec.path is not None)  # a resume replaces its own
+    replace_own = cfg.overwrite or spec.path is not None  # a resume replaces its own files
+    files = _output_files(host, cfg, name, replace_own)
+    best_files = _output_files(host, _best_cfg(cfg), name + ".best", replace_own) if cfg.eval_every else {}
     captions = _prompts(images, cfg.prompts, cfg)
     planned = D.plan_geometry(images, cfg.resolution, host.latent_scale)
     crop = min(min(im.shape[:2]) for im in planned) if cfg.resolution else None
@@ -272,7 +297,7 @@ def prepare(host: Host, images: D.TrainingImages, cfg: DreamBoothConfig,
         init = cfg.init_text.strip() or (words[-1] if words else "object")
         if cfg.token in init.split():
             raise ValueError(f"the init text must describe the concept with existing words, not {cfg.token!r}")
-    return _Plan(planned, crop_hw, captions, cls_planned, prior, files, init, spec)
+    return _Plan(planned, crop_hw, captions, cls_planned, prior, files, init, spec, best_files)
 
 
 def _plan_class_images(class_images: D.TrainingImages, cfg: DreamBoothConfig, host: Host,
@@ -543,15 +568,43 @@ def _preflight(host: Host, cfg: DreamBoothConfig, plan: _Plan, tr: _Trainables) 
         return preflight.plan(host, step, target_hw=hw, trainable_numel=numel, optimizer=cfg.optimizer,
                               checkpointing=cfg.gradient_checkpointing, budget_gb=cfg.memory_budget_gb,
                               what_to_lower="the batch size or the resolution, or use mode lora instead of full")
+def _eval_plan(cfg: DreamBoothConfig) -> BS.Plan:
+    word, noun = BS.identifier(cfg.instance_prompt, cfg.class_prompt)
+    prompts = BS.fill(BS.parse_prompts(cfg.eval_prompts, "instance"), cfg.instance_prompt)
+    return BS.Plan(cfg.eval_every, prompts, cfg.eval_steps, cfg.preview_cfg, cfg.seed, word, noun)
+
+
+def _evaluation(host: Host, cfg: DreamBoothConfig, plan: _Plan, tr: "_Trainables", encoders, on_point):
+    """The loop's best-step hook: the evaluation prompts sampled through the patched model."""
+    sample = BS.host_sampler(host, cfg.token, tr.vectors, plan.crop_hw, cfg.eval_steps, cfg.preview_cfg)
+    params = [p for g in tr.groups() for p in g["params"]]
+    return BS.start(_eval_plan(cfg), encoders, plan.images, sample, params, on_point)
+
+
+def _finish_best(best, host: Host, cfg: DreamBoothConfig, plan: _Plan, tr: "_Trainables", meta: dict):
+    """``<name>.best.*`` written with the best snapshot's values, and those values for the nodes."""
+    saver = _Saver(host, _best_cfg(cfg), replace(plan, files=plan.best_files), tr, meta)
+
+    def write(step: int) -> list[Path]:
+        saver.meta = dict(meta, likeness_best_step=str(step))
+        saver(step)
+        return saver.files
+
+    return BS.finish(best, write, lambda: {"lora_layers": tr.lora_layers(), "vectors": tr.vector_tensors(),
+                                           "deltas": tr.delta_tensors() if cfg.mode == "full" else {}})
 
 
 def train_dreambooth(host: Host, images: D.TrainingImages, cfg: DreamBoothConfig,
                      class_images: D.TrainingImages | None = None,
                      progress: loop.ProgressFn | None = None,
-                     class_progress: Callable[[int, int], None] | None = None) -> DreamBoothResult:
+                     class_progress: Callable[[int, int], None] | None = None,
+                     encoders: BS.Encoders | None = None,
+                     on_point: Callable[[BS.Point], None] | None = None) -> DreamBoothResult:
     """Train, write the mode's files (every ``save_every`` steps, at the end and on Cancel) and
-    return the result.  The host's weights are never modified."""
-    plan = prepare(host, images, cfg, class_images)
+    return the result.  The host's weights are never modified.  With ``eval_every`` the best
+    step is kept (``encoders`` score it; ``on_point`` sees every evaluation) and written as
+    ``<name>.best.*``."""
+    plan = prepare(host, images, cfg, class_images, encoders)
     tr = _Trainables(host, cfg, plan.init_text)
     memory = _preflight(host, cfg, plan, tr)
     inst = D.LatentCache(host, plan.images, crop_hw=plan.crop_hw, flip=cfg.flip, random_crop=cfg.random_crop)
@@ -579,17 +632,21 @@ def train_dreambooth(host: Host, images: D.TrainingImages, cfg: DreamBoothConfig
 
     lcfg = loop.LoopConfig(steps=cfg.steps, learning_rate=cfg.learning_rate, save_every=cfg.save_every,
                            preview_every=cfg.preview_every, optimizer=cfg.optimizer,
-                           max_grad_norm=cfg.max_grad_norm, snapshot=cfg.mode != "full", state=plan.state)
+                           max_grad_norm=cfg.max_grad_norm, snapshot=cfg.mode != "full", state=plan.state,
+                           eval_every=cfg.eval_every)
     ckpt = host.gradient_checkpointing() if memory.checkpointing else contextlib.nullcontext()
+    best = _evaluation(host, cfg, plan, tr, encoders, on_point)
     with _trained(host, tr), ckpt:
         res = loop.run(method, lcfg, device=host.device, compute_dtype=host.compute_dtype, save=saver,
-                       progress=progress, preview=preview if cfg.preview_every else None)
+                       progress=progress, preview=preview if cfg.preview_every else None, evaluate=best)
+    evaluation = _finish_best(best, host, cfg, plan, tr, saver.meta)
     return DreamBoothResult(
         files=list(saver.files), losses=res.losses, steps_done=res.steps_done, skipped_steps=res.skipped_steps,
         seconds=res.seconds, mode=cfg.mode, lora_layers=tr.lora_layers(),
         deltas=tr.delta_tensors() if cfg.mode == "full" else {}, vectors=tr.vector_tensors(),
         class_images=n_class, preview=last_preview[0] if last_preview else None, data_summary=images.summary(),
         resumed_from=res.resumed_from, state_path=res.state_path,
+        evaluation=evaluation,
         notes=[memory.note] if memory.note else [],
     )
 

@@ -74,6 +74,9 @@ class LoopConfig:
     #: write the run's state (``trainers/run_state.py``) with every save, and resume from
     #: ``state.path`` when set; None: no states (SeedSelect's inner runs, tests of the loop alone)
     state: "run_state.StateSpec | None" = None
+    #: call ``run``'s ``evaluate(step)`` every N steps and at the last step (0: never); its wall
+    #: time is kept apart in ``LoopResult.eval_seconds`` (trainers/best_step.py)
+    eval_every: int = 0
 
 
 @dataclass
@@ -89,6 +92,8 @@ class LoopResult:
     #: the step of the last result ``save`` that completed, and the last state file written
     saved_step: int = 0
     state_path: "run_state.Path | None" = None
+    #: of ``seconds``, the time ``evaluate`` took (sampling and scoring, not training)
+    eval_seconds: float = 0.0
 
 
 #: progress(step, total, loss or None, preview image [H, W, 3] or None)
@@ -340,15 +345,17 @@ def run(
     save: Callable[[int], None],
     progress: ProgressFn | None = None,
     preview: Callable[[int], torch.Tensor] | None = None,
+    evaluate: Callable[[int], object] | None = None,
 ) -> LoopResult:
     """Optimise ``method.parameters()`` for ``cfg.steps`` steps (AdamW or Adafactor, state in fp32);
     ``save(step)`` every ``save_every`` steps, at the end and on Cancel (the last good state), each
-    time with the run's state beside it (``cfg.state``), from which a later run can resume."""
+    time with the run's state beside it (``cfg.state``), from which a later run can resume;
+    ``evaluate(step)`` every ``eval_every`` steps and at the last one (best step)."""
     with run_state.owned(cfg.state):  # a second run of the same name refuses while this one lives
-        return _run(method, cfg, device, compute_dtype, save, progress, preview)
+        return _run(method, cfg, device, compute_dtype, save, progress, preview, evaluate)
 
 
-def _run(method, cfg: LoopConfig, device, compute_dtype, save, progress, preview) -> LoopResult:
+def _run(method, cfg: LoopConfig, device, compute_dtype, save, progress, preview, evaluate) -> LoopResult:
     r = _Run(method, cfg, device, compute_dtype)
     t0 = time.perf_counter()
     start = 1
@@ -373,6 +380,10 @@ def _run(method, cfg: LoopConfig, device, compute_dtype, save, progress, preview
                 save(step)
                 r.result.saved_step = step
                 r.write_state(step)
+            if evaluate is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps or stop):
+                t_eval = time.perf_counter()
+                evaluate(step)
+                r.result.eval_seconds += time.perf_counter() - t_eval
             report(step, value if ok else None)
             if stop:
                 r.result.stopped_early = True

@@ -212,22 +212,27 @@ def _clip_t(clip: ImageEncoder, text: TextEncoder | None, gen: torch.Tensor, pro
     return Value(float(per.mean())), per.tolist(), scored
 
 
-def evaluate(references: torch.Tensor, generated: torch.Tensor, clip: ImageEncoder, dino: ImageEncoder | None = None,
-             text: TextEncoder | None = None, prompts: Sequence[str] | None = None, word: str = "",
-             class_noun: str = "") -> Report:
+def evaluate(references: torch.Tensor | None, generated: torch.Tensor, clip: ImageEncoder,
+             dino: ImageEncoder | None = None, text: TextEncoder | None = None, prompts: Sequence[str] | None = None,
+             word: str = "", class_noun: str = "", *, refs: tuple | None = None) -> Report:
     """Every metric of ``generated`` (IMAGE ``[G, H, W, 3]``) against ``references``; the checks
-    (prompt count, tower match) run before any image is embedded."""
-    if references is None or len(references) == 0 or generated is None or len(generated) == 0:
+    (prompt count, tower match) run before any image is embedded.  ``refs`` = (CLIP, DINO or None)
+    embeddings of the references computed once (an evaluation every N steps of a training run)
+    instead of ``references``."""
+    have_refs = refs is not None or (references is not None and len(references) > 0)
+    if not have_refs or generated is None or len(generated) == 0:
         raise ValueError("Evaluation needs at least one reference image and one generated image.")
     prompts = prompt_list(prompts, len(generated))
     if text is not None:
         check_same_tower(clip, text)
-    gen_c, ref_c = embed_all(clip, generated), embed_all(clip, references)
+    if refs is None:
+        refs = (embed_all(clip, references), embed_all(dino, references) if dino is not None else None)
+    gen_c, (ref_c, ref_d) = embed_all(clip, generated), refs
     per_i = subject_similarity(gen_c, ref_c)
     per_d, dino_v, div_emb = None, Value(None, "no DINO model given"), gen_c
     if dino is not None:
         gen_d = embed_all(dino, generated)
-        per_d = subject_similarity(gen_d, embed_all(dino, references))
+        per_d = subject_similarity(gen_d, ref_d)
         dino_v, div_emb = Value(float(per_d.mean())), gen_d
     clip_t, per_t, scored = _clip_t(clip, text, gen_c, prompts, word, class_noun)
     clip_i, div = Value(float(per_i.mean())), diversity(div_emb)

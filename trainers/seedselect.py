@@ -441,7 +441,7 @@ def _optimise(objective: _Objective, denoiser, z0: torch.Tensor, targets: tuple,
                            preview_every=1, max_bad_steps=cfg.max_bad_steps, autocast=False,
                            lr_factor=lambda step: cfg.lr_drop if step - 1 >= cfg.lr_drop_at else 1.0)
     res = loop.run(method, lcfg, device=objective.model.device, compute_dtype=objective.model.compute_dtype,
-                   save=lambda step: None, progress=lambda s, n, loss, img: report(loss, img),
+                   save=lambda step: None, progress=lambda s, n, loss, img: report(loss, img, method.ev),
                    preview=method.preview)
     state.skipped += res.skipped_steps
     return state
@@ -460,13 +460,18 @@ def _remember(state: _RunState, value: float, z, ev: _Eval, it: int, cfg, t0: fl
 
 
 class _Reporter:
-    """Numbers iterations across the main run and the bootstrap runs for ``progress``."""
+    """Numbers iterations across the main run and the bootstrap runs for ``progress``; with
+    ``on_point``, each iteration's CLIP-space distance to the references (the weighted semantic
+    term, ``1 - cos`` to the target centroid) goes out first, as the training nodes' evaluations
+    do (the live chart's second panel)."""
 
-    def __init__(self, progress: ProgressFn | None, total: int):
-        self.progress, self.total, self.done = progress, total, 0
+    def __init__(self, progress: ProgressFn | None, total: int, on_point: Callable[[dict], None] | None = None):
+        self.progress, self.total, self.done, self.on_point = progress, total, 0, on_point
 
-    def __call__(self, loss, image) -> None:
+    def __call__(self, loss, image, ev: "_Eval | None" = None) -> None:
         self.done += 1
+        if self.on_point is not None and ev is not None and loss is not None:
+            self.on_point({"step": self.done, "CLIP distance": float(ev.semantic)})
         if self.progress is not None:
             self.progress(self.done, self.total, loss, image)
 
@@ -491,8 +496,10 @@ def _subsets(n: int, count: int, seed: int) -> list[list[int]]:
 def train_seedselect(model: SeedModel, vision: ImageEncoder, references: torch.Tensor,
                      cfg: SeedSelectConfig, progress: ProgressFn | None = None, *,
                      others: Sequence[torch.Tensor] | None = None,
-                     on_cancel: Callable[[SeedSelectResult], None] | None = None) -> SeedSelectResult:
+                     on_cancel: Callable[[SeedSelectResult], None] | None = None,
+                     on_point: Callable[[dict], None] | None = None) -> SeedSelectResult:
     """Optimise ``cfg.num_seeds`` noises for ``references`` (``[N, H, W, 3]`` in [0, 1]).
+    ``on_point`` gets ``{"step", "CLIP distance"}`` every iteration (``_Reporter``).
 
     ``others``: reference batches of other concepts, for the contrastive semantic loss.  Cancel
     (an exception from ``progress`` or the model): ``on_cancel`` gets the best seeds so far, then
@@ -510,7 +517,7 @@ def train_seedselect(model: SeedModel, vision: ImageEncoder, references: torch.T
     z0, start_loss = _start(model, objective, targets, sigmas, shape, cfg)
     opt_cfg = cfg.optimise_cfg if cfg.optimise_cfg is not None else cfg.cfg
     total = cfg.iterations + (cfg.num_seeds - 1) * cfg.bootstrap_iterations
-    report = _Reporter(progress, total)
+    report = _Reporter(progress, total, on_point)
     runs: list[_RunState] = []
     try:
         model.run(sigmas, opt_cfg, lambda den: _all_runs(objective, den, z0, targets, cfg, report, t0, runs), shape)

@@ -15,10 +15,12 @@ import random
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from . import data as D
+from . import best_step as BS
 from . import loop, objective, preflight, run_state
 from .formats import embedding
 from .formats.files import validate_name
@@ -55,6 +57,10 @@ class TIConfig:
     #: continue from an existing embedding file instead of ``init_text`` (ours, an A1111 ``.pt``,
     #: any ``emb_params`` or ``clip_l`` + ``clip_g`` safetensors): its vectors, its count, its step
     init_file: str = ""
+    # best step (trainers/best_step.py): sample the evaluation prompts every N steps (0: off)
+    eval_every: int = 0
+    eval_prompts: str = ""  # one per line, {} = the new word; "": the template kind's defaults
+    eval_steps: int = 20  # sampling steps of each evaluation image (Euler, cfg preview_cfg)
     memory_budget_gb: float = 0.0  # 0: the device's free memory (CUDA); see trainers/preflight.py
 
 
@@ -73,6 +79,15 @@ class TIResult:
     state_path: Path | None = None  # the last run state written
     first_step: int = 0  # steps the embedding had before this run (init_file); files count on from it
     notes: list[str] = field(default_factory=list)  # settings the run changed on its own (memory)
+    #: the evaluation (best step), None when ``eval_every`` was 0; ``state["vectors"]`` is the
+    #: best snapshot's embedding
+    evaluation: BS.Outcome | None = None
+
+    def pick(self, which: str) -> dict[str, torch.Tensor]:
+        """The vectors of the "best" snapshot or of the "last" step (the last without evaluation)."""
+        if which == "best" and self.evaluation is not None and self.evaluation.state:
+            return self.evaluation.state["vectors"]
+        return self.vectors
 
 
 def check_config(cfg: TIConfig) -> None:
@@ -88,6 +103,7 @@ def check_config(cfg: TIConfig) -> None:
         problems.append(f"batch size must be at least 1, got {cfg.batch_size}")
     if cfg.save_every < 0 or cfg.preview_every < 0:
         problems.append("save/preview intervals must be 0 (off) or positive")
+    problems += BS.check_plan(cfg.eval_every, cfg.eval_steps)
     if not cfg.memory_budget_gb >= 0:
         problems.append(f"memory budget must be 0 (the device's free memory) or a size in GB, got {cfg.memory_budget_gb}")
     if problems:
@@ -175,11 +191,14 @@ def _metadata(cfg: TIConfig, init_text: str, kind: str) -> dict[str, str]:
     }
 
 
-def prepare(host: Host, images: D.TrainingImages, cfg: TIConfig):
+def prepare(host: Host, images: D.TrainingImages, cfg: TIConfig, encoders: BS.Encoders | None = None):
     """Every check that can fail, before any model work: config, name, output files, images,
     captions, the state to resume, the init file.  Returns (name, kind, captions, planned images, init
     text, state spec, (start vectors, their step))."""
     check_config(cfg)
+    problems = BS.check_plan(cfg.eval_every, cfg.eval_steps, encoders is not None)
+    if problems:
+        raise ValueError("; ".join(problems))
     name = validate_name(cfg.name)
     host.check_placeholder(name)
     if len(images) == 0:
@@ -188,6 +207,9 @@ def prepare(host: Host, images: D.TrainingImages, cfg: TIConfig):
                               volatile=_VOLATILE)
     # a resumed run replaces its own files
     embedding.check_can_write(cfg.output_dir, name, host.info.family, cfg.overwrite or spec.path is not None)
+    if cfg.eval_every:
+        embedding.check_can_write(cfg.output_dir, name + ".best", host.info.family,
+                                  cfg.overwrite or spec.path is not None)
     kind, captions = D.resolve_prompts(images, name, cfg.templates)
     planned = D.plan_geometry(images, cfg.resolution, host.latent_scale)
     init_text = cfg.init_text.strip() or ("painting" if kind == "style" else "object")
@@ -196,6 +218,13 @@ def prepare(host: Host, images: D.TrainingImages, cfg: TIConfig):
     return name, kind, captions, planned, init_text, spec, start_vectors(host, cfg, init_text)
 
 
+def _evaluation(host: Host, cfg: TIConfig, method: TextualInversion, kind: str, init_text: str, planned,
+                crop_hw, encoders, on_point) -> BS.BestStep | None:
+    """The loop's best-step hook: the evaluation prompts sampled with the vectors as they are."""
+    prompts = BS.fill(BS.parse_prompts(cfg.eval_prompts, kind), method.name)
+    plan = BS.Plan(cfg.eval_every, prompts, cfg.eval_steps, cfg.preview_cfg, cfg.seed, method.name, init_text)
+    sample = BS.host_sampler(host, method.name, method.vectors, crop_hw, cfg.eval_steps, cfg.preview_cfg)
+    return BS.start(plan, encoders, planned, sample, method.parameters(), on_point)
 def _preflight(host: Host, name: str, vectors: dict, cfg: TIConfig, crop_hw) -> preflight.Choice:
     """Will the run fit?  Measured with the run's own step on throw-away copies of the vectors."""
     trial = {k: v.detach().to(host.device, torch.float32).requires_grad_() for k, v in vectors.items()}
@@ -207,10 +236,12 @@ def _preflight(host: Host, name: str, vectors: dict, cfg: TIConfig, crop_hw) -> 
 
 
 def train_textual_inversion(host: Host, images: D.TrainingImages, cfg: TIConfig,
-                            progress: loop.ProgressFn | None = None) -> TIResult:
+                            progress: loop.ProgressFn | None = None, encoders: BS.Encoders | None = None,
+                            on_point: Callable[[BS.Point], None] | None = None) -> TIResult:
     """Train, save ``<name>`` into ``cfg.output_dir`` (every ``save_every`` steps, at the end, and
-    on Cancel), and return the vectors, files and loss history."""
-    name, kind, captions, planned, init_text, spec, (vectors, first) = prepare(host, images, cfg)
+    on Cancel), and return the vectors, files and loss history.  With ``eval_every`` the best
+    step is kept (scored with ``encoders``) and written as ``<name>.best``."""
+    name, kind, captions, planned, init_text, spec, (vectors, first) = prepare(host, images, cfg, encoders)
     crop = min(min(im.shape[:2]) for im in planned) if cfg.resolution else None
     crop_hw = (crop, crop) if crop else tuple(planned[0].shape[:2])
     memory = _preflight(host, name, vectors, cfg, crop_hw)
@@ -238,16 +269,27 @@ def train_textual_inversion(host: Host, images: D.TrainingImages, cfg: TIConfig,
         return img[0]
 
     lcfg = loop.LoopConfig(steps=cfg.steps, learning_rate=cfg.learning_rate, save_every=cfg.save_every,
-                           preview_every=cfg.preview_every, state=spec)
+                           preview_every=cfg.preview_every, state=spec, eval_every=cfg.eval_every)
+    best = _evaluation(host, cfg, method, kind, init_text, planned, crop_hw, encoders, on_point)
     ckpt = host.gradient_checkpointing() if memory.checkpointing else contextlib.nullcontext()
     with ckpt:
         res = loop.run(method, lcfg, device=host.device, compute_dtype=host.compute_dtype, save=save,
-                       progress=progress, preview=preview if cfg.preview_every else None)
+                       progress=progress, preview=preview if cfg.preview_every else None, evaluate=best)
+
+    def write_best(step: int) -> list[Path]:
+        vecs = {k: v.detach().float().cpu() for k, v in method.vectors.items()}
+        return embedding.save_embedding(cfg.output_dir, name + ".best", vecs, host.info, step=step,
+                                        metadata=dict(meta, steps_done=str(step), best_step=str(step)),
+                                        overwrite=True, widths=widths)
+
+    evaluation = BS.finish(best, write_best, lambda: {"vectors": {k: v.detach().float().cpu()
+                                                                  for k, v in method.vectors.items()}})
     return TIResult(
         vectors={k: v.detach().float().cpu() for k, v in method.vectors.items()}, files=list(files),
         losses=res.losses, steps_done=res.steps_done, skipped_steps=res.skipped_steps, seconds=res.seconds,
         preview=last_preview[0] if last_preview else None, data_summary=images.summary(), template_kind=kind,
         resumed_from=res.resumed_from, state_path=res.state_path, first_step=first,
+        evaluation=evaluation,
         notes=[memory.note] if memory.note else [],
     )
 

@@ -2,7 +2,11 @@
 // ComfyUI serves this folder (WEB_DIRECTORY = "./web") at /extensions/<folder>/ and loads every .js in it.
 // A long-running node sends a "likeness.progress" websocket event each step:
 //   {node: "<unique id>", type (the node's class), step, total, loss (null for a skipped step),
-//    elapsed (seconds since the run started), prompt_id}.
+//    elapsed (seconds since the run started), prompt_id, and - when evaluations (best step) finished
+//    since the last event - metrics: [{step, "CLIP-I", DINO, "CLIP-T", diversity, combined, seconds}]}.
+// The metrics are drawn as a second panel under the loss, one curve per metric (each on its own
+// range, the colours of trainers/best_step.py's CURVES), the best combined score marked; SeedSelect
+// sends {step, "CLIP distance"} every iteration, its distance to the references in CLIP space.
 // GET /likeness/progress (nodes/progress.py) says which node types chart ("chart_nodes", from the
 // server's LIVE_CHART flag) and returns the latest prompt's points so far, so a reloaded page
 // redraws a run in progress.
@@ -10,6 +14,9 @@ import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const CHART_HEIGHT = 90;
+const METRICS_HEIGHT = 80;
+const METRIC_COLOURS = { "CLIP-I": "#3478dc", DINO: "#963cc8", "CLIP-T": "#dc781e", diversity: "#28a05a",
+                         combined: "#eeeeee", "CLIP distance": "#e0c040" };
 const PROGRESS_ROUTE = "/likeness/progress";
 const charted = new Set();
 let serverInfo = null;
@@ -52,7 +59,8 @@ function findNode(id) {
   return node;
 }
 
-function drawChart(ctx, state, x, y, w, h) {
+// A chart's dark panel; the caller restores the context.
+function panel(ctx, x, y, w, h) {
   ctx.save();
   ctx.fillStyle = "#1b1b1b";
   ctx.strokeStyle = "#444";
@@ -61,6 +69,10 @@ function drawChart(ctx, state, x, y, w, h) {
   ctx.fill();
   ctx.stroke();
   ctx.font = "10px sans-serif";
+}
+
+function drawChart(ctx, state, x, y, w, h) {
+  panel(ctx, x, y, w, h);
   ctx.fillStyle = "#999";
   const pts = state ? state.loss.map((l, i) => [state.step[i], l]).filter((p) => Number.isFinite(p[1])) : [];
   if (pts.length < 2) {
@@ -107,6 +119,48 @@ function drawChart(ctx, state, x, y, w, h) {
   ctx.restore();
 }
 
+// The second panel: the evaluation metrics over the steps (best step, trainers/best_step.py).
+function drawMetrics(ctx, state, x, y, w, h) {
+  const points = state?.metrics ?? [];
+  panel(ctx, x, y, w, h);
+  const total = Math.max(state?.total || 1, ...points.map((p) => p.step));
+  const px = (s) => x + 4 + (s / total) * (w - 8);
+  let best = null;
+  for (const p of points) if (Number.isFinite(p.combined) && (!best || p.combined > best.combined)) best = p;
+  if (best) {
+    ctx.strokeStyle = "#e64040";
+    ctx.beginPath();
+    ctx.moveTo(px(best.step), y + 2);
+    ctx.lineTo(px(best.step), y + h - 14);
+    ctx.stroke();
+  }
+  for (const [name, colour] of Object.entries(METRIC_COLOURS)) {
+    const pts = points.filter((p) => Number.isFinite(p[name]));
+    if (!pts.length) continue;
+    const vals = pts.map((p) => p[name]);
+    const lo = Math.min(...vals), span = Math.max(...vals) - lo || 1;
+    const py = (v) => y + h - 16 - ((v - lo) / span) * (h - 22);
+    ctx.strokeStyle = colour;
+    ctx.fillStyle = colour;
+    ctx.lineWidth = name === "combined" ? 2 : 1.2;
+    ctx.beginPath();
+    pts.forEach((p, i) => (i ? ctx.lineTo(px(p.step), py(p[name])) : ctx.moveTo(px(p.step), py(p[name]))));
+    ctx.stroke();
+    for (const p of pts) ctx.fillRect(px(p.step) - 1.5, py(p[name]) - 1.5, 3, 3);
+  }
+  ctx.fillStyle = "#bbb";
+  const spent = points.reduce((a, p) => a + (p.seconds || 0), 0);
+  const last = points[points.length - 1];
+  const distance = Number.isFinite(last?.["CLIP distance"]) ? `CLIP distance ${last["CLIP distance"].toFixed(4)}` : "";
+  ctx.fillText(best ? `best step ${best.step}  combined ${best.combined.toFixed(4)}  eval ${formatSeconds(spent)}`
+                    : distance || "metrics: no combined score yet", x + 6, y + h - 3);
+  ctx.restore();
+}
+
+function chartHeight(node) {
+  return CHART_HEIGHT + (node.likenessLoss?.metrics?.length ? METRICS_HEIGHT : 0);
+}
+
 function addChart(node) {
   if (node.widgets?.some((w) => w.name === "likeness_loss_chart")) return;
   node.addCustomWidget({
@@ -116,10 +170,12 @@ function addChart(node) {
     serialize: false, // not part of widgets_values: the saved workflow stays what the server expects
     options: { serialize: false },
     computeSize(width) {
-      return [width ?? node.size[0], CHART_HEIGHT];
+      return [width ?? node.size[0], chartHeight(node)];
     },
     draw(ctx, n, width, y) {
       drawChart(ctx, n.likenessLoss, 10, y + 4, width - 20, CHART_HEIGHT - 8);
+      if (n.likenessLoss?.metrics?.length) drawMetrics(ctx, n.likenessLoss, 10, y + CHART_HEIGHT, width - 20,
+                                                       METRICS_HEIGHT - 4);
     },
   });
   const size = node.computeSize();
@@ -135,7 +191,13 @@ function onProgress(event) {
   let st = node.likenessLoss;
   const newPrompt = d.prompt_id != null && st?.prompt != null && d.prompt_id !== st.prompt;
   if (!st || newPrompt || d.step <= st.step[st.step.length - 1]) {
-    st = node.likenessLoss = { step: [], loss: [], elapsed: [], total: d.total, prompt: d.prompt_id ?? null };
+    st = node.likenessLoss = { step: [], loss: [], elapsed: [], metrics: [], total: d.total,
+                               prompt: d.prompt_id ?? null };
+  }
+  if (d.metrics?.length) {
+    const grow = !st.metrics.length;
+    st.metrics.push(...d.metrics);
+    if (grow) node.setSize([node.size[0], Math.max(node.size[1], node.computeSize()[1])]);
   }
   st.step.push(d.step);
   st.loss.push(d.loss == null ? NaN : Number(d.loss));
@@ -160,9 +222,11 @@ function restore(info) {
       step: run.steps.slice(),
       loss: run.losses.map((l) => (l == null ? NaN : Number(l))),
       elapsed: run.elapsed.map(Number),
+      metrics: (run.metrics ?? []).slice(),
       total: run.total,
       prompt: info.prompt_id ?? null,
     };
+    if (run.metrics?.length) node.setSize([node.size[0], Math.max(node.size[1], node.computeSize()[1])]);
     node.setDirtyCanvas?.(true, false);
   }
 }
