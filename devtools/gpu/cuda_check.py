@@ -300,7 +300,7 @@ def run_all(args) -> int:
                 continue
             env = Env(arch, dtype, args.cpu_smoke)
             for name, fn, on in CASES:
-                if arch not in on:
+                if arch not in on or (args.only and name not in args.only):
                     continue
                 if time.monotonic() > deadline - 10:
                     log(name, arch, dtype, None, "budget spent", 0.0)
@@ -327,6 +327,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="cuda-check-out", help="folder for cuda_check.txt / .jsonl")
     ap.add_argument("--budget", type=float, default=200, help="seconds; no case starts after it")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny SD1.5 on the CPU, ComfyUI's dtype")
+    ap.add_argument("--only", nargs="*", default=None, help="case names (ti lora full pivotal seedselect)")
     args = ap.parse_args(argv)
     if not args.comfy:
         ap.error("give --comfy DIR (or set COMFYUI_PATH)")
