@@ -108,19 +108,23 @@ VAE = dict(double_z=True, z_channels=4, resolution=256, in_channels=3, out_ch=3,
 
 
 def _random_like(module, device, seed: int = 0) -> dict:
-    """Random fp16 values for every tensor of ``module`` (built on the meta device): norm gains and
-    scalars one, other vectors zero, matrices normal with std min(0.02, 1/sqrt(fan-in))."""
+    """Random fp16 values for every tensor of ``module`` (built on the meta device): biases zero,
+    other vectors (norm gains: GroupNorms are named ``in_layers.0``, ``out.0``, ...) and scalars one,
+    matrices normal with std min(0.02, 1/sqrt(fan-in)).  A zero gain would silence the UNet's output
+    and with it every gradient the benchmarks and checks rely on."""
     import torch
 
     gen = torch.Generator(device=device).manual_seed(seed)
     out = {}
     for k, v in module.state_dict().items():
         shape = tuple(v.shape)
+        leaf = k.rsplit(".", 1)[-1]
         if k.endswith("position_ids"):
             out[k] = torch.arange(shape[-1]).expand(shape).clone()
-        elif len(shape) <= 1:
-            gain = k.endswith("weight") and ("norm" in k.lower() or "ln" in k.lower())
-            out[k] = (torch.ones if gain or not shape else torch.zeros)(shape, dtype=torch.float16)
+        elif leaf == "bias" or leaf.endswith("_bias"):
+            out[k] = torch.zeros(shape, dtype=torch.float16)
+        elif len(shape) <= 1:  # every norm's gain, whatever it is called ("in_layers.0", "out.0"), and scales
+            out[k] = torch.ones(shape, dtype=torch.float16)
         else:
             std = min(0.02, 1 / math.sqrt(max(1, math.prod(shape[1:]))))
             out[k] = (torch.randn(shape, generator=gen, device=device) * std).half().cpu()
