@@ -110,6 +110,37 @@ RUN_STATE = """(types) => window.app.graph.nodes.filter((n) => types.includes(n.
 }))"""
 
 
+# Each Likeness node with advanced inputs: the widgets shown folded, then after pressing its
+# "show advanced settings" button (pressed again after, to leave the node as it was).
+FOLD = """() => window.app.graph.nodes.filter((n) => n.type.startsWith("Likeness")).map((n) => {
+  const shown = () => n.widgets.filter((w) => n.isWidgetVisible(w)).map((w) => w.name);
+  const button = n.widgets.find((w) => w.name === "likeness_advanced");
+  const folded = shown(), low = n.size[1], label = button?.label ?? null;
+  button?.callback?.();
+  const unfolded = shown(), high = n.size[1];
+  button?.callback?.();
+  return { type: n.type, folded, unfolded, all: n.widgets.map((w) => w.name), label, grew: high > low,
+           advanced: n.widgets.filter((w) => w.options?.advanced).map((w) => w.name) };
+})"""
+#: what a first-time user sees on each trainer: what must be set, the chart and the fold button
+FIRST_RUN = {TI: ["name", "steps", "prompt"],
+             "LikenessTrainDreamBoothLoRA": ["name", "instance_prompt", "class_prompt", "steps"],
+             "LikenessTrainDreamBoothFull": ["name", "instance_prompt", "class_prompt", "steps"],
+             "LikenessTrainPivotal": ["name", "instance_prompt", "class_prompt", "steps", "token"]}
+
+
+def _check_folding(nodes: list[dict], where: str) -> None:
+    for n in nodes:
+        if not n["advanced"]:
+            assert n["label"] is None, (where, n)
+            continue
+        assert n["label"] == f"show {len(n['advanced'])} advanced settings" and n["grew"], (where, n)
+        assert not set(n["advanced"]) & set(n["folded"]) and n["unfolded"] == n["all"], (where, n)
+        if n["type"] in FIRST_RUN:
+            expected = [w for w in n["all"] if w in FIRST_RUN[n["type"]]] + ["likeness_loss_chart", "likeness_advanced"]
+            assert n["folded"] == expected, (where, n)
+
+
 def _playwright():
     if not CHROMIUM.is_file():
         pytest.skip(f"Chromium not found at {CHROMIUM} (Debian: apt-get install chromium; or set LIKENESS_CHROMIUM)")
@@ -286,9 +317,10 @@ def test_cancel_in_the_page_keeps_the_last_good_file(server, artifacts):
 
 @pytest.mark.browser
 @pytest.mark.comfyui
-def test_every_example_gives_its_long_running_nodes_the_chart(server, artifacts):
+def test_every_example_shows_the_chart_and_folds_the_advanced_settings(server, artifacts):
     """Each template, loaded as Templates loads it: every node the server flags for the live chart
-    (the trainers and SeedSelect) has the chart widget, without a run."""
+    (the trainers and SeedSelect) has the chart widget, without a run; a trainer shows only what a
+    first run needs, the rest folds behind a button that shows it all."""
     seen = set()
     with _page(server) as (page, _):
         for path in sorted((REPO / "example_workflows").glob("*.json")):
@@ -298,4 +330,7 @@ def test_every_example_gives_its_long_running_nodes_the_chart(server, artifacts)
             # no other node draws a chart (not even one with the id the last run's node had)
             assert {c["type"] for c in charted} <= CHART_TYPES, (path.name, charted)
             seen |= {c["type"] for c in charted}
+            _check_folding(page.evaluate(FOLD), path.name)
+            if path.stem == "dreambooth_lora":
+                _shoot(page, "LikenessTrainDreamBoothLoRA", artifacts / "dreambooth_lora_folded.png")
     assert seen == CHART_TYPES
