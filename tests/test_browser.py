@@ -58,8 +58,9 @@ LOAD_SMALL = """async ([workflow, small]) => {
 def small_settings(steps: int, **trainer) -> dict:
     """Widget values that make every example CPU-sized: the tiny checkpoint and CLIP vision model,
     64 px images and latents, one sampling step, ``steps`` training steps (SeedSelect: iterations)
-    with a preview every 2, one class image; ``trainer`` overrides the trainers' values."""
-    train = {"steps": steps, "batch_size": 1, "preview_every": 2, **trainer}
+    with one preview (at the last step: previews cost most of a CPU run), one class image;
+    ``trainer`` overrides the trainers' values."""
+    train = {"steps": steps, "batch_size": 1, "preview_every": steps, **trainer}
     return {
         "CheckpointLoaderSimple": {"ckpt_name": tiny_checkpoints.CHECKPOINTS["sd15"]},
         "CLIPVisionLoader": {"clip_name": TINY_CV},
@@ -191,7 +192,7 @@ def _ours(errors: list[str]) -> list[str]:
     return [e for e in errors if "likeness" in e.lower()]
 
 
-def _wait_for_run(server, before: set, timeout: float = 600) -> dict:
+def _wait_for_run(server, before: set, timeout: float = 1500) -> dict:
     """The history entry of the first prompt not in ``before`` once it has finished (or failed)."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
