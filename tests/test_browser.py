@@ -289,12 +289,12 @@ def test_cancel_in_the_page_keeps_the_last_good_file(server, artifacts):
     saves: the run ends as interrupted, the embedding written last is on disk, whole (no temp
     file left) and ComfyUI loads it in a prompt without a warning."""
     total = 400
-    small = small_settings(total, preview_every=0, save_every=4, name=CANCEL_NAME)
+    small = small_settings(total, preview_every=0, save_every=2, name=CANCEL_NAME)
     with _page(server) as (page, errors):
         page.evaluate(LOAD_SMALL, [_example("textual_inversion"), small])
         before = set(server.get("/history"))
         page.get_by_role("button", name="Run", exact=True).first.click()
-        page.wait_for_function(f"() => ({CHARTS})('{TI}')[0].steps?.length >= 10", timeout=300_000)
+        page.wait_for_function(f"() => ({CHARTS})('{TI}')[0].steps?.length >= 5", timeout=1_200_000)
         page.get_by_role("button", name="Cancel current run").first.click()
         entry = _wait_for_run(server, before)
         _shoot(page, TI, artifacts / "textual_inversion_cancelled.png")
@@ -305,7 +305,7 @@ def test_cancel_in_the_page_keeps_the_last_good_file(server, artifacts):
     ours = sorted(p.name for p in folder.iterdir() if p.name.startswith(CANCEL_NAME))
     assert ours == [f"{CANCEL_NAME}.pt", f"{CANCEL_NAME}.safetensors"], ours
     vectors, meta = load_embedding(folder / f"{CANCEL_NAME}.safetensors", "sd1")
-    assert 4 <= int(meta["likeness.step"]) < total, meta
+    assert 4 <= int(meta["likeness.step"]) < total, meta  # at least the save at step 4
     assert all(bool(v.isfinite().all()) for v in vectors.values())
     prompt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny_checkpoints.CHECKPOINTS["sd15"]}},
               "2": {"class_type": "CLIPTextEncode", "inputs": {"text": f"a photo of embedding:{CANCEL_NAME}",
