@@ -44,39 +44,59 @@ def _common_inputs(mode: str) -> list:
         io.String.Input("class_prompt", default="", tooltip="The class alone ('a photo of a dog'). With a "
                         "prior weight > 0 the model keeps drawing the class as before (prior preservation). "
                         "Empty: no prior preservation."),
-        io.Float.Input("prior_weight", default=1.0, min=0.0, max=10.0, step=0.05, tooltip="λ of the "
-                       "prior-preservation loss (the paper uses 1)."),
-        io.Int.Input("num_class_images", default=50, min=0, max=2000, tooltip="Without a class_images input: "
-                     "how many class images the node samples with the frozen model first (Euler, 20 steps)."),
+        io.Float.Input("prior_weight", default=1.0, min=0.0, max=10.0, step=0.05, advanced=True, tooltip="λ of the "
+                       "prior-preservation loss. Default 1: the DreamBooth paper's weight."),
+        io.Int.Input("num_class_images", default=50, min=0, max=2000, advanced=True, tooltip="Without a "
+                     "class_images input: how many class images the node samples with the frozen model first "
+                     "(Euler, 20 steps, at the training size). Default 50: enough variety for a few hundred steps "
+                     "at a modest sampling cost; 100-200 for long runs."),
         io.Int.Input("steps", default=d.steps, min=1, max=100000, tooltip="Optimisation steps."),
         io.Float.Input("learning_rate", default=d.learning_rate, min=1e-7, max=1.0, step=1e-6, round=1e-7,
-                       tooltip="Learning rate of the trained weights."),
-        io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Subject images per step (as many "
-                     "class images join them)."),
-        io.Int.Input("resolution", default=0, min=0, max=4096, step=8, tooltip="Resize the short side to this "
-                     "and train on square crops; 0: the images' own size."),
-        io.Boolean.Input("flip", default=False, tooltip="Also train on mirrored images (off by default: "
-                         "subjects are often asymmetric)."),
+                       advanced=True, tooltip="Learning rate of the trained weights. The default is the usual "
+                       "one for this method (LoRA 1e-4, full fine-tune 5e-6): lower it if previews break up."),
+        io.Int.Input("batch_size", default=1, min=1, max=64, advanced=True, tooltip="Subject images per step (as "
+                     "many class images join them). Default 1: fits the least memory; DreamBooth's few images "
+                     "need no larger batches."),
+        io.Int.Input("resolution", default=0, min=0, max=4096, step=8, advanced=True, tooltip="Resize the short "
+                     "side to this and train on square crops. Default 0: the images' own size, as Load Training "
+                     "Images already sized them. Class images follow the training size by themselves."),
+        io.Boolean.Input("flip", default=False, advanced=True, tooltip="Also train on mirrored images (off by "
+                         "default: subjects are often asymmetric)."),
+    ] + _loss_and_run_inputs(d)
+
+
+def _loss_and_run_inputs(d) -> list:
+    """The second half of ``_common_inputs`` (its order is the saved workflows' widget order)."""
+    return [
         io.Float.Input("min_snr_gamma", default=0.0, min=0.0, max=20.0, step=0.5, advanced=True,
-                       tooltip="Min-SNR-γ loss weighting (5 is the paper's value); 0: off."),
+                       tooltip="Min-SNR-γ loss weighting (5 is the paper's value). Default 0: off, the "
+                       "plain DreamBooth loss."),
         io.Float.Input("noise_offset", default=0.0, min=0.0, max=1.0, step=0.01, advanced=True,
-                       tooltip="Offset noise (0.05-0.1 lets the model learn very dark/bright images); 0: off."),
+                       tooltip="Offset noise (0.05-0.1 lets the model learn very dark/bright images). Default "
+                       "0: off, as the checkpoint was trained."),
         io.Boolean.Input("gradient_checkpointing", default=False, advanced=True, tooltip="Recompute "
-                         "activations in backward: much less memory, ~20-30% slower."),
+                         "activations in backward: much less memory, ~20-30% slower. Off by default: faster where "
+                         "the memory suffices."),
         io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
-                     control_after_generate=io.ControlAfterGenerate.fixed, tooltip="Seed of noise, timesteps "
-                     "and class samples: same inputs and seed give the same result (and a cached re-run)."),
-        io.Int.Input("preview_every", default=50, min=0, max=100000, tooltip="Preview the instance prompt "
-                     "every N steps (0: never)."),
+                     control_after_generate=io.ControlAfterGenerate.fixed, advanced=True, tooltip="Seed of noise, "
+                     "timesteps and class samples. Fixed by default: same inputs and seed give the same result "
+                     "(and a cached re-run)."),
+        io.Int.Input("preview_every", default=50, min=0, max=100000, advanced=True, tooltip="Preview the "
+                     "instance prompt every N steps (0: never). Default 50: a preview costs about 20 sampling "
+                     "steps, a few percent of the run."),
         io.Int.Input("save_every", default=d.save_every, min=0, max=100000, advanced=True, tooltip="Also write "
-                     "the file every N steps (it is always written at the end and on Cancel)."),
+                     "the file every N steps (it is always written at the end and on Cancel). The default keeps "
+                     "a long run's progress (a full checkpoint is large, so 0 there: end and Cancel only)."),
         compile_input(),
-        io.Boolean.Input("overwrite", default=False, tooltip="Replace existing files of the same name; off: "
-                         "refuse to start."),
-        io.Image.Input("class_images", optional=True, tooltip="Optional class images for prior preservation "
-                       "(same size as the training images), e.g. from KSampler → VAEDecode on the class prompt."),
-        io.String.Input("captions", default="", multiline=True, optional=True, tooltip="Optional: one caption "
-                        "per line in image order; when every image has one they replace the instance prompt."),
+        io.Boolean.Input("overwrite", default=False, advanced=True, tooltip="Replace existing files of the same "
+                         "name. Off by default, so a finished model is never replaced by accident: training "
+                         "refuses to start instead."),
+        io.Image.Input("class_images", optional=True, tooltip="Optional class images for prior preservation, "
+                       "e.g. from KSampler → VAEDecode on the class prompt; resized and centre-cropped to the "
+                       "training size when theirs differs."),
+        io.String.Input("captions", default="", multiline=True, optional=True, advanced=True, tooltip="Optional: "
+                        "one caption per line in image order; when every image has one they replace the instance "
+                        "prompt. Empty by default: the instance prompt names the subject."),
         *state_inputs(),  # optional inputs follow every required one, so these stay last in each node
     ]
 
@@ -145,18 +165,22 @@ class TrainDreamBoothLoRA(io.ComfyNode):
                          "ComfyUI's LoraLoader, A1111/Forge and diffusers) and outputs the model with it applied."),
             search_aliases=["dreambooth", "lora", "train lora", "likeness"],
             inputs=_common_inputs("lora") + [
-                io.Int.Input("rank", default=8, min=1, max=256, tooltip="LoRA rank (dimension)."),
-                io.Float.Input("alpha", default=0.0, min=0.0, max=256.0, step=0.5, tooltip="LoRA alpha: the "
-                               "update is scaled by alpha/rank. 0: alpha = rank (scale 1)."),
-                io.Combo.Input("targets", options=list(PRESETS), default="attention", tooltip="attention: the "
-                               "attention projections (diffusers); transformer: every linear layer of the "
+                io.Int.Input("rank", default=8, min=1, max=256, advanced=True, tooltip="LoRA rank (dimension). Default "
+                             "8: enough for one subject in a file of a few MB."),
+                io.Float.Input("alpha", default=0.0, min=0.0, max=256.0, step=0.5, advanced=True, tooltip="LoRA alpha: "
+                               "the update is scaled by alpha/rank. Default 0: alpha = rank (scale 1), so the "
+                               "learning rate means the same at any rank."),
+                io.Combo.Input("targets", options=list(PRESETS), default="attention", advanced=True,
+                               tooltip="attention (default, as diffusers' DreamBooth LoRA): the attention "
+                               "projections; transformer: every linear layer of the "
                                "transformer blocks (kohya); cross_kv: cross-attention keys/values (Custom "
                                "Diffusion)."),
-                io.Boolean.Input("train_text_encoder", default=False, tooltip="Also put LoRA layers on the text "
-                                 "encoder(s)."),
+                io.Boolean.Input("train_text_encoder", default=False, advanced=True, tooltip="Also put LoRA layers on "
+                                 "the text encoder(s). Off by default: less memory, and the UNet alone learns most "
+                                 "subjects."),
                 io.Float.Input("text_encoder_lr", default=MODE_DEFAULTS["lora"].text_encoder_lr, min=1e-7, max=1.0,
                                step=1e-6, round=1e-7, advanced=True, tooltip="Learning rate of the text-encoder "
-                               "LoRA layers."),
+                               "LoRA layers. Default 5e-5: half the UNet's, as the text encoder overfits sooner."),
             ] + NB.eval_inputs("the instance prompt"),
             outputs=[_OUT_MODEL, _OUT_CLIP, io.String.Output(display_name="lora_name", tooltip="The file "
                      "name, as LoraLoader lists it."), _OUT_PREVIEW, _OUT_LOSS, NB.CURVES_OUTPUT],
@@ -192,15 +216,18 @@ class TrainDreamBoothFull(io.ComfyNode):
             search_aliases=["dreambooth", "fine-tune", "finetune", "likeness"],
             inputs=_common_inputs("full") + [
                 io.Combo.Input("optimizer", options=sorted(OPTIMIZERS), default=MODE_DEFAULTS["full"].optimizer,
-                               tooltip="adafactor: almost no optimizer memory (SD1.5 fits 12 GB with gradient "
+                               advanced=True, tooltip="adafactor (default): almost no optimizer memory (SD1.5 fits 12 GB "
+                               "with gradient "
                                "checkpointing); adamw: two more fp32 copies of the model."),
-                io.Boolean.Input("train_text_encoder", default=False, tooltip="Also fine-tune the text "
-                                 "encoder(s)."),
+                io.Boolean.Input("train_text_encoder", default=False, advanced=True, tooltip="Also fine-tune the text "
+                                 "encoder(s). Off by default: much less memory, and the UNet alone learns most "
+                                 "subjects."),
                 io.Float.Input("text_encoder_lr", default=MODE_DEFAULTS["full"].text_encoder_lr, min=1e-8, max=1.0,
                                step=1e-7, round=1e-8, advanced=True, tooltip="Learning rate of the text "
-                               "encoder(s)."),
-                io.Int.Input("extract_lora_rank", default=0, min=0, max=256, tooltip="Also write the change "
-                             "as models/loras/<name>_lora.safetensors of this rank (0: no)."),
+                               "encoder(s). Default 2e-6: below the UNet's, as the text encoder overfits sooner."),
+                io.Int.Input("extract_lora_rank", default=0, min=0, max=256, advanced=True, tooltip="Also write the "
+                             "change as models/loras/<name>_lora.safetensors of this rank. Default 0: no second "
+                             "file unless asked."),
             ] + NB.eval_inputs("the instance prompt"),
             outputs=[_OUT_MODEL, _OUT_CLIP, io.String.Output(display_name="ckpt_name", tooltip="The "
                      "checkpoint's file name, as CheckpointLoaderSimple lists it."), _OUT_PREVIEW, _OUT_LOSS,
@@ -238,19 +265,23 @@ class TrainPivotal(io.ComfyNode):
             inputs=_common_inputs("pivotal") + [
                 io.String.Input("token", default="sks_lk", tooltip="The new word; the instance prompt must "
                                 "contain it (e.g. 'a photo of sks_lk dog'). Not an existing vocabulary word."),
-                io.String.Input("init_text", default="", tooltip="Word(s) the vectors start from; empty: the "
-                                "class prompt's last word."),
-                io.Int.Input("num_vectors", default=2, min=1, max=75, tooltip="Tokens the new word takes."),
+                io.String.Input("init_text", default="", advanced=True, tooltip="Word(s) the vectors start from. "
+                                "Empty by default: the class prompt's last word (the class noun)."),
+                io.Int.Input("num_vectors", default=2, min=1, max=75, advanced=True, tooltip="Tokens the new word "
+                             "takes. Default 2: room for an identity, little room to overfit."),
                 io.Float.Input("ti_learning_rate", default=5e-3, min=1e-6, max=1.0, step=1e-4, round=1e-6,
-                               tooltip="Learning rate of the word's vectors."),
-                io.Float.Input("ti_fraction", default=0.5, min=0.05, max=1.0, step=0.05, tooltip="Part of the "
-                               "run the word trains (the pivot); afterwards only the LoRA."),
-                io.Int.Input("rank", default=8, min=1, max=256, tooltip="LoRA rank (dimension): higher keeps more "
-                             "detail, in a larger file."),
-                io.Combo.Input("targets", options=list(PRESETS), default="attention", tooltip="LoRA layers."),
+                               advanced=True, tooltip="Learning rate of the word's vectors. Default 5e-3: the "
+                               "usual Textual Inversion rate."),
+                io.Float.Input("ti_fraction", default=0.5, min=0.05, max=1.0, step=0.05, advanced=True, tooltip="Part "
+                               "of the run the word trains (the pivot); afterwards only the LoRA. Default 0.5: the "
+                               "word settles before the LoRA refines the details."),
+                io.Int.Input("rank", default=8, min=1, max=256, advanced=True, tooltip="LoRA rank (dimension): higher "
+                             "keeps more detail, in a larger file. Default 8: a few MB, enough with the word."),
+                io.Combo.Input("targets", options=list(PRESETS), default="attention", advanced=True, tooltip="LoRA "
+                               "layers. Default attention: the attention projections, as diffusers does."),
                 io.Boolean.Input("bundle_embedding", default=False, advanced=True, tooltip="Also store the word "
                                  "inside the LoRA file (A1111 reads it; ComfyUI's LoraLoader logs those keys as "
-                                 "not loaded)."),
+                                 "not loaded). Off by default: the separate embedding file is what ComfyUI reads."),
             ] + NB.eval_inputs("the instance prompt"),
             outputs=[_OUT_MODEL, _OUT_CLIP, io.String.Output(display_name="embedding", tooltip=
                      "'embedding:<token>' for your prompts."), io.String.Output(display_name="lora_name", tooltip=

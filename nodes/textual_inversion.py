@@ -54,49 +54,62 @@ class TrainTextualInversion(io.ComfyNode):
                 io.String.Input("name", default="my_concept", tooltip="The new word and the file name. Use it in "
                                 "prompts as embedding:<name>. Pick a made-up word that is not an existing "
                                 "vocabulary word (e.g. 'my_cat_lk', not 'cat')."),
-                io.String.Input("init_text", default="", tooltip="Existing words that roughly describe the "
-                                "concept (e.g. 'cat', 'oil painting'); training starts from their embedding. "
-                                "Empty: 'object', or 'painting' for the style templates."),
-                io.Combo.Input("templates", options=list(D.TEMPLATE_KINDS), default="auto",
+                io.String.Input("init_text", default="", advanced=True, tooltip="Existing words that roughly describe "
+                                "the concept (e.g. 'cat', 'oil painting'); training starts from their embedding. "
+                                "Empty by default: 'object', or 'painting' for the style templates."),
+                io.Combo.Input("templates", options=list(D.TEMPLATE_KINDS), default="auto", advanced=True,
                                tooltip="The prompts each image is trained with. object: 'a photo of a <name>' "
                                "style prompts; style: 'a painting in the style of <name>'; captions: the "
-                               "captions below; auto: captions if given, else object."),
-                io.Int.Input("num_vectors", default=1, min=1, max=75, tooltip="Tokens the new word takes in a "
-                             "prompt. 1-4 is typical; more can capture more detail but overfit sooner and "
-                             "leave less room in the 75-token prompt."),
+                               "captions below; auto (default): captions if given, else object, so captions work once "
+                               "connected."),
+                io.Int.Input("num_vectors", default=1, min=1, max=75, advanced=True, tooltip="Tokens the new word "
+                             "takes in a prompt. Default 1: the original paper's choice; 1-4 is typical; more can capture "
+                             "more detail but overfit sooner and leave less room in the 75-token prompt."),
                 io.Int.Input("steps", default=500, min=1, max=100000, tooltip="Optimisation steps. 300-1500 is "
                              "typical; watch the previews and the loss."),
                 io.Float.Input("learning_rate", default=5e-3, min=1e-5, max=1.0, step=1e-4, round=1e-5,
-                               tooltip="AdamW learning rate for the new word's vectors. 5e-3 is a good start; "
+                               advanced=True, tooltip="AdamW learning rate for the new word's vectors. Default 5e-3: the "
+                               "usual TI rate; "
                                "lower it if the previews break up or the loss turns non-finite."),
-                io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Images per step. Larger batches "
-                             "give smoother updates but need more memory and time per step."),
-                io.Int.Input("resolution", default=0, min=0, max=4096, step=8, tooltip="Resize the short side "
-                             "of every image to this many pixels and train on square crops. 0: train at the "
-                             "images' own size (SD1.x 512, SD2.x 768, SDXL 1024 are the native sizes)."),
-                io.Boolean.Input("flip", default=True, tooltip="Also train on mirrored images. Turn off for "
+                io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Images per step. Default 1: fits "
+                             "the least memory. Larger batches give smoother updates but need more memory and "
+                             "time per step.", advanced=True),
+                io.Int.Input("resolution", default=0, min=0, max=4096, step=8, advanced=True, tooltip="Resize the "
+                             "short side of every image to this many pixels and train on square crops. Default 0: "
+                             "the images' own size, as Load Training Images already sized them (SD1.x 512, SD2.x 768, "
+                             "SDXL 1024 are the native sizes)."),
+                io.Boolean.Input("flip", default=True, advanced=True, tooltip="Also train on mirrored images (on by "
+                                 "default: twice the views of a few images). Turn off for "
                                  "subjects whose left and right differ (text, logos, asymmetric faces)."),
                 io.Boolean.Input("random_crop", default=False, advanced=True, tooltip="With a resolution set: "
-                                 "a random square crop each step instead of the centre crop."),
+                                 "a random square crop each step instead of the centre crop. Off by default: the subject "
+                                 "stays whole in every crop."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
-                             control_after_generate=io.ControlAfterGenerate.fixed, tooltip="Seed for the noise, "
-                             "timesteps, prompt choice and crops: the same seed and inputs train the same "
-                             "embedding (and ComfyUI then reuses the cached result instead of retraining)."),
+                             control_after_generate=io.ControlAfterGenerate.fixed, advanced=True,
+                             tooltip="Seed for the noise, timesteps, prompt choice and crops. Fixed by default: the "
+                             "same seed and inputs train the same embedding (and ComfyUI then reuses the cached result "
+                             "instead of retraining)."),
                 io.String.Input("prompt", default="a photo of {}", tooltip="What the previews show and what the "
                                 "conditioning output encodes; {} stands for the new word."),
-                io.Int.Input("preview_every", default=50, min=0, max=100000, tooltip="Render a preview image "
-                             "every N steps (shown on the progress bar) and at the end. 0: no previews (faster)."),
+                io.Int.Input("preview_every", default=50, min=0, max=100000, advanced=True, tooltip="Render a preview "
+                             "image every N steps (shown on the progress bar) and at the end. 0: no previews "
+                             "(faster). Default 50: a preview costs preview_steps sampling steps, a few percent "
+                             "of the run."),
                 io.Int.Input("preview_steps", default=20, min=1, max=200, advanced=True, tooltip="Sampling "
-                             "steps of each preview (Euler, cfg 5). Fewer is faster and rougher."),
+                             "steps of each preview (Euler, cfg 5). Fewer is faster and rougher. Default 20: a "
+                             "recognisable image at a small cost."),
                 io.Int.Input("save_every", default=100, min=0, max=100000, advanced=True, tooltip="Also write the "
                              "embedding every N steps, so a long run keeps its progress. It is always written "
-                             "at the end and when you cancel."),
-                io.Boolean.Input("overwrite", default=False, tooltip="Replace an existing embedding of the same "
-                                 "name. Off: training refuses to start if <name> already exists."),
-                io.String.Input("captions", default="", multiline=True, optional=True, tooltip="Optional: one "
-                                "caption per line, in image order, each containing the new word (or [name]); an "
+                             "at the end and when you cancel. Default 100: a crash loses at most 100 steps."),
+                io.Boolean.Input("overwrite", default=False, advanced=True, tooltip="Replace an existing embedding of "
+                                 "the same name. Off by default, so a finished embedding is never replaced by "
+                                 "accident: training refuses to start if <name> already exists."),
+                io.String.Input("captions", default="", multiline=True, optional=True, advanced=True,
+                                tooltip="Optional: one caption per line, in image order, each containing the new word (or "
+                                "[name]); an "
                                 "empty line is an image without a caption. Connect the captions output of Load "
-                                "Training Images (Likeness). Used when templates is 'captions' or 'auto'."),
+                                "Training Images (Likeness). Used when templates is 'captions' or 'auto'. Empty by default: "
+                                "the templates' prompts."),
                 *state_inputs(),
                 io.String.Input("init_embedding", default="", optional=True, tooltip="Continue training an "
                                 "existing embedding instead of starting from init_text: a file name in "

@@ -96,3 +96,21 @@ def likeness_nodes(comfy_root):
 
 
 # ---- end ComfyUI ---------------------------------------------------------------------------------
+
+
+# ---- test order (owner: tests/test_browser.py's engineer) ------------------------------------------
+# `--reverse-order` runs the collected tests last to first: the ComfyUI modules share one ComfyUI
+# per session, so running them backwards shows whether one module depends on what another loaded.
+
+
+def pytest_addoption(parser):
+    parser.addoption("--reverse-order", action="store_true", default=False,
+                     help="run the collected tests in reverse order (shows tests that depend on an earlier one)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--reverse-order"):
+        items.reverse()
+
+
+# ---- end test order ----------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from likeness.hosts.diffusers import DiffusersHost
 from likeness.trainers import data as D
 from likeness.trainers import loop
 from likeness.trainers.formats import kohya_lora, layer_names
-from likeness.trainers.dreambooth import DreamBoothConfig, train_dreambooth
+from likeness.trainers.dreambooth import DreamBoothConfig, prepare, train_dreambooth
 from likeness.trainers.objective import min_snr_weights
 from likeness.trainers.lora import LoraSet, extract_lora, target_weights
 
@@ -304,7 +304,6 @@ class _NotTunable:
 
 @pytest.mark.parametrize("case,match", [
     ("no_images", "no instance images"),
-    ("class_size", "class images must match the training size"),
     ("rank", "rank must be at least 1"),
     ("host", "cannot be fine-tuned"),
     ("class_without_prompt", "no class prompt"),
@@ -316,8 +315,6 @@ def test_bad_input_fails_before_anything_is_written(tmp_path, tiny_sd1_host, cas
     host, imgs, cls, kw = tiny_sd1_host, images(), None, {}
     if case == "no_images":
         imgs = D.TrainingImages([], [], [])
-    elif case == "class_size":
-        kw, cls = dict(class_prompt="a photo of a dog"), images(2, size=96)
     elif case == "rank":
         kw = dict(rank=0)
     elif case == "host":
@@ -335,6 +332,17 @@ def test_bad_input_fails_before_anything_is_written(tmp_path, tiny_sd1_host, cas
         train_dreambooth(host, imgs, cfg_for(tmp_path, **kw), class_images=cls)
     assert not (tmp_path / "loras").exists() or not any((tmp_path / "loras").iterdir())
     assert_unchanged(tiny_sd1_host, before)
+
+
+def test_class_images_follow_the_training_size(tmp_path, tiny_sd1_host):
+    """Class images drawn at another size than the training images (the user changed the training
+    resolution only) are resized to the training size instead of refused."""
+    cfg = cfg_for(tmp_path, class_prompt="a photo of a dog")
+    for size in (96, 48):
+        plan = prepare(tiny_sd1_host, images(), cfg, class_images=images(2, size=size))
+        assert [tuple(im.shape) for im in plan.class_images] == [(64, 64, 3)] * 2
+    wide = D.images_from_batch(torch.rand(1, 40, 100, 3))
+    assert tuple(prepare(tiny_sd1_host, images(), cfg, class_images=wide).class_images[0].shape) == (64, 64, 3)
 
 
 def test_no_silent_overwrite(tmp_path, tiny_sd1_host):

@@ -95,6 +95,26 @@ def test_every_input_and_output_says_what_it_is(comfy):
             assert o.display_name and isinstance(o.tooltip, str) and len(o.tooltip) > 10, (node_id, o.display_name)
 
 
+#: what a first-time user must set on each trainer (besides its connections); the rest is advanced
+FIRST_RUN_INPUTS = {
+    "LikenessTrainTextualInversion": {"name", "steps", "prompt"},
+    "LikenessTrainDreamBoothLoRA": {"name", "instance_prompt", "class_prompt", "steps"},
+    "LikenessTrainDreamBoothFull": {"name", "instance_prompt", "class_prompt", "steps"},
+    "LikenessTrainPivotal": {"name", "instance_prompt", "class_prompt", "steps", "token"},
+}
+_CONNECTIONS = ("MODEL", "CLIP", "VAE", "IMAGE")
+
+
+def test_trainers_show_only_what_a_first_run_needs_and_say_why_the_rest_defaults_as_it_does(comfy):
+    schemas = _schemas(comfy)
+    for node_id, basic in FIRST_RUN_INPUTS.items():
+        widgets = [i for i in schemas[node_id].inputs if i.io_type not in _CONNECTIONS]
+        assert {i.id for i in widgets if not i.advanced} == basic, node_id
+        for i in widgets:
+            if i.advanced:
+                assert "default" in i.tooltip.lower(), (node_id, i.id, i.tooltip)
+
+
 def test_execute_takes_exactly_the_schemas_inputs(comfy):
     """A node whose execute() names its parameters must name the schema's inputs (ComfyUI passes
     them by keyword); the optional ones need a default there."""

@@ -5,6 +5,7 @@ reported in one message that names the files and says what to change.
 """
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -234,6 +235,19 @@ def resize_center_crop(img: torch.Tensor, size: int) -> torch.Tensor:
     h, w = img.shape[:2]
     top, left = (h - size) // 2, (w - size) // 2
     return img[top:top + size, left:left + size]
+
+
+def cover_crop(img: torch.Tensor, size_hw: tuple[int, int]) -> torch.Tensor:
+    """An [H, W, 3] image resized (bicubic, antialiased) just enough to cover ``size_hw`` and
+    centre-cropped to it; returned as is when it already has that size."""
+    th, tw = size_hw
+    h, w = img.shape[:2]
+    if (h, w) == (th, tw):
+        return img
+    img = _resize_short_side(img, math.ceil(min(h, w) * max(th / h, tw / w)))
+    h, w = img.shape[:2]
+    top, left = (h - th) // 2, (w - tw) // 2
+    return img[top:top + th, left:left + tw]
 
 
 def plan_geometry(data: TrainingImages, resolution: int | None, factor: int) -> list[torch.Tensor]:

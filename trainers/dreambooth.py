@@ -287,7 +287,7 @@ def prepare(host: Host, images: D.TrainingImages, cfg: DreamBoothConfig,
         if not cfg.class_prompt.strip():
             raise ValueError("class images were given but no class prompt (e.g. 'a photo of a dog'); "
                              "the prior-preservation loss needs the prompt they show")
-        cls_planned = _plan_class_images(class_images, cfg, host, crop_hw)
+        cls_planned = _plan_class_images(class_images, crop_hw)
     elif prior and cfg.num_class_images < 1:
         raise ValueError("prior preservation needs class images: connect some, or let the model "
                          "sample them (class image count > 0)")
@@ -300,19 +300,10 @@ def prepare(host: Host, images: D.TrainingImages, cfg: DreamBoothConfig,
     return _Plan(planned, crop_hw, captions, cls_planned, prior, files, init, spec, best_files)
 
 
-def _plan_class_images(class_images: D.TrainingImages, cfg: DreamBoothConfig, host: Host,
-                       crop_hw: tuple[int, int]) -> list[torch.Tensor]:
-    if cfg.resolution:
-        planned = [D.resize_center_crop(im, crop_hw[0]) for im in class_images.images]
-    else:
-        planned = class_images.images
-    wrong = [f"{s} {im.shape[1]}x{im.shape[0]}" for s, im in zip(class_images.sources, planned)
-             if tuple(im.shape[:2]) != tuple(crop_hw)]
-    if wrong:
-        raise D.DatasetError(
-            f"class images must match the training size {crop_hw[1]}x{crop_hw[0]}: " + ", ".join(wrong)
-            + "; generate them at that size or set a resolution to resize both")
-    return planned
+def _plan_class_images(class_images: D.TrainingImages, crop_hw: tuple[int, int]) -> list[torch.Tensor]:
+    """Class images at the training size: resized to cover it and centre-cropped, so a user who
+    changes the training resolution need not change the size the class images are drawn at."""
+    return [D.cover_crop(im, crop_hw) for im in class_images.images]
 
 
 # ------------------------------------------------------------------------------------------

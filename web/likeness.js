@@ -231,6 +231,50 @@ function restore(info) {
   }
 }
 
+// Advanced inputs (the schema's advanced=True) fold away on Likeness nodes, so a first-time user sees
+// only what must be set.  The front end marks them in widget.options.advanced, which its Nodes 2.0
+// (Vue) nodes fold behind their own footer button.  Its classic canvas draws them regardless (and
+// still lays out space for a widget it skips as advanced), so there they are hidden here, behind a
+// button that shows or hides them (node.showAdvanced, which the saved workflow keeps).
+const FOLD_BUTTON = "likeness_advanced";
+
+function setting(id) {
+  try {
+    return !!app.extensionManager?.setting?.get(id);
+  } catch {
+    return false;
+  }
+}
+
+// The button's words, the folded widgets and the node's height follow node.showAdvanced.
+function showFoldState(node) {
+  const button = node.widgets?.find((w) => w.name === FOLD_BUTTON);
+  if (!button) return;
+  const advanced = node.widgets.filter((w) => w.options?.advanced);
+  const hide = !node.showAdvanced && !setting("Comfy.VueNodes.Enabled");
+  for (const w of advanced) {
+    for (const x of [w, ...(w.linkedWidgets ?? [])]) { // e.g. seed's "control after generate"
+      x.advanced = true;
+      x.hidden = hide;
+    }
+  }
+  button.label = node.showAdvanced ? "hide advanced settings" : `show ${advanced.length} advanced settings`;
+  node.setSize([node.size[0], node.computeSize()[1]]);
+  node.setDirtyCanvas?.(true, true);
+}
+
+function foldAdvanced(node) {
+  const advanced = (node.widgets ?? []).filter((w) => w.options?.advanced);
+  if (!advanced.length || setting("Comfy.Node.AlwaysShowAdvancedWidgets")) return;
+  if (node.widgets.some((w) => w.name === FOLD_BUTTON)) return;
+  const button = node.addWidget("button", FOLD_BUTTON, null, () => {
+    node.showAdvanced = !node.showAdvanced;
+    showFoldState(node);
+  }, { serialize: false });
+  button.serialize = false; // not part of widgets_values
+  showFoldState(node);
+}
+
 // The folder may be registered twice (folder name and pyproject name); register once.
 if (!window.__likenessLossChart) {
   window.__likenessLossChart = true;
@@ -251,6 +295,11 @@ if (!window.__likenessLossChart) {
     },
     nodeCreated(node) {
       if (charted.has(node.comfyClass)) addChart(node);
+      if (String(node.comfyClass ?? "").startsWith("Likeness")) foldAdvanced(node);
+    },
+    // A loaded workflow sets node.showAdvanced after the node is created: fit the node to it.
+    loadedGraphNode(node) {
+      showFoldState(node);
     },
   });
 }
