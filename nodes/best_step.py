@@ -20,16 +20,18 @@ def eval_inputs(subject: str) -> list:
     workflow's widget values (positional) still land on the widgets they were saved from, and the
     defaults keep evaluation off."""
     return [
-        io.Int.Input("eval_every", default=0, min=0, max=100000, optional=True, tooltip="Best step: every N steps (and at "
-                     "the end) sample the evaluation prompts with the model being trained, score the images "
-                     "against the training images (CLIP-I, DINO, diversity; needs clip_vision) and keep the best "
-                     "snapshot. 0: off."),
+        io.Int.Input("eval_every", default=0, min=0, max=100000, optional=True, advanced=True,
+                     tooltip="Best step: every N steps (and at the end) sample the evaluation prompts with the "
+                     "model being trained, score the images against the training images (CLIP-I, DINO, "
+                     "diversity; needs clip_vision) and keep the best snapshot. Default 0 (off): evaluating "
+                     "costs sampling time and needs a CLIP vision model."),
         io.String.Input("eval_prompts", default="", multiline=True, advanced=True, optional=True, tooltip="Evaluation prompts, "
                         f"one per line, {{}} = {subject}; each is sampled at its own fixed seed so snapshots are "
-                        "comparable. Empty: four varied prompts (photo, beach, snow, painting)."),
-        io.Combo.Input("output", options=list(BS.OUTPUTS), default="best", optional=True, tooltip="With eval_every: output "
-                       "the best snapshot (also written as <name>.best.*) or the last step's. Without "
-                       "evaluation the last step is output."),
+                        "comparable. Empty by default: four varied prompts (photo, beach, snow, painting)."),
+        io.Combo.Input("output", options=list(BS.OUTPUTS), default="best", optional=True, advanced=True,
+                       tooltip="With eval_every: output the best snapshot (also written as <name>.best.*) or the "
+                       "last step's. Default best: what evaluation is for. Without evaluation the last step is "
+                       "output."),
         io.ClipVision.Input("clip_vision", optional=True, tooltip="For eval_every: a CLIP vision model (Load "
                             "CLIP Vision, e.g. CLIP-ViT-L-14 or CLIP-ViT-H-14) for CLIP-I."),
         io.ClipVision.Input("dino", optional=True, tooltip="Optional for eval_every: a DINOv2 model (Load CLIP "

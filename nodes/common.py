@@ -124,13 +124,15 @@ def state_inputs() -> list:
     from ..trainers.run_state import KEEP, SUFFIX
 
     return [
-        io.String.Input("resume", default="off", optional=True, tooltip="Continue a stopped run of this name: "
-                        "'off' (start anew), 'latest' (its most recent saved state), or a state's file name "
-                        f"(<name>.stepNNNNNNNN{SUFFIX}, beside the result). Same model, images and settings; steps "
-                        "may be raised to train longer. The result is the same as a run never stopped."),
+        io.String.Input("resume", default="off", optional=True, advanced=True, tooltip="Continue a stopped run "
+                        "of this name: 'off' (start anew), 'latest' (its most recent saved state), or a state's "
+                        f"file name (<name>.stepNNNNNNNN{SUFFIX}, beside the result). Same model, images and "
+                        "settings; steps may be raised to train longer. The result is the same as a run never "
+                        "stopped. Default off: a new run starts fresh."),
         io.Int.Input("keep_states", default=KEEP, min=0, max=1000, optional=True, advanced=True,
                      tooltip="How many run states (for resume) to keep beside the result; one is written with "
-                     "every save, at the end and on Cancel. 0: write none."),
+                     "every save, at the end and on Cancel. 0: write none. Default 2: the latest and one before it, should the "
+                     "latest be from a step you do not want."),
     ]
 
 
@@ -139,7 +141,8 @@ def compile_input():
     return io.Combo.Input("compile", options=list(COMPILE_MODES), default="off", advanced=True, optional=True,
                           tooltip="Compile the denoiser step with torch.compile (CUDA). default: faster steps "
                           "after a warm-up of a minute or so; max: also CUDA graphs (fastest at one resolution "
-                          "and batch). If compiling fails the run continues unchanged, uncompiled, with a note.")
+                          "and batch). If compiling fails the run continues unchanged, uncompiled, with a note. Off by "
+                          "default: the warm-up only pays for itself on longer runs.")
 
 
 def compile_notes(state) -> tuple[str, ...]:

@@ -111,11 +111,11 @@ class TrainTextualInversion(io.ComfyNode):
                                 "Training Images (Likeness). Used when templates is 'captions' or 'auto'. Empty by default: "
                                 "the templates' prompts."),
                 *state_inputs(),
-                io.String.Input("init_embedding", default="", optional=True, tooltip="Continue training an "
+                io.String.Input("init_embedding", default="", optional=True, advanced=True, tooltip="Continue training an "
                                 "existing embedding instead of starting from init_text: a file name in "
                                 "models/embeddings or a path (ours, an A1111 .pt, emb_params or clip_l+clip_g "
                                 ".safetensors). Its vectors and their count are used; the step count continues. "
-                                "Give a new name, or set overwrite to replace that file."),
+                                "Give a new name, or set overwrite to replace that file. Empty by default: start from init_text."),
                 compile_input(),
             ] + NB.eval_inputs("the new word"),
             outputs=[

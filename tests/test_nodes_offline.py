@@ -102,7 +102,7 @@ FIRST_RUN_INPUTS = {
     "LikenessTrainDreamBoothFull": {"name", "instance_prompt", "class_prompt", "steps"},
     "LikenessTrainPivotal": {"name", "instance_prompt", "class_prompt", "steps", "token"},
 }
-_CONNECTIONS = ("MODEL", "CLIP", "VAE", "IMAGE")
+_CONNECTIONS = ("MODEL", "CLIP", "VAE", "IMAGE", "CLIP_VISION")  # sockets, not widgets
 
 
 def test_trainers_show_only_what_a_first_run_needs_and_say_why_the_rest_defaults_as_it_does(comfy):
