@@ -101,17 +101,12 @@ class ComfyAdapter:
             return ComfyHost(model, clip, vae)
 
 
-class ForgeAdapter:
+class ForgeAdapter(ComfyAdapter):
     """The Forge host on engines Forge's own loader built from the tiny checkpoints (marker
-    ``webui``; skipped without ``FORGE_PATH``)."""
+    ``webui``; skipped without ``FORGE_PATH``).  Forge names parameters as ComfyUI does."""
 
     node = staticmethod(torch.inference_mode)  # the WebUI generates under inference mode
     decode_atol = 0.0
-
-    @staticmethod
-    def naming(family: str) -> ParameterNaming:
-        keys = families.family(family).encoder_keys
-        return ParameterNaming("diffusion_model.", "ldm", {k: f"{k}.transformer." for k in keys})
 
     @staticmethod
     def raw(host, x_in: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:

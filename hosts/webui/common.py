@@ -98,30 +98,6 @@ def activation_branches(root: torch.nn.Module, fns: dict[str, Callable]) -> Iter
             h.remove()
 
 
-@contextlib.contextmanager
-def checkpointed_blocks(unet: torch.nn.Module) -> Iterator[None]:
-    """Recompute each block of an LDM ``UNetModel`` (``input_blocks``, ``middle_block``,
-    ``output_blocks``: both WebUIs keep that layout) in backward; the blocks get their own
-    ``forward`` back in ``finally``."""
-    import torch.utils.checkpoint as ckpt
-
-    blocks = list(getattr(unet, "input_blocks", [])) + [getattr(unet, "middle_block", None)] \
-        + list(getattr(unet, "output_blocks", []))
-    blocks = [b for b in blocks if b is not None]
-    for b in blocks:
-        def fwd(*args, _f=b.forward, **kwargs):
-            if not torch.is_grad_enabled():
-                return _f(*args, **kwargs)
-            return ckpt.checkpoint(_f, *args, use_reentrant=False, **kwargs)
-
-        b.forward = fwd
-    try:
-        yield
-    finally:
-        for b in blocks:
-            b.__dict__.pop("forward", None)
-
-
 def check_placeholder_tokens(name: str, token_ids: dict[str, list[int]]) -> None:
     """The WebUIs match an embedding by its name's tokens in the prompt: a name that is one token
     of an encoder's vocabulary would replace that word everywhere."""
@@ -138,4 +114,4 @@ def check_placeholder_tokens(name: str, token_ids: dict[str, list[int]]) -> None
 
 
 __all__ = ["TUNABLE_KINDS", "tunable_modules", "tunable_tensors", "ordinary", "substituted_weights",
-           "activation_branches", "checkpointed_blocks", "check_placeholder_tokens"]
+           "activation_branches", "check_placeholder_tokens"]

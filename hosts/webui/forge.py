@@ -40,6 +40,7 @@ from ...trainers.families import FAMILIES
 from ...trainers.formats.files import atomic_path
 from ...trainers.formats.unet_names import unet_layout_of
 from ...trainers.seam import ImageMeta, ModelInfo, ParameterNaming, TextEncoderInfo
+from ..shared import check_vectors, checkpointed_forwards, unet_blocks
 from . import common
 
 
@@ -162,7 +163,7 @@ class ForgeHost:
             raise ValueError(f"{len(meta)} size entries for {len(prompts)} prompts")
         extra = None
         if placeholder and vectors is not None:
-            extra = _Vectors(placeholder, self._check_vectors(vectors))
+            extra = _Vectors(placeholder, check_vectors(self._encoders, vectors))
         with torch.inference_mode(False), common.substituted_weights(self._clip.cond_stage_model, self._text_fns):
             self._load(self._clip.patcher)
             out = {k: self._encode_one(k, prompts, extra) for k in self._text}
@@ -170,18 +171,6 @@ class ForgeHost:
             return {"crossattn": next(iter(out.values()))[0].to(self.device)}
         cross = torch.cat([out["clip_l"][0], out["clip_g"][0]], dim=2).to(self.device)
         return {"crossattn": cross, "pooled": out["clip_g"][1].to(self.device), "meta": meta}
-
-    def _check_vectors(self, vectors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        out = {}
-        for enc in self._encoders:
-            v = vectors.get(enc.key)
-            if v is None:
-                raise ValueError(f"vectors for the {enc.key} text encoder are missing (have {sorted(vectors)})")
-            v = v[None] if v.ndim == 1 else v
-            if v.ndim != 2 or v.shape[-1] != enc.width or v.shape[0] < 1:
-                raise ValueError(f"vectors[{enc.key!r}] must be [n, {enc.width}], got {tuple(v.shape)}")
-            out[enc.key] = v
-        return out
 
     def _size_vector(self, cond: dict, x: torch.Tensor) -> torch.Tensor:
         """SDXL's ``y``: pooled text + the six size embeddings of Forge's SDXL engine."""
@@ -284,7 +273,7 @@ class ForgeHost:
         return unet_layout_of(self._unet.model.config.unet_config)
 
     def gradient_checkpointing(self):
-        return common.checkpointed_blocks(self._unet.model.diffusion_model)
+        return checkpointed_forwards(unet_blocks(self._unet.model.diffusion_model))
 
     # ------------------------------------------------------------------ results (seam.Exportable)
     def with_lora(self, lora_state_dict: dict[str, torch.Tensor], strength_model: float = 1.0,
