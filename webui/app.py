@@ -20,9 +20,10 @@ def is_forge() -> bool:
 
 
 def _model():
-    from modules import shared
+    from modules import sd_models
 
-    model = shared.sd_model
+    # Forge loads the selected checkpoint when a generation first needs it; so does a run
+    model, _ = sd_models.forge_model_reload()
     if model is None or not hasattr(model, "forge_objects"):
         raise ValueError("No Stable Diffusion checkpoint is loaded: pick one in the checkpoint list at the top "
                          "of the page, then start again.")

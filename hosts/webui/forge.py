@@ -224,8 +224,15 @@ class ForgeHost:
                 kwargs["y"] = self._size_vector(cond, x)
             self._load(self._unet)
             topts = dict(self._unet.model_options.get("transformer_options", {}))
-            with common.substituted_weights(self._unet.model, self._unet_fns):
+            with common.substituted_weights(self._unet.model, self._unet_fns), self._saved_copies():
                 return self._unet.model.apply_model(x, sigma, transformer_options=topts, **kwargs)
+
+    def _saved_copies(self):
+        """While weights train, autograd keeps its own copy of every activation it saves: Forge's
+        transformer blocks add residuals in place (``x += n``) after a norm saved ``x``."""
+        if not (self._unet_fns and torch.is_grad_enabled()):
+            return contextlib.nullcontext()
+        return torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t)
 
     def output_scale(self, sigma: torch.Tensor) -> torch.Tensor:
         s = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1)
