@@ -123,6 +123,36 @@ class ComfyAdapter:
             return ComfyHost(model, clip, vae)
 
 
+class ForgeAdapter(ComfyAdapter):
+    """The Forge host on engines Forge's own loader built from the tiny checkpoints (marker
+    ``webui``; skipped without ``FORGE_PATH``).  Forge names parameters as ComfyUI does."""
+
+    node = staticmethod(torch.inference_mode)  # the WebUI generates under inference mode
+    decode_atol = 0.0
+
+    @staticmethod
+    def raw(host, x_in: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+        from likeness.hosts.webui import common
+
+        kwargs = {"y": host._size_vector(cond, x_in)} if host.info.family == "sdxl" else {}
+        with common.substituted_weights(host._unet.model):
+            return host._unet.model.diffusion_model(x_in, t.float(), context=cond["crossattn"], **kwargs).float()
+
+    @staticmethod
+    def as_host(result, like) -> Host:
+        from likeness.hosts.webui.forge import ForgeHost
+
+        return ForgeHost(like._engine, result)
+
+    @staticmethod
+    def reload(path, like, workdir) -> Host:
+        from support import forge_runtime
+
+        from likeness.hosts.webui.forge import ForgeHost
+
+        return ForgeHost(forge_runtime.load_engine(path))
+
+
 @dataclass(frozen=True)
 class Case:
     id: str
@@ -131,9 +161,11 @@ class Case:
     prediction: str
     adapter: Any
     comfy: bool = False
+    webui: bool = False
 
     def param(self):
         marks = [pytest.mark.comfyui] if self.comfy else []
+        marks += [pytest.mark.webui] if self.webui else []
         return pytest.param(self, id=self.id, marks=marks)
 
 
@@ -143,6 +175,8 @@ CASES = [
     Case("diffusers-sdxl", "tiny_sdxl_host", "sdxl", "eps", DiffusersAdapter),
     Case("comfy-sd1", "comfy_hosts:sd15", "sd1", "eps", ComfyAdapter, comfy=True),
     Case("comfy-sdxl", "comfy_hosts:sdxl", "sdxl", "eps", ComfyAdapter, comfy=True),
+    Case("forge-sd1", "forge_hosts:sd15", "sd1", "eps", ForgeAdapter, webui=True),
+    Case("forge-sdxl", "forge_hosts:sdxl", "sdxl", "eps", ForgeAdapter, webui=True),
 ]
 
 
@@ -161,6 +195,28 @@ def comfy_hosts(comfy_root):
             model, clip, vae = comfy_runtime.load_tiny(arch)
             with torch.inference_mode():
                 built[arch] = ComfyHost(model, clip, vae)
+        return built[arch]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def forge_hosts():
+    """ForgeHosts over engines Forge's loader built from the tiny checkpoints, by arch, each built
+    on first use and kept for the module."""
+    from support import forge_runtime
+
+    root = forge_runtime.forge_path()
+    if root is None:
+        pytest.skip("FORGE_PATH is not set to a Stable Diffusion WebUI Forge checkout (tests/support/get_webui.sh)")
+    forge_runtime.import_forge(root)
+    from likeness.hosts.webui.forge import ForgeHost
+
+    built = {}
+
+    def get(arch: str):
+        if arch not in built:
+            built[arch] = ForgeHost(forge_runtime.load_tiny(arch))
         return built[arch]
 
     return get

@@ -20,7 +20,7 @@ import comfy.sd1_clip
 import comfy.supported_models
 
 from ...trainers.families import FAMILIES, SUPPORTED
-from ...trainers.formats.unet_names import UNetLayout
+from ...trainers.formats.unet_names import UNetLayout, unet_layout_of  # noqa: F401  (re-exported)
 
 
 def _what(model) -> str:
@@ -105,26 +105,6 @@ def check_vae(vae, model) -> None:
         raise ValueError(f"This VAE makes {lc}-channel latents at 1/{ratio} scale, but the MODEL expects "
                          f"{fmt.latent_channels} channels at 1/{fmt.spacial_downscale_ratio}. Connect the VAE "
                          "of the same checkpoint (or an SD/SDXL VAE).")
-
-
-def unet_layout_of(unet_config: dict) -> UNetLayout:
-    """The block layout of ComfyUI's ``UNetModel`` built from ``unet_config``, as LoRA names need it."""
-    nrb = unet_config["num_res_blocks"]
-    levels = len(unet_config["channel_mult"])
-    nrb = [nrb] * levels if isinstance(nrb, int) else list(nrb)
-    # ComfyUI's UNetModel takes input depths from the front of the list and output depths from
-    # the back (``transformer_depth_output.pop()``): output block 0 is the list's last entry
-    down_depth = list(unet_config["transformer_depth"])
-    up_depth = list(reversed(unet_config["transformer_depth_output"]))
-    down, i = [], 0
-    for n in nrb:
-        down.append(any(d > 0 for d in down_depth[i:i + n]))
-        i += n
-    up, i = [], 0
-    for n in reversed(nrb):  # output blocks run from the deepest level up; n + 1 per level
-        up.append(any(d > 0 for d in up_depth[i:i + n + 1]))
-        i += n + 1
-    return UNetLayout(tuple(nrb), tuple(up), tuple(down))
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ import comfy.sd
 from ...trainers.families import FAMILIES
 from ...trainers.formats.files import atomic_path
 from ...trainers.seam import ImageMeta, ModelInfo, ParameterNaming, TextEncoderInfo
+from ..shared import check_vectors
 from .detection import check_clip, check_vae, checkpoint_name, model_facts, unet_layout_of
 from .patching import add_identity_wrappers, checkpointed_blocks, out_of_place_clip_layers
 from .vae import ComfyVAE
@@ -210,17 +211,7 @@ class ComfyHost:
 
     # ------------------------------------------------------------------ text
     def _check_vectors(self, vectors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        out = {}
-        for enc in self._encoders:
-            v = vectors.get(enc.key)
-            if v is None:
-                raise ValueError(f"vectors for the {enc.key} text encoder are missing (have {sorted(vectors)})")
-            if v.ndim == 1:
-                v = v[None]
-            if v.ndim != 2 or v.shape[-1] != enc.width or v.shape[0] < 1:
-                raise ValueError(f"vectors[{enc.key!r}] must be [n, {enc.width}], got {tuple(v.shape)}")
-            out[enc.key] = v
-        return out
+        return check_vectors(self._encoders, vectors)
 
     def _tokenizer_with(self, vectors: dict[str, torch.Tensor]):
         """A shallow copy of the CLIP's tokenizer whose per-encoder tokenizers resolve

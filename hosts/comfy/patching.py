@@ -25,6 +25,8 @@ import torch.utils.checkpoint as ckpt
 
 import comfy.clip_model
 
+from ..shared import checkpointed_forwards, unet_blocks
+
 
 class PatchableWrapper:
     """Weight/bias wrapper that always returns a tensor of its own, patched when a trainer asks.
@@ -89,32 +91,16 @@ def out_of_place_clip_layers() -> Iterator[None]:
         cls.forward = original
 
 
-def _unet_blocks(unet) -> list[torch.nn.Module]:
-    blocks = list(getattr(unet, "input_blocks", [])) + [getattr(unet, "middle_block", None)] \
-        + list(getattr(unet, "output_blocks", []))
-    return [b for b in blocks if b is not None]
-
-
 @contextlib.contextmanager
 def checkpointed_blocks(unet) -> Iterator[None]:
     """Recompute each block of ComfyUI's ``UNetModel`` (and, through the out-of-place CLIP layers,
     each text-encoder layer) in backward while the block runs; the shared modules get their own
     ``forward`` back in ``finally``."""
-    blocks = _unet_blocks(unet)
-    for b in blocks:
-        def fwd(*args, _f=b.forward, **kwargs):
-            if not torch.is_grad_enabled():
-                return _f(*args, **kwargs)
-            return ckpt.checkpoint(_f, *args, use_reentrant=False, **kwargs)
-
-        b.forward = fwd
-    _CHECKPOINT_TEXT["on"] = True
-    try:
-        yield
-    finally:
-        _CHECKPOINT_TEXT["on"] = False
-        for b in blocks:
-            b.__dict__.pop("forward", None)
-
+    with checkpointed_forwards(unet_blocks(unet)):
+        _CHECKPOINT_TEXT["on"] = True
+        try:
+            yield
+        finally:
+            _CHECKPOINT_TEXT["on"] = False
 
 __all__ = ["PatchableWrapper", "add_identity_wrappers", "out_of_place_clip_layers", "checkpointed_blocks"]

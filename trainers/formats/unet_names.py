@@ -204,4 +204,25 @@ def is_ldm_path(path: str) -> bool:
     return path.split(".", 1)[0] in LDM_TOP
 
 
-__all__ = ["UNetLayout", "DEFAULT_LAYOUTS", "LDM_TOP", "is_ldm_path"]
+def unet_layout_of(unet_config: dict) -> UNetLayout:
+    """The block layout of an LDM ``UNetModel`` built from a ComfyUI-style ``unet_config`` (ComfyUI's
+    own, and the one Forge's ``huggingface_guess`` estimates), as LoRA names need it."""
+    nrb = unet_config["num_res_blocks"]
+    levels = len(unet_config["channel_mult"])
+    nrb = [nrb] * levels if isinstance(nrb, int) else list(nrb)
+    # ComfyUI's UNetModel takes input depths from the front of the list and output depths from
+    # the back (``transformer_depth_output.pop()``): output block 0 is the list's last entry
+    down_depth = list(unet_config["transformer_depth"])
+    up_depth = list(reversed(unet_config["transformer_depth_output"]))
+    down, i = [], 0
+    for n in nrb:
+        down.append(any(d > 0 for d in down_depth[i:i + n]))
+        i += n
+    up, i = [], 0
+    for n in reversed(nrb):  # output blocks run from the deepest level up; n + 1 per level
+        up.append(any(d > 0 for d in up_depth[i:i + n + 1]))
+        i += n + 1
+    return UNetLayout(tuple(nrb), tuple(up), tuple(down))
+
+
+__all__ = ["UNetLayout", "DEFAULT_LAYOUTS", "LDM_TOP", "is_ldm_path", "unet_layout_of"]

@@ -1,0 +1,79 @@
+"""A real Stable Diffusion WebUI Forge on loopback, on the CPU, with this repository installed as an
+extension: ``python launch.py --skip-prepare-environment --always-cpu --api`` from ``FORGE_PATH``
+with its own ``--data-dir`` (a temporary folder holding ``models/Stable-diffusion``,
+``models/Lora``, ``embeddings`` and ``extensions/likeness`` -> this checkout), so everything it
+writes lies below that folder.  The log goes to ``data/server.log``; it is stopped by its own pid."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from .comfy_runtime import REPO
+from .comfy_server import free_port, link
+
+
+class ForgeServer:
+    def __init__(self, root: Path, data: Path, checkpoint: Path, port: int | None = None):
+        self.root, self.data, self.checkpoint = Path(root), Path(data), Path(checkpoint)
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = self.data / "server.log"
+        self.proc: subprocess.Popen | None = None
+
+    def _layout(self) -> None:
+        for sub in ("models/Stable-diffusion", "models/Lora", "embeddings", "extensions"):
+            (self.data / sub).mkdir(parents=True, exist_ok=True)
+        link(self.checkpoint, self.data / "models" / "Stable-diffusion" / self.checkpoint.name)
+        link(REPO, self.data / "extensions" / "likeness")
+
+    def start(self, timeout: float = 900) -> "ForgeServer":
+        self._layout()
+        cmd = [sys.executable, "launch.py", "--skip-prepare-environment", "--skip-install", "--always-cpu",
+               "--api", "--port", str(self.port), "--data-dir", str(self.data), "--no-download-sd-model",
+               "--skip-version-check", "--ckpt", str(self.data / "models" / "Stable-diffusion" / self.checkpoint.name)]
+        log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, cwd=self.root, stdout=log, stderr=subprocess.STDOUT)
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"Forge exited ({self.proc.returncode}):\n{self.log()[-4000:]}")
+            if self._ready():
+                return self
+            time.sleep(2)
+        raise RuntimeError(f"Forge did not answer in {timeout} s:\n{self.log()[-4000:]}")
+
+    def _ready(self) -> bool:
+        """The extension's routes answer (they are added after the server starts listening)."""
+        try:
+            self.get("/likeness/v1/runs/latest")
+        except urllib.error.HTTPError as e:
+            return e.code == 404 and b"no run yet" in e.read()
+        except OSError:
+            return False
+        return True
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.is_file() else ""
+
+    def get(self, path: str):
+        with urllib.request.urlopen(self.url + path, timeout=600) as r:
+            return json.loads(r.read())
+
+    def post(self, path: str, body: dict):
+        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=900) as r:
+            return json.loads(r.read())
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
