@@ -179,6 +179,18 @@ class Tunable(Host, Protocol):
         ``fns[name](p)`` instead (``p`` in the compute dtype; the result must keep its shape).
         Gradients flow through ``fns`` to whatever tensors they close over."""
 
+    def unet_layout(self) -> Any:
+        """The UNet's block layout (``UNetLayout`` of the formats' UNet naming), to name keys."""
+
+    def gradient_checkpointing(self) -> Any:
+        """Context manager: recompute the UNet's block activations in backward (less memory)."""
+
+
+@runtime_checkable
+class Branchable(Protocol):
+    """A ``Tunable`` host that can also run a layer's output through a branch (LoRA's way to train;
+    a separate protocol until every host implements it, so ``isinstance(h, Tunable)`` stays true)."""
+
     def module_branches(self, fns: dict[str, Any]) -> Any:
         """Context manager: while active, the layer owning weight ``name`` (a key of
         ``tunable_parameters``, ending in ``.weight``) returns ``fns[name](x, y)`` instead of its
@@ -188,12 +200,6 @@ class Tunable(Host, Protocol):
         activations, so an update far below one rounding step of a bf16/fp16 weight still changes
         what the layer computes.  Gradients flow through ``fns`` to what they close over; the
         host's weights are never written."""
-
-    def unet_layout(self) -> Any:
-        """The UNet's block layout (``UNetLayout`` of the formats' UNet naming), to name keys."""
-
-    def gradient_checkpointing(self) -> Any:
-        """Context manager: recompute the UNet's block activations in backward (less memory)."""
 
 
 @runtime_checkable
