@@ -107,7 +107,11 @@ class Host(Protocol):
     def training(self) -> ContextManager[Any]:
         """Context manager every training run happens in: leaves the host program's inference
         mode (ComfyUI runs nodes under ``torch.inference_mode()``) and enables grad.  Every tensor a
-        trainer creates that autograd may save must be created inside."""
+        trainer creates that autograd may save must be created inside.
+
+        A host whose step can trade speed for memory says so with a ``path`` attribute
+        (``"fast"``, the default, or ``"low_memory"``; set it before the block) and a
+        ``fast_path_memory()`` estimate (ComfyUI); a host without them has one path."""
 
     def text_encoders(self) -> Sequence[TextEncoderInfo]:
         """The encoders a placeholder needs vectors for, in file order (SDXL: clip_l, clip_g)."""
