@@ -82,4 +82,4 @@ def test_size_ids_are_built_once_per_conditioning(tiny_sdxl_host):
     ids = cond.time_ids((64, 64))
     assert cond.time_ids((64, 64)) is ids  # reused, not rebuilt
     assert ids.tolist() == [[80, 72, 8, 4, 64, 64], [64, 64, 0, 0, 64, 64]]
-    assert cond.time_ids((32, 48)).tolist()[1] == [32, 48, 0, 0, 32, 48]  # another size: its own ids
+    assert cond.time_ids((32, 48)).tolist()[1] == [64, 64, 0, 0, 32, 48]  # another size: its own target
