@@ -155,14 +155,15 @@ def estimate(parts) -> FastPathMemory:
 
 
 class _Patch(torch.nn.Module):
-    """A parametrization computing ``fn(weight)``: the trainer's patch, on a replica only."""
+    """A parametrization of weight ``key`` computing the trainer's ``fns[key](weight)``, on a
+    replica only (the ``PatchableWrapper`` of the fast path)."""
 
-    def __init__(self, fn):
+    def __init__(self, key: str, fns: dict):
         super().__init__()
-        self.fn = fn
+        self.key, self.fns = key, fns
 
     def forward(self, original: torch.Tensor) -> torch.Tensor:
-        return self.fn(original)
+        return self.fns[self.key](original)
 
 
 class FastModels:
@@ -194,10 +195,11 @@ class FastModels:
 
     def patch(self, fns: dict) -> None:
         """``fns[key](weight)`` replaces weight ``key`` (names as ComfyUI's weight wrappers)."""
-        for key, fn in fns.items():
+        fns = dict(fns)  # the patches of this call, whatever the caller's dict does later
+        for key in fns:
             self.unpatch([key])
             module, pname = self._owner(key)
-            parametrize.register_parametrization(module, pname, _Patch(fn), unsafe=True)
+            parametrize.register_parametrization(module, pname, _Patch(key, fns), unsafe=True)
             self._patched[key] = (module, pname)
 
     def unpatch(self, keys) -> None:
