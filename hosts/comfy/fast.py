@@ -182,12 +182,6 @@ class FastModels:
         self.clip.load_model = lambda tokens=None: clip.patcher  # loaded above, once
         self._patched: dict[str, tuple[torch.nn.Module, str]] = {}
 
-    @staticmethod
-    def step():
-        """Context for one forward: a patched weight is computed once, however often ComfyUI's
-        layer reads it (its per-call cast reads ``weight`` more than once)."""
-        return parametrize.cached()
-
     def _owner(self, key: str) -> tuple[torch.nn.Module, str]:
         mname, _, pname = key.rpartition(".")
         root = self.base if key.startswith("diffusion_model.") else self.clip.cond_stage_model

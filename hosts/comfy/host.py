@@ -334,8 +334,7 @@ class ComfyHost:
             try:
                 # our own clone's attribute; the input CLIP is untouched
                 clip.tokenizer = self._tokenizer_with(vectors) if splice else saved
-                with fast.step() if fast is not None else contextlib.nullcontext():
-                    conds, pooled, extra = self._encode_all(clip, texts)
+                conds, pooled, extra = self._encode_all(clip, texts)
             finally:
                 clip.tokenizer = saved
         size = [_size_conditioning(meta[i] if meta is not None else None) for i in range(len(prompts))]
@@ -403,8 +402,7 @@ class ComfyHost:
             kwargs = self.model_kwargs(cond, x)
             topts = dict(patcher.model_options.get("transformer_options", {}))
             topts.update(cond_or_uncond=[0], uuids=[uuid.uuid4()], sigmas=sigma)
-            with fast.step() if fast is not None else contextlib.nullcontext():
-                return base.apply_model(x, sigma, transformer_options=topts, **kwargs)
+            return base.apply_model(x, sigma, transformer_options=topts, **kwargs)
 
     def output_scale(self, sigma: torch.Tensor) -> torch.Tensor:
         with _normal_mode():
