@@ -107,7 +107,11 @@ class Host(Protocol):
     def training(self) -> ContextManager[Any]:
         """Context manager every training run happens in: leaves the host program's inference
         mode (ComfyUI runs nodes under ``torch.inference_mode()``) and enables grad.  Every tensor a
-        trainer creates that autograd may save must be created inside."""
+        trainer creates that autograd may save must be created inside.
+
+        A host whose step can trade speed for memory says so with a ``path`` attribute
+        (``"fast"``, the default, or ``"low_memory"``; set it before the block) and a
+        ``fast_path_memory()`` estimate (ComfyUI); a host without them has one path."""
 
     def text_encoders(self) -> Sequence[TextEncoderInfo]:
         """The encoders a placeholder needs vectors for, in file order (SDXL: clip_l, clip_g)."""
@@ -181,6 +185,18 @@ class Tunable(Host, Protocol):
         its shape).
         Gradients flow through ``fns`` to whatever tensors they close over."""
 
+    def unet_layout(self) -> Any:
+        """The UNet's block layout (``UNetLayout`` of the formats' UNet naming), to name keys."""
+
+    def gradient_checkpointing(self) -> Any:
+        """Context manager: recompute the UNet's block activations in backward (less memory)."""
+
+
+@runtime_checkable
+class Branchable(Protocol):
+    """A ``Tunable`` host that can also run a layer's output through a branch (LoRA's way to train;
+    a separate protocol until every host implements it, so ``isinstance(h, Tunable)`` stays true)."""
+
     def module_branches(self, fns: dict[str, Any]) -> Any:
         """Context manager: while active, the layer owning weight ``name`` (a key of
         ``tunable_parameters``, ending in ``.weight``) returns ``fns[name](x, y)`` instead of its
@@ -190,12 +206,6 @@ class Tunable(Host, Protocol):
         activations, so an update far below one rounding step of a bf16/fp16 weight still changes
         what the layer computes.  Gradients flow through ``fns`` to what they close over; the
         host's weights are never written."""
-
-    def unet_layout(self) -> Any:
-        """The UNet's block layout (``UNetLayout`` of the formats' UNet naming), to name keys."""
-
-    def gradient_checkpointing(self) -> Any:
-        """Context manager: recompute the UNet's block activations in backward (less memory)."""
 
 
 @runtime_checkable

@@ -24,7 +24,15 @@ Why it looks the way it does:
   sequences stay 77 tokens long with the right pad token per encoder.
 * ``denoise`` is ``BaseModel.apply_model`` (returns x0) with its keyword conditioning built by
   ``BaseModel.extra_conds`` as ComfyUI's samplers build it, so SDXL's ``y`` (pooled text + size
-  embeddings) is never hard-coded here.
+  embeddings) is never hard-coded here.  It is built once per prompt of a conditioning and kept on
+  it (a cached conditioning, e.g. DreamBooth's frozen text, is never rebuilt).
+* Two paths inside ``training()`` (``path``; outside it every call takes the second):
+  ``"fast"`` (default) trains through replicas of the UNet and text encoders made once per block
+  over ordinary aliases of the loaded weights (``fast.py``): no per-forward weight copies, the
+  models loaded once.  ``"low_memory"`` trains through the wrapper clones above, which copy each
+  weight per forward and reload every call, but stream with ComfyUI's partial loading; with
+  gradient checkpointing only a block's copies are alive at a time.  ``fast_path_memory()`` says
+  what the fast path holds, for a VRAM preflight choosing between them before training starts.
 * Every method leaves inference mode for its own work, so the tensors it returns are ordinary
   tensors even when called outside ``training()`` (VAE and sampling previews); the trainer's
   own tensors and its backward pass still need ``training()``.
@@ -48,6 +56,7 @@ from ...trainers.formats.files import atomic_path
 from ...trainers.seam import ImageMeta, ModelInfo, ParameterNaming, TextEncoderInfo
 from ..shared import check_vectors
 from .detection import check_clip, check_vae, checkpoint_name, model_facts, unet_layout_of
+from .fast import FastModels, FastPathMemory, estimate
 from .patching import add_identity_wrappers, checkpointed_blocks, out_of_place_clip_layers
 from .vae import ComfyVAE
 
@@ -56,6 +65,9 @@ _MARKER = "likeness_placeholder_7f3a9c"
 
 #: layer types whose weights a fine-tune may patch (comfy ops subclass these)
 _TUNABLE = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.LayerNorm)
+
+#: ``ComfyHost.path`` values: train through replicas (default) or through the wrapper clones
+PATHS = ("fast", "low_memory")
 
 
 @dataclass
@@ -70,6 +82,8 @@ class ComfyCond:
     pooled: list[torch.Tensor | None]
     size: list[dict[str, int]]
     extra: list[dict[str, Any]] = field(default_factory=list)
+    #: ``denoise``'s keyword conditioning per (batch, latent shape, device), built on first use
+    kwargs_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.cross_attn)
@@ -84,6 +98,10 @@ def _size_conditioning(meta: ImageMeta | None) -> dict[str, int]:
     if meta.target_hw is not None:
         d["target_height"], d["target_width"] = int(meta.target_hw[0]), int(meta.target_hw[1])
     return d
+
+
+def _is_patched(module, pname: str) -> bool:
+    return pname in getattr(module, "parametrizations", {})
 
 
 def _normal_mode():
@@ -103,9 +121,11 @@ class ComfyHost:
     LoRAs, clip skip and model-sampling patches upstream are honoured).  ``vae`` is needed only by
     ``encode_images`` / ``decode_latents`` / ``save_checkpoint``.  ``name`` overrides the checkpoint
     name recorded in ``info`` (default: the file CheckpointLoaderSimple loaded, when known).
+    ``path``: how ``training()`` trains, ``"fast"`` or ``"low_memory"`` (module doc); settable
+    until the first step of a block needs the model.
     """
 
-    def __init__(self, model, clip, vae=None, *, name: str | None = None):
+    def __init__(self, model, clip, vae=None, *, name: str | None = None, path: str = "fast"):
         if model is None or clip is None:
             raise ValueError("Likeness needs both the MODEL and the CLIP of a checkpoint.")
         facts = model_facts(model)
@@ -134,6 +154,11 @@ class ComfyHost:
         add_identity_wrappers(self._clip.patcher, self._patches)
         self._vae = vae
         self._codec = ComfyVAE(vae, self._model.model, self.device) if vae is not None else None
+        # Plain clones for the fast path: loaded once per training() block, then replicated.
+        self._fast_model, self._fast_clip = model.clone(), clip.clone()
+        self._fast: FastModels | None = None
+        self._depth = 0
+        self.path = path
 
     # ------------------------------------------------------------------ usage contract
     @contextlib.contextmanager
@@ -141,9 +166,49 @@ class ComfyHost:
         """Leave ComfyUI's ``torch.inference_mode()`` and enable grad for the block.
 
         Everything a trainer creates that autograd may save (vectors, noise, optimizer state) must
-        be created inside; the host's own weights are handled by its clones."""
+        be created inside; the host's own weights are handled by its clones.  On the fast path the
+        first call that needs the model loads it and builds the replicas; leaving the outermost
+        block drops them."""
         with torch.inference_mode(False), torch.enable_grad():
-            yield self
+            self._depth += 1
+            try:
+                yield self
+            finally:
+                self._depth -= 1
+                if self._depth == 0:
+                    self._fast = None
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    @path.setter
+    def path(self, value: str) -> None:
+        if value not in PATHS:
+            raise ValueError(f"path must be one of {', '.join(PATHS)}, not {value!r}")
+        if self._fast is not None and value != "fast":
+            raise RuntimeError("the training path cannot change after a block started on the fast path; "
+                               "set it before `with host.training():`")
+        self._path = value
+
+    def _fast_models(self) -> FastModels | None:
+        """The replicas this ``training()`` block trains through (built on first use), or None
+        outside a block or on the low-memory path."""
+        if self._depth == 0 or self._path != "fast":
+            return None
+        if self._fast is None:
+            with _normal_mode():
+                self._fast = FastModels(self._fast_model, self._fast_clip)
+                self._fast.patch(self._patches)
+        return self._fast
+
+    def fast_path_memory(self) -> FastPathMemory:
+        """Device bytes the fast path's weights take (``resident``) and how much of that it copies
+        on top of ComfyUI's own loaded model (``copied``), without loading anything.  The
+        low-memory path holds no replicas; its per-step copies die with each step's graph."""
+        base = self._fast_model.model
+        return estimate([(self._fast_model, base.diffusion_model, base.get_dtype_inference()),
+                         (self._fast_clip.patcher, self._fast_clip.cond_stage_model, None)])
 
     # ------------------------------------------------------------------ the seam
     def text_encoders(self) -> Sequence[TextEncoderInfo]:
@@ -252,18 +317,21 @@ class ComfyHost:
         else:
             texts = prompts
         with _normal_mode(), torch.autocast(self.device.type, enabled=False), out_of_place_clip_layers():
-            _load([self._clip.patcher])
-            saved = self._clip.tokenizer
+            fast = self._fast_models()
+            clip = fast.clip if fast is not None else self._clip
+            if fast is None:
+                _load([clip.patcher])
+            saved = clip.tokenizer
             try:
                 # our own clone's attribute; the input CLIP is untouched
-                self._clip.tokenizer = self._tokenizer_with(vectors) if splice else saved
-                conds, pooled, extra = self._encode_all(texts)
+                clip.tokenizer = self._tokenizer_with(vectors) if splice else saved
+                conds, pooled, extra = self._encode_all(clip, texts)
             finally:
-                self._clip.tokenizer = saved
+                clip.tokenizer = saved
         size = [_size_conditioning(meta[i] if meta is not None else None) for i in range(len(prompts))]
         return ComfyCond(conds, pooled, size, extra)
 
-    def _encode_all(self, texts: list[str]):
+    def _encode_all(self, clip, texts: list[str]):
         """Each distinct text once (a DreamBooth batch repeats its instance and class prompts)."""
         conds, pooled, extra = [], [], []
         done: dict[str, int] = {}
@@ -273,7 +341,7 @@ class ComfyHost:
                 conds.append(conds[j]), pooled.append(pooled[j]), extra.append(dict(extra[j]))
                 continue
             done[t] = len(conds)
-            out = self._clip.encode_from_tokens(self._clip.tokenize(t), return_pooled=True, return_dict=True)
+            out = clip.encode_from_tokens(clip.tokenize(t), return_pooled=True, return_dict=True)
             c, pl = out.pop("cond"), out.pop("pooled_output", None)
             conds.append(c.to(self.device))
             pooled.append(pl.to(self.device) if torch.is_tensor(pl) else pl)
@@ -284,26 +352,30 @@ class ComfyHost:
     def model_kwargs(self, cond: ComfyCond, x: torch.Tensor) -> dict[str, Any]:
         """The keyword conditioning ``apply_model`` gets for ``x``: built per prompt by
         ``BaseModel.extra_conds`` the way ComfyUI's samplers build it (``c_crossattn``; SDXL ``y``),
-        then batched with ComfyUI's own cond concatenation."""
+        then batched with ComfyUI's own cond concatenation (one prompt: repeated to the batch).
+        Kept on ``cond``: a conditioning reused across steps is built once."""
         b = x.shape[0]
         if len(cond) not in (1, b):
             raise ValueError(f"conditioning for {len(cond)} prompts cannot drive a batch of {b}")
-        idx = list(range(b)) if len(cond) == b else [0] * b
-        f = self.latent_scale
-        base = self._model.model
+        key = (b, tuple(x.shape[1:]), x.device)
+        if key not in cond.kwargs_cache:
+            cond.kwargs_cache[key] = self._batched_conds(cond, x)
+        return cond.kwargs_cache[key]
+
+    def _batched_conds(self, cond: ComfyCond, x: torch.Tensor) -> dict[str, Any]:
+        f, repeat = self.latent_scale, x.shape[0] if len(cond) == 1 else 1
         per = []
-        for j, i in enumerate(idx):
+        for i in range(len(cond)):
             params = {"width": x.shape[-1] * f, "height": x.shape[-2] * f}
             params.update(cond.size[i])
             params.update(cond.extra[i] if i < len(cond.extra) else {})
-            params.update(cross_attn=cond.cross_attn[i], device=x.device, noise=x[j:j + 1],
-                          prompt_type="positive")
+            params.update(cross_attn=cond.cross_attn[i], device=x.device, noise=x[:1], prompt_type="positive")
             if cond.pooled[i] is not None:
                 params["pooled_output"] = cond.pooled[i]
-            per.append(base.extra_conds(**params))
+            per.append(self._model.model.extra_conds(**params))
         kwargs = {}
         for k in per[0]:
-            items = [p[k].process_cond(batch_size=1, area=None) for p in per]
+            items = [p[k].process_cond(batch_size=repeat, area=None) for p in per]
             kwargs[k] = items[0].concat(items[1:]) if len(items) > 1 else items[0].cond
         return kwargs
 
@@ -313,12 +385,15 @@ class ComfyHost:
             if sigma.ndim == 0:
                 sigma = sigma.expand(x.shape[0])
             sigma = sigma.reshape(-1)
-            need = self._model.model.memory_required([2 * x.shape[0]] + list(x.shape[1:]))
-            _load([self._model], memory_required=need)
+            fast = self._fast_models()
+            if fast is None:
+                need = self._model.model.memory_required([2 * x.shape[0]] + list(x.shape[1:]))
+                _load([self._model], memory_required=need)
+            base, patcher = (fast.base, fast.patcher) if fast is not None else (self._model.model, self._model)
             kwargs = self.model_kwargs(cond, x)
-            topts = dict(self._model.model_options.get("transformer_options", {}))
+            topts = dict(patcher.model_options.get("transformer_options", {}))
             topts.update(cond_or_uncond=[0], uuids=[uuid.uuid4()], sigmas=sigma)
-            return self._model.model.apply_model(x, sigma, transformer_options=topts, **kwargs)
+            return base.apply_model(x, sigma, transformer_options=topts, **kwargs)
 
     def output_scale(self, sigma: torch.Tensor) -> torch.Tensor:
         with _normal_mode():
@@ -328,10 +403,13 @@ class ComfyHost:
 
     # ------------------------------------------------------------------ weights (seam.Tunable)
     def _part_root(self, part: str):
+        """The module tree ``part`` runs in now: the fast path's replica inside a block."""
+        fast = self._fast_models()
         if part == "unet":
-            return self._model.model, self.naming.unet_prefix
+            return (fast.base if fast is not None else self._model.model), self.naming.unet_prefix
         if part in self.naming.encoder_prefixes:
-            return self._clip.cond_stage_model, self.naming.encoder_prefixes[part]
+            clip = fast.clip if fast is not None else self._clip
+            return clip.cond_stage_model, self.naming.encoder_prefixes[part]
         have = ", ".join(["unet", *self.naming.encoder_prefixes])
         raise ValueError(f"no part {part!r} in this {self.info.family} model; have {have}")
 
@@ -341,7 +419,7 @@ class ComfyHost:
         for name, m in root.named_modules():
             if name.startswith(prefix) and hasattr(m, "weight_function") and isinstance(m, _TUNABLE):
                 for pname in ("weight", "bias"):
-                    t = getattr(m, pname, None)
+                    t = m.parametrizations[pname].original if _is_patched(m, pname) else getattr(m, pname, None)
                     if isinstance(t, torch.Tensor):
                         out[f"{name}.{pname}"] = t.detach()
         return out
@@ -356,10 +434,15 @@ class ComfyHost:
             raise ValueError(f"cannot patch {unknown[:3]}: not a weight or bias of this model's layers")
         self._patches.update(fns)
         try:
+            fast = self._fast_models()
+            if fast is not None:  # the replicas (built now or earlier in the block) take them too
+                fast.patch(fns)
             yield
         finally:
             for k in fns:
                 self._patches.pop(k, None)
+            if self._fast is not None:
+                self._fast.unpatch(fns)
 
     # ---- module_branches (seam.Tunable): LoRA as a branch on the activations ----------------
     @contextlib.contextmanager
@@ -405,7 +488,7 @@ class ComfyHost:
 
     def gradient_checkpointing(self):
         """Recompute each UNet block (and text-encoder layer) in backward while the block runs."""
-        return checkpointed_blocks(self._model.model.diffusion_model)
+        return checkpointed_blocks(self._part_root("unet")[0].diffusion_model)
 
     # ------------------------------------------------------------------ results (seam.Exportable)
     def with_lora(self, lora_state_dict: dict[str, torch.Tensor], strength_model: float = 1.0,

@@ -16,6 +16,12 @@ and the scheduler's ``x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps`` is ``c_in * (x0 +
 training feeds it and turns its output (eps or v) into an x0 estimate; ``output_scale`` is that
 output's coefficient, so the trainer's ``((x0_hat - x0) / output_scale)^2`` is the model's own
 eps-MSE or v-MSE.
+
+A training step does nothing it could do once: the weights are ordinary frozen parameters moved to
+the device in the compute dtype at construction (no per-step copy or reload, so this host has one
+path, ComfyUI's "fast" one); a patch computes only the patched weight; each prompt is tokenized
+once per host (``text.tokenize``'s cache) and SDXL's size ids once per conditioning, so a reused
+conditioning (DreamBooth's frozen text) costs nothing after its first step.
 """
 from __future__ import annotations
 
@@ -153,6 +159,7 @@ class DiffusersHost:
         #: per component, the loaded tensors whose compute copy has another dtype (bf16 from fp16)
         self._source = {k: _lost_in_cast(before[k], m) for k, m in given.items()}
         self.tokenizers = list(tokenizers)
+        self._token_rows: list[dict] = [{} for _ in self.tokenizers]  # per tokenizer: prompt -> ids
         self.latent_channels = int(unet.config.in_channels)
         self.latent_scale = 2 ** (len(vae.config.block_out_channels) - 1)
         self.latent_multiple = 2 ** (len(unet.config.block_out_channels) - 1)  # one halving per level
@@ -326,8 +333,8 @@ class DiffusersHost:
         keys = [e.key for e in self._encoders]
         n = vectors[keys[0]].shape[0] if (placeholder and vectors) else 0  # same n for all (checked)
         outs = []
-        for key, tok, te in zip(keys, self.tokenizers, self.text_encoder_modules):
-            tokens = tokenize(tok, prompts, placeholder if n else None, n, self.device)
+        for key, tok, te, rows in zip(keys, self.tokenizers, self.text_encoder_modules, self._token_rows):
+            tokens = tokenize(tok, prompts, placeholder if n else None, n, self.device, rows)
             outs.append(run_encoder(te, tokens, vectors[key] if n else None, self.family == "sdxl"))
         if self.family != "sdxl":
             return DiffusersCond(context=outs[0].last_hidden_state)

@@ -2,7 +2,7 @@
 vectors, the encoder run that splices them in, and the conditioning the denoiser consumes."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,12 +22,21 @@ class DiffusersCond:
     context: torch.Tensor
     pooled: torch.Tensor | None = None
     meta: tuple[ImageMeta | None, ...] | None = None
+    #: ``time_ids`` per image size, built on first use (a conditioning reused across steps, e.g.
+    #: DreamBooth's frozen text, builds them once)
+    time_ids_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __len__(self) -> int:
         return self.context.shape[0]
 
     def time_ids(self, pixel_hw: tuple[int, int]) -> torch.Tensor:
         """SDXL's six size numbers per prompt: original (h, w), crop (top, left), target (h, w)."""
+        key = tuple(pixel_hw)
+        if key not in self.time_ids_cache:
+            self.time_ids_cache[key] = self._time_ids(key)
+        return self.time_ids_cache[key]
+
+    def _time_ids(self, pixel_hw: tuple[int, int]) -> torch.Tensor:
         metas = self.meta or (None,) * len(self)
         rows = []
         for m in metas:
@@ -47,24 +56,40 @@ class Tokens:
     slot: torch.Tensor  # [B, 77] long: row of the placeholder's vectors, -1 elsewhere
 
 
-def tokenize(tok, prompts: list[str], placeholder: str | None, n: int, device: torch.device) -> Tokens:
+#: prompts whose token rows a host keeps (a run's templates x captions stay far below this)
+ROW_CACHE_SIZE = 4096
+
+
+def _row(tok, prompt: str, placeholder: str | None, n: int) -> tuple[list[int], list[int]]:
+    row, slot = [], []
+    for k, piece in enumerate(prompt.split(placeholder) if placeholder else [prompt]):
+        if k:  # a placeholder occurrence between pieces; the id is overwritten by the hook
+            row += [0] * n
+            slot += list(range(n))
+        piece_ids = tok(piece, add_special_tokens=False).input_ids if piece else []
+        row += piece_ids
+        slot += [-1] * len(piece_ids)
+    row, slot = row[: MAX_TOKENS - 2], slot[: MAX_TOKENS - 2]
+    pad = MAX_TOKENS - 2 - len(row)
+    return [tok.bos_token_id, *row, tok.eos_token_id] + [tok.pad_token_id] * pad, [-1, *slot, -1] + [-1] * pad
+
+
+def tokenize(tok, prompts: list[str], placeholder: str | None, n: int, device: torch.device,
+             cache: dict | None = None) -> Tokens:
     """BOS + text with ``n`` slots per placeholder occurrence + EOS, cut to 77, padded with the
-    tokenizer's own pad token (SD1: EOS 49407; OpenCLIP encoders: "!" = 0)."""
-    ids, slots = [], []
+    tokenizer's own pad token (SD1: EOS 49407; OpenCLIP encoders: "!" = 0).  ``cache`` (the
+    caller's, one per tokenizer) keeps each prompt's rows: a training run tokenizes a prompt once."""
+    cache = {} if cache is None else cache
+    rows = []
     for prompt in prompts:
-        row, slot = [], []
-        for k, piece in enumerate(prompt.split(placeholder) if placeholder else [prompt]):
-            if k:  # a placeholder occurrence between pieces; the id is overwritten by the hook
-                row += [0] * n
-                slot += list(range(n))
-            piece_ids = tok(piece, add_special_tokens=False).input_ids if piece else []
-            row += piece_ids
-            slot += [-1] * len(piece_ids)
-        row, slot = row[: MAX_TOKENS - 2], slot[: MAX_TOKENS - 2]
-        pad = MAX_TOKENS - 2 - len(row)
-        ids.append([tok.bos_token_id, *row, tok.eos_token_id] + [tok.pad_token_id] * pad)
-        slots.append([-1, *slot, -1] + [-1] * pad)
-    return Tokens(ids=torch.tensor(ids, device=device), slot=torch.tensor(slots, device=device))
+        key = (prompt, placeholder, n)
+        if key not in cache:
+            if len(cache) >= ROW_CACHE_SIZE:
+                cache.clear()
+            cache[key] = _row(tok, prompt, placeholder, n)
+        rows.append(cache[key])
+    return Tokens(ids=torch.tensor([r[0] for r in rows], device=device),
+                  slot=torch.tensor([r[1] for r in rows], device=device))
 
 
 def run_encoder(te, tokens: Tokens, vec: torch.Tensor | None, hidden_states: bool):
