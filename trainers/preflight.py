@@ -18,7 +18,11 @@ How the estimate is made, and why so:
 * A margin: 15 % plus 512 MiB for kernels' workspaces and the allocator's fragmentation.
 
 The budget is the device's free memory (CUDA) or what the user set; on the CPU with no budget set
-nothing is measured and nothing changes.
+nothing is measured and nothing changes.  It is read after the probes, so a host that loads its
+weights lazily, or makes its fast path's weight copies at first use (ComfyUI), is counted with
+them already in place.  Choosing the host's low-memory path when even checkpointing does not fit
+is modelled here (``Need.fast_path``, ``decide(fast_available=...)``) but not yet offered by the
+trainers: the path is fixed once a ``training()`` block has run its first step.
 """
 from __future__ import annotations
 
