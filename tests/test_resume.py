@@ -164,7 +164,10 @@ def _ti_args(model, imgs, out, *extra):
             "--lr", "0.05", *extra]
 
 
-def test_cli_ctrl_c_then_resume_is_bit_identical(tiny_folder, tmp_path, capsys):
+def test_cli_ctrl_c_then_resume_is_bit_identical(tiny_folder, tmp_path, capsys, monkeypatch):
+    # the child process must sum in the same order as this one: the same number of CPU threads
+    # (other test modules set this process to one)
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))
     imgs = _image_folder(tmp_path / "imgs")
     assert cli.main(_ti_args(tiny_folder, imgs, tmp_path / "whole")) == 0
     out = tmp_path / "stopped"
