@@ -114,7 +114,8 @@ def test_lora_node_trains_samples_differently_and_reloads_through_loraloader(
     model, clip, _ = ckpt
     before = _weights(model)
     out = _run(node_classes["LikenessTrainDreamBoothLoRA"], **_inputs(ckpt, size, name=f"lkdb_{arch}", **LORA_EXTRA))
-    trained_model, trained_clip, lora_name, preview, loss = out.result
+    trained_model, trained_clip, lora_name, preview, loss, curves = out.result
+    assert curves.ndim == 4 and curves.shape[-1] == 3  # an IMAGE even with evaluation off
     after = _weights(model)  # (sampling a patched clone later patches the shared weights, as ComfyUI does)
     assert all(torch.equal(before[k], after[k]) for k in before), "training changed the input model's weights"
     assert lora_name == f"lkdb_{arch}.safetensors" and (folders["loras"] / lora_name).is_file()
@@ -141,7 +142,7 @@ def test_full_node_checkpoint_loads_through_checkpointloadersimple(node_classes,
     out = _run(node_classes["LikenessTrainDreamBoothFull"],
                **_inputs(sd1, 64, name="lkfull", learning_rate=1e-3, optimizer="adafactor",
                          train_text_encoder=False, text_encoder_lr=1e-6, extract_lora_rank=2))
-    trained_model, trained_clip, ckpt_name, _, _ = out.result
+    trained_model, trained_clip, ckpt_name, _, _, _ = out.result
     after = _weights(model)
     assert all(torch.equal(before[k], after[k]) for k in before), "training changed the input model's weights"
     assert ckpt_name == "lkfull.safetensors" and (folders["checkpoints"] / ckpt_name).is_file()
@@ -160,7 +161,7 @@ def test_pivotal_node_writes_embedding_and_lora(node_classes, folders, sd1, log_
                **_inputs(sd1, 64, name="lkpiv", instance_prompt="a photo of lkpiv_tok dog", token="lkpiv_tok",
                          init_text="", num_vectors=2, ti_learning_rate=5e-2, ti_fraction=0.5, rank=4,
                          targets="attention", bundle_embedding=False))
-    trained_model, trained_clip, embedding, lora_name, _, _ = out.result
+    trained_model, trained_clip, embedding, lora_name, _, _, _ = out.result
     assert embedding == "embedding:lkpiv_tok" and lora_name == "lkpiv.safetensors"
     assert (folders["embeddings"] / "lkpiv_tok.safetensors").is_file()
     log_lines.clear()

@@ -115,7 +115,8 @@ def test_train_node_end_to_end(node_classes, sd1, embeddings, progress_calls):
 
     node = node_classes["LikenessTrainTextualInversion"]
     out = _run(node, **_inputs(sd1))
-    conditioning, text, preview, loss = out.result
+    conditioning, text, preview, loss, curves = out.result
+    assert curves.ndim == 4 and curves.shape[-1] == 3  # an IMAGE even with evaluation off
     assert text == f"embedding:{NAME}"
     assert (embeddings / f"{NAME}.safetensors").is_file() and (embeddings / f"{NAME}.pt").is_file()
     assert len(loss["loss"]) == 2 and all(math.isfinite(x) for x in loss["loss"])
