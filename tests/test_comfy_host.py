@@ -201,9 +201,13 @@ def test_spliced_word_equals_clip_text_encode(request, arch):
 
 def test_encode_text_differentiable_sd1_and_inputs_untouched(sd1):
     import comfy.clip_model
+    import comfy.model_management
 
     model, clip, vae = sd1
     forward = comfy.clip_model.CLIPLayer.forward
+    # the inputs as ComfyUI holds them loaded: a clone an earlier test left loaded may still have its
+    # patches written into the shared weights, which loading these objects puts back
+    comfy.model_management.load_models_gpu([model, clip.patcher])
     before = (_fingerprint(model.model), _fingerprint(clip.cond_stage_model), _patcher_state(model),
               _patcher_state(clip.patcher))
     tok = clip.tokenizer
