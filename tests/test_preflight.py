@@ -42,18 +42,18 @@ def _need(plain, ckpt):
 
 def test_decide_keeps_a_run_that_fits_and_adds_checkpointing_when_needed():
     need = _need(4000 * MB, 500 * MB)
-    fits = P.decide(need, 8 * P.GiB, checkpointing=False, fast_available=False, what_to_lower="x")
+    fits = P.decide(need, 8 * P.GiB, checkpointing=False, what_to_lower="x")
     assert (fits.checkpointing, fits.note) == (False, "")
-    tight = P.decide(need, 2 * P.GiB, checkpointing=False, fast_available=False, what_to_lower="x")
+    tight = P.decide(need, 2 * P.GiB, checkpointing=False, what_to_lower="x")
     assert tight.checkpointing and "gradient checkpointing" in tight.note and tight.estimate <= 2 * P.GiB
 
 
 def test_decide_refuses_naming_the_setting():
     with pytest.raises(P.PreflightError, match="lower the batch size"):
-        P.decide(_need(4000 * MB, 900 * MB), P.GiB, checkpointing=False, fast_available=False,
+        P.decide(_need(4000 * MB, 900 * MB), P.GiB, checkpointing=False,
                  what_to_lower="the batch size")
     with pytest.raises(P.PreflightError):  # a host that cannot checkpoint has nothing to switch on
-        P.decide(_need(4000 * MB, None), 2 * P.GiB, checkpointing=False, fast_available=False, what_to_lower="x")
+        P.decide(_need(4000 * MB, None), 2 * P.GiB, checkpointing=False, what_to_lower="x")
 
 
 def test_no_budget_known_means_nothing_measured(tiny_sd1_host):
@@ -124,8 +124,8 @@ def test_dreambooth_turns_on_checkpointing_for_a_tight_budget_and_says_so(tiny_s
     plain, ckpt = seen[0]
     assert ckpt < plain  # LoRA keeps every adapted layer's input; checkpointing keeps block inputs
     # a budget between the two peaks (the LoRA's own state is tiny next to the activations)
-    low = P.Need(0, plain, ckpt).peak(checkpointing=True, fast=False)
-    high = P.Need(0, plain, ckpt).peak(checkpointing=False, fast=False)
+    low = P.Need(0, plain, ckpt).peak(checkpointing=True)
+    high = P.Need(0, plain, ckpt).peak(checkpointing=False)
     spy = _Spy(host, monkeypatch)
     res = train_dreambooth(host, _images(), cfg("tight", (low + high) / 2 / P.GiB))
     assert spy.ckpt >= 2 and any("gradient checkpointing" in n for n in res.notes)

@@ -20,9 +20,8 @@ How the estimate is made, and why so:
 The budget is the device's free memory (CUDA) or what the user set; on the CPU with no budget set
 nothing is measured and nothing changes.  It is read after the probes, so a host that loads its
 weights lazily, or makes its fast path's weight copies at first use (ComfyUI), is counted with
-them already in place.  Choosing the host's low-memory path when even checkpointing does not fit
-is modelled here (``Need.fast_path``, ``decide(fast_available=...)``) but not yet offered by the
-trainers: the path is fixed once a ``training()`` block has run its first step.
+them already in place.  The host's low-memory path is not a choice here: the path is fixed once a
+``training()`` block has run its first step, before the probes.
 """
 from __future__ import annotations
 
@@ -58,11 +57,10 @@ class Need:
     state: int  # the trainable tensors' gradients and optimizer state
     activations: int  # kept for backward per step, no checkpointing
     activations_checkpointed: int | None  # None: the host cannot checkpoint
-    fast_path: int = 0  # what the host's fast path keeps resident (made-trainable weight copies)
 
-    def peak(self, *, checkpointing: bool, fast: bool) -> int:
+    def peak(self, *, checkpointing: bool) -> int:
         act = self.activations_checkpointed if checkpointing else self.activations
-        return int((self.state + act + (self.fast_path if fast else 0)) * MARGIN) + WORKSPACE
+        return int((self.state + act) * MARGIN) + WORKSPACE
 
 
 @dataclass(frozen=True)
@@ -70,7 +68,6 @@ class Choice:
     """What the run will use; ``note`` is one line for the user when the preflight changed something."""
 
     checkpointing: bool
-    fast_path: bool
     estimate: int
     budget: int | None
     note: str = ""
@@ -157,36 +154,22 @@ def _gb(n: int) -> str:
     return f"{n / GiB:.1f} GB"
 
 
-def decide(need: Need, budget: int | None, *, checkpointing: bool, fast_available: bool,
-           what_to_lower: str) -> Choice:
-    """The first of: as asked; with gradient checkpointing; the low-memory path with
-    checkpointing — that fits ``budget``.  None fits: ``PreflightError`` naming ``what_to_lower``."""
+def decide(need: Need, budget: int | None, *, checkpointing: bool, what_to_lower: str) -> Choice:
+    """As asked if that fits ``budget``; else with gradient checkpointing if that fits; else
+    ``PreflightError`` naming ``what_to_lower``."""
     can_ckpt = need.activations_checkpointed is not None
-    options = [(checkpointing, fast_available)]
-    if can_ckpt:
-        options += [(True, fast_available), (True, False)] if fast_available else [(True, False)]
-    asked = need.peak(checkpointing=checkpointing and can_ckpt, fast=fast_available)
-    if budget is None:
-        return Choice(checkpointing and can_ckpt, fast_available, asked, None)
-    for ckpt, fast in options:
-        ckpt = ckpt and can_ckpt
-        est = need.peak(checkpointing=ckpt, fast=fast)
+    asked = need.peak(checkpointing=checkpointing and can_ckpt)
+    if budget is None or asked <= budget:
+        return Choice(checkpointing and can_ckpt, asked, budget)
+    if can_ckpt and not checkpointing:
+        est = need.peak(checkpointing=True)
         if est <= budget:
-            return Choice(ckpt, fast, est, budget, _note(ckpt and not checkpointing, not fast and fast_available,
-                                                         asked, est, budget))
-    least = min(need.peak(checkpointing=c and can_ckpt, fast=f) for c, f in options)
+            return Choice(True, est, budget, f"memory: the run as set needs about {_gb(asked)}, {_gb(budget)} "
+                          f"are free; using gradient checkpointing (about {_gb(est)}, somewhat slower)")
+    least = need.peak(checkpointing=can_ckpt)
     raise PreflightError(
         f"this run needs about {_gb(least)} even with every memory saving on, and the device has "
         f"{_gb(budget)} free: lower {what_to_lower}, or close what else uses the GPU")
-
-
-def _note(ckpt_added: bool, slow_path: bool, asked: int, est: int, budget: int) -> str:
-    if not (ckpt_added or slow_path):
-        return ""
-    how = " and ".join(x for x, on in (("gradient checkpointing", ckpt_added),
-                                       ("the low-memory path", slow_path)) if on)
-    return (f"memory: the run as set needs about {_gb(asked)}, {_gb(budget)} are free; using {how} "
-            f"(about {_gb(est)}, somewhat slower)")
 
 
 def denoising_step(host: Host, prompt: str, batch: int, placeholder: str | None = None,
@@ -213,14 +196,14 @@ def plan(host: Host, forward_at: Callable[[tuple[int, int]], torch.Tensor], *, t
     A note about a changed setting is also logged at once, before the run starts."""
     can_ckpt = isinstance(host, Tunable)
     if budget_gb <= 0 and host.device.type != "cuda":
-        return Choice(checkpointing and can_ckpt, False, 0, None)
+        return Choice(checkpointing and can_ckpt, 0, None)
     with eager(host):
         act, act_ckpt = measure(forward_at, host.latent_multiple, target_hw,
                                 host.gradient_checkpointing if can_ckpt else None)
     # read after the probes: a host that loads its weights lazily (ComfyUI) has loaded them now
     budget = int(budget_gb * GiB) if budget_gb > 0 else device_budget(host.device)
     need = Need(state_bytes(trainable_numel, optimizer), act, act_ckpt)
-    choice = decide(need, budget, checkpointing=checkpointing, fast_available=False, what_to_lower=what_to_lower)
+    choice = decide(need, budget, checkpointing=checkpointing, what_to_lower=what_to_lower)
     if choice.note:
         logging.getLogger("likeness").warning(choice.note)
     return choice
