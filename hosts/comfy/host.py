@@ -31,8 +31,8 @@ Why it looks the way it does:
   over ordinary aliases of the loaded weights (``fast.py``): no per-forward weight copies, the
   models loaded once.  ``"low_memory"`` trains through the wrapper clones above, which copy each
   weight per forward and reload every call, but stream with ComfyUI's partial loading; with
-  gradient checkpointing only a block's copies are alive at a time.  ``fast_path_memory()`` says
-  what the fast path holds, for a VRAM preflight choosing between them before training starts.
+  gradient checkpointing only a block's copies are alive at a time.  ``choose_path()`` picks one
+  before training starts from ``fast_path_memory()`` (what the fast path holds) and the free VRAM.
 * Every method leaves inference mode for its own work, so the tensors it returns are ordinary
   tensors even when called outside ``training()`` (VAE and sampling previews); the trainer's
   own tensors and its backward pass still need ``training()``.
@@ -53,6 +53,7 @@ import comfy.sd
 
 from ...trainers.families import FAMILIES
 from ...trainers.formats.files import atomic_path
+from ...trainers.preflight import GiB, device_budget
 from ...trainers.seam import ImageMeta, ModelInfo, ParameterNaming, TextEncoderInfo
 from ..shared import check_vectors
 from .detection import check_clip, check_vae, checkpoint_name, model_facts, unet_layout_of
@@ -201,6 +202,22 @@ class ComfyHost:
                 self._fast = FastModels(self._fast_model, self._fast_clip)
                 self._fast.patch(self._patches)
         return self._fast
+
+    def choose_path(self, budget_gb: float = 0.0) -> str:
+        """Set ``path`` before training from the fast path's estimate: its one-time copies
+        (``fast_path_memory().copied`` - none when ComfyUI holds the whole model in the compute
+        dtype; everything it streams under low VRAM) may take at most half the memory budget,
+        leaving the rest to the step itself, which the trainers' preflight then measures.
+        ``budget_gb``: 0 = the device's free memory (none known on the CPU: fast).  Returns a
+        note for the user when it chose the low-memory path, else ""."""
+        budget = int(budget_gb * GiB) if budget_gb > 0 else device_budget(self.device)
+        copied = self.fast_path_memory().copied if budget is not None else 0
+        if budget is None or copied <= budget // 2:
+            self.path = "fast"
+            return ""
+        self.path = "low_memory"
+        return (f"memory: the fast path would copy {copied / GiB:.1f} GB of weights beside ComfyUI's model "
+                f"with {budget / GiB:.1f} GB free; training on the low-memory path (slower, streams the weights)")
 
     def fast_path_memory(self) -> FastPathMemory:
         """Device bytes the fast path's weights take (``resident``) and how much of that it copies
