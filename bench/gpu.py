@@ -44,6 +44,7 @@ PLAN = [
     ("anchor", "comfy_unet_compile.py", "sd15 4 512"),
     ("ours", "lora_sd15_512_b1_prior", "off"), ("anchor", "comfy_anchor.py", "sd15 1 512 20"),
     ("ours", "lora_sd15_512_b1_prior", "max"),
+    ("ours", "ti_sd15_512_b4", "low_memory"), ("ours", "lora_sd15_512_b1_prior", "low_memory"),
     ("ours", "full_sd15_512_b1_prior", "off"), ("ours", "lora_sdxl_1024_b1", "off"),
     ("ours", "seedselect_sd15_512_20steps_cfg", "off"), ("ours", "ti_sdxl_1024_b1", "off"),
     ("anchor", "comfy_anchor.py", "sd15 4 512 20"), ("anchor", "comfy_anchor.py", "sdxl 1 1024 20"),
@@ -51,10 +52,13 @@ PLAN = [
     ("ours", "full_sd15_512_b1_prior", "max"), ("ours", "seedselect_sd15_512_20steps_cfg", "default"),
     ("ours", "ti_sdxl_1024_b1", "default"), ("ours", "lora_sdxl_1024_b1", "default"),
 ]
-#: the CPU rehearsal: every workload eagerly, and the compiled path once
-SMOKE_PLAN = [("ours", name, "off") for name in WORKLOADS] + [("ours", "ti_sd15_512_b4", "default")]
+#: the CPU rehearsal: every workload eagerly, the compiled path once, the low-memory path once
+SMOKE_PLAN = [("ours", name, "off") for name in WORKLOADS] + [("ours", "ti_sd15_512_b4", "default"),
+                                                              ("ours", "ti_sd15_512_b4", "low_memory")]
+#: "low_memory" in a plan: ComfyHost's fallback path (eager); the other values are compile modes
+PATHS = {"low_memory": "low_memory"}
 #: the longest one item may run on a GPU (seconds), before the budget's remainder cuts it shorter
-CAP = {"off": 150, "default": 300, "max": 300, "anchor": 200}
+CAP = {"off": 150, "default": 300, "max": 300, "low_memory": 150, "anchor": 200}
 
 
 # ------------------------------------------------------------------------------------------ child
@@ -174,12 +178,12 @@ def _load(w, host_kind: str, tiny: bool, comfy_dir: str | None):
         return comfy_env.load_models(w["arch"], tiny)
 
 
-def _training_host(w, models):
+def _training_host(w, models, path: str):
     if models[0] == "diffusers":
-        return models[1]
+        return models[1]  # one path only
     from likeness.hosts.comfy import ComfyHost
 
-    return ComfyHost(*models, name=f"random-{w['arch']}")
+    return ComfyHost(*models, name=f"random-{w['arch']}", path=path)
 
 
 def run_one(name: str, compile_mode: str, tiny: bool, steps: int, warmup: int, comfy_dir: str | None,
@@ -196,13 +200,15 @@ def run_one(name: str, compile_mode: str, tiny: bool, steps: int, warmup: int, c
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     clock = _Clock()
+    path = PATHS.get(compile_mode, "fast")
+    compile_mode = "off" if compile_mode in PATHS else compile_mode
     with tempfile.TemporaryDirectory(prefix="likeness-bench-") as out:
         if w["method"] == "seedselect":
             state = _train_seedselect(w, models, warmup + steps, Path(out), clock, compile_mode, tiny)
         else:
             train = _train_ti if w["method"] == "ti" else _train_dreambooth
-            state = train(w, _training_host(w, models), warmup + steps, Path(out), clock, compile_mode)
-    res = {"workload": name, "host": host_kind, "compile": compile_mode, "compile_ran": state.active,
+            state = train(w, _training_host(w, models, path), warmup + steps, Path(out), clock, compile_mode)
+    res = {"workload": name, "host": host_kind, "path": path, "compile": compile_mode, "compile_ran": state.active,
            "compile_note": state.summary(), "compile_warmup_s": state.warmup_seconds, **clock.figures(warmup)}
     res["peak_GB"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     return res
@@ -221,7 +227,8 @@ def _result_line(r: dict) -> str:
     def f(key, fmt):
         return "n/a" if r.get(key) is None else format(r[key], fmt)
 
-    return (f"RESULT {r['workload']} compile={r['compile']} ran={r.get('compile_ran', '?')} "
+    path = "" if r.get("path", "fast") == "fast" else f" path={r['path']}"
+    return (f"RESULT {r['workload']}{path} compile={r['compile']} ran={r.get('compile_ran', '?')} "
             f"s_per_step={f('s_per_step', '.4f')} warmup_s={f('warmup_s', '.1f')} peak_GB={f('peak_GB', '.2f')} "
             f"loss={f('loss_first', '.4f')}->{f('loss_last', '.4f')} status={r['status']}")
 
@@ -289,8 +296,8 @@ def run_plan(args) -> dict:
     plan = SMOKE_PLAN if args.cpu_smoke else PLAN
     if args.only:
         plan = [p for p in plan if p[1] in args.only]
-    if args.host != "comfy":  # the anchors are ComfyUI's own steps
-        plan = [p for p in plan if p[0] == "ours"]
+    if args.host != "comfy":  # the anchors are ComfyUI's own steps, the low-memory path its patchers'
+        plan = [p for p in plan if p[0] == "ours" and p[2] not in PATHS]
     deadline = time.monotonic() + args.budget
     for kind, name, what in plan:
         left = deadline - time.monotonic()
