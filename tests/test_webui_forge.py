@@ -3,7 +3,7 @@ loopback, its own data folder), a Textual Inversion and a DreamBooth LoRA traine
 extension's API route on the tiny SD1 checkpoint (and an SDXL embedding on the tiny SDXL one), then images generated through Forge's own txt2img
 API with the embedding's name / ``<lora:name:1>`` in the prompt, which differ from the same prompt
 without them, and no loading error in Forge's log.  A headless-Chromium screenshot of the tab is
-saved in the test's temporary folder (printed).
+saved in ``LIKENESS_BROWSER_ARTIFACTS`` or the test's temporary folder (printed).
 
     FORGE_PATH=~/.cache/likeness/forge python -m pytest -m webui tests/test_webui_forge.py
 
@@ -62,8 +62,13 @@ def _train(forge, req: dict) -> dict:
 
 
 def _image(forge, prompt: str, size: int = 64, **extra) -> bytes:
-    out = forge.post("/sdapi/v1/txt2img", {"prompt": prompt, "steps": 2, "width": size, "height": size, "seed": 7,
-                                           "cfg_scale": 5, "sampler_name": "Euler", **extra})
+    import urllib.error
+
+    try:
+        out = forge.post("/sdapi/v1/txt2img", {"prompt": prompt, "steps": 2, "width": size, "height": size,
+                                               "seed": 7, "cfg_scale": 5, "sampler_name": "Euler", **extra})
+    except urllib.error.HTTPError as e:  # Forge's traceback is in its log, not in the response
+        raise AssertionError(f"txt2img failed ({e}):\n{forge.log()[-6000:]}") from None
     from PIL import Image
 
     return Image.open(io.BytesIO(base64.b64decode(out["images"][0]))).convert("RGB").tobytes()
@@ -137,7 +142,9 @@ def _screenshot(forge, tmp_path: Path) -> None:
         page.goto(forge.url, timeout=300_000)
         page.get_by_role("tab", name="Likeness").click(timeout=120_000)
         page.wait_for_timeout(3000)
-        shot = tmp_path / "likeness-tab.png"
+        folder = Path(os.environ.get("LIKENESS_BROWSER_ARTIFACTS") or tmp_path)  # kept where asked
+        folder.mkdir(parents=True, exist_ok=True)
+        shot = folder / "forge-likeness-tab.png"
         page.screenshot(path=str(shot), full_page=True)
         browser.close()
     print(f"screenshot: {shot}")

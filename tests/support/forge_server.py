@@ -46,6 +46,9 @@ class ForgeServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"Forge exited ({self.proc.returncode}):\n{self.log()[-4000:]}")
             if self._ready():
+                # Live previews of an SDXL generation fetch a preview decoder on first use; this
+                # machine is offline, and the previews are not what the tests look at
+                self.post("/sdapi/v1/options", {"live_previews_enable": False})
                 return self
             time.sleep(2)
         raise RuntimeError(f"Forge did not answer in {timeout} s:\n{self.log()[-4000:]}")
