@@ -113,6 +113,10 @@ def test_default_prompts_and_the_dreambooth_identifier():
     assert BS.fill(["{}, on a beach"], "a photo of sks dog") == ["a photo of sks dog, on a beach"]
     assert BS.identifier("a photo of sks dog", "a photo of a dog") == ("sks", "dog")
     assert BS.identifier("a photo of sks_lk dog", "") == ("sks_lk", "dog")
+    assert BS.identifier("sks dog", "a dog") == ("sks", "dog")
+    # a caption-like instance prompt: the one word the class prompt swaps (the world's captions)
+    assert BS.identifier("a red sks-moon on a blue background, left", "a red shape on a blue background, left") == (
+        "sks-moon", "shape")
 
 
 # ------------------------------------------------------------------------- the trainers' files
