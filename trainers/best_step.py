@@ -186,13 +186,12 @@ class BestStep:
     def load_state(self, tensors: dict[str, torch.Tensor], head: dict) -> None:
         """Take back what ``state`` kept; a state written without evaluation, or with other
         prompts or seeds (whose scores would not compare), leaves the tracking empty."""
-        kept = head
-        if not kept or kept.get("prompts") != list(self.prompts) or kept.get("seeds") != self.seeds():
+        if not head or head.get("prompts") != list(self.prompts) or head.get("seeds") != self.seeds():
             return
         self.points = [Point(d["step"], d["CLIP-I"], d["DINO"], d["CLIP-T"], d["diversity"], d["combined"],
-                             d["seconds"], d.get("CLIP-T margin")) for d in kept["points"]]
-        self.formula = kept.get("formula", "")
-        self.best = next((p for p in self.points if p.step == kept.get("best")), None)
+                             d["seconds"], d.get("CLIP-T margin")) for d in head["points"]]
+        self.formula = head.get("formula", "")
+        self.best = next((p for p in self.points if p.step == head.get("best")), None)
         saved = [tensors.get(f"best.{i}") for i in range(len(self.params))]
         if self.best is None or any(t is None or t.shape != p.shape for t, p in zip(saved, self.params)):
             self.best, self._saved = None, None
