@@ -384,10 +384,14 @@ def _seedselect_parser(sub) -> None:
     p.add_argument("--start", default="seed", choices=STARTS)
     p.add_argument("--candidates", type=int, default=4, help="starts scored by best_of / inversion")
     p.add_argument("--num-seeds", type=int, default=1, help=">1: bootstrap that many varied seeds")
+    p.add_argument("--bootstrap-iterations", type=int, default=5, help="iterations of each extra seed's run")
     p.add_argument("--target-loss", type=float, default=None, help="stop once the loss is at or below this")
     p.add_argument("--name", default="seedselect", help="seed file name (<name>.seed.safetensors)")
     p.add_argument("--out", default="seeds", help="folder for the seed file and the result images")
     _model_args(p, "seed")
+    _state_args(p, "seed file")
+    p.add_argument("--state-every", type=int, default=10,
+                   help="also write a run state every N iterations (0: only at the end of each seed's run and on a stop)")
 
 
 def _run_seedselect(args) -> int:
@@ -402,31 +406,42 @@ def _run_seedselect(args) -> int:
         width=args.width, height=args.height, sampler=args.sampler, scheduler=args.scheduler, steps=args.steps,
         cfg=args.cfg, optimise_cfg=1.0 if args.optimise_without_cfg else None, iterations=args.iterations,
         learning_rate=args.lr, seed=args.seed, start=args.start, candidates=args.candidates,
-        num_seeds=args.num_seeds, target_loss=args.target_loss)
+        num_seeds=args.num_seeds, target_loss=args.target_loss, bootstrap_iterations=args.bootstrap_iterations,
+        output_dir=args.out, name=args.name, resume=args.resume, keep_states=args.keep_states,
+        state_every=args.state_every)
     check_config(cfg)
     target = B.seed_path(args.out, args.name)  # name and overwrite problems before any loading
     _expect_result(args, target, Path(args.out) / f"{args.name}.preview.png")
-    if target.exists() and not args.overwrite:
-        raise FileExistsError(f"{target} exists; pick another --name or pass --overwrite")
+    replace = args.overwrite or args.resume != "off"  # a resumed run replaces its own seed file
+    if target.exists() and not replace:
+        raise FileExistsError(f"{target} exists; pick another --name, pass --overwrite, or --resume to continue "
+                              "the run that wrote it")
     images = D.load_image_folder(args.references)
     refs = torch.cat([fit_images(im[None], args.height, args.width) for im in images.images])
     host = DiffusersHost.load(args.model, device=args.device, prediction=args.prediction)
     vision = load_clip_vision(args.clip_vision, device=host.device)
     print(images.summary(), flush=True)
     seed_model = SeamSeedModel(host, args.prompt, args.negative)
+
+    def save(res):  # the result, or on a stop the best seed so far (the loop's last good state)
+        entry = B.SeedEntry(noise=res.noise, sigmas=res.sigmas, sampler=res.sampler, cfg=res.cfg,
+                            prompt=args.prompt, negative=args.negative, model_name=host.info.name,
+                            model_hash=host.info.hash, family=host.info.family, scheduler=args.scheduler,
+                            steps=args.steps, width=args.width, height=args.height, losses=res.losses)
+        return B.save_seed(args.out, args.name, entry, overwrite=replace)
+
     with _compiled(args, seed_model):
-        res = train_seedselect(seed_model, vision, refs, cfg,
+        res = train_seedselect(seed_model, vision, refs, cfg, on_cancel=save,
                                progress=_Printer(Path(args.out) / f"{args.name}.preview.png"))
-    entry = B.SeedEntry(noise=res.noise, sigmas=res.sigmas, sampler=res.sampler, cfg=res.cfg, prompt=args.prompt,
-                        negative=args.negative, model_name=host.info.name, model_hash=host.info.hash,
-                        family=host.info.family, scheduler=args.scheduler, steps=args.steps, width=args.width,
-                        height=args.height, losses=res.losses)
-    path = B.save_seed(args.out, args.name, entry, overwrite=args.overwrite)
+    path = save(res)
     for i, im in enumerate(res.images):
         _save_png(im, Path(args.out) / f"{args.name}.{i}.png")
     reached = f", target at iteration {res.iterations_to_target}" if res.iterations_to_target else ""
+    resumed = f", continued after iteration {res.resumed_from}" if res.resumed_from else ""
     print(f"done: loss {res.start_loss:.4f} -> {res.best_loss:.4f}, {res.iterations_done} iterations in "
-          f"{res.seconds:.1f} s{reached}\nwrote {path}")
+          f"{res.seconds:.1f} s{reached}{resumed}\nwrote {path}")
+    if res.state_path is not None:
+        print(f"run state {res.state_path} (train longer: raise --iterations or --num-seeds and add --resume)")
     return 0
 
 
@@ -469,9 +484,12 @@ def _saved_note(args, exc: BaseException | None = None) -> str:
         fresh = path.stat().st_mtime >= args.started - 1
     except OSError:
         fresh = False
+    state = getattr(exc, "likeness_state", None)  # SeedSelect: the state that continues it
+    resume = f"; continue it with --resume (state {state.name})" if state is not None else ""
     if fresh:
-        return f"the last good result was saved to {path}"
-    return f"nothing was saved by this run ({path} was not written)"
+        what = "the best seed so far" if args.command == "seedselect" else "the last good result"
+        return f"{what} was saved to {path}{resume}"
+    return f"nothing was saved by this run ({path} was not written){resume}"
 
 
 _OOM_HINT = ("out of memory: lower the resolution or batch size, use --gradient-checkpointing or "
