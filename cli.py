@@ -262,6 +262,12 @@ def _dreambooth_parser(sub) -> None:
     p.add_argument("--ti-lr", type=float, default=5e-3, help="pivotal: learning rate of the word's vectors")
     p.add_argument("--ti-fraction", type=float, default=0.5, help="pivotal: part of the run the word trains")
     p.add_argument("--bundle-embedding", action="store_true", help="pivotal: also store the word in the LoRA")
+    p.add_argument("--init-lora", default="", metavar="FILE",
+                   help="lora/pivotal: continue training an existing kohya LoRA (ours or another tool's) at its own "
+                        "layers, rank and alpha; the file's step count continues")
+    p.add_argument("--init-embedding", default="", metavar="FILE",
+                   help="pivotal: continue the word from an embedding file (default: the one --init-lora bundles "
+                        "for --token, else the class noun)")
     p.add_argument("--optimizer", default=None, choices=OPTIMIZERS,
                    help=f"default per mode: {_per_mode('optimizer')} (adafactor: almost no optimizer memory)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="less memory, ~25%% slower")
@@ -304,6 +310,7 @@ def _run_dreambooth(args) -> int:
         extract_rank=args.extract_rank, lora_dir=None if args.out is not None else MODE_DEFAULTS["lora"].folder,
         preview_every=args.preview_every, overwrite=args.overwrite, resume=args.resume,
         keep_states=args.keep_states, memory_budget_gb=args.memory_budget, **per_mode,
+        init_lora=args.init_lora, init_embedding=args.init_embedding,
         **_eval_config(args),
     )
     check_config(cfg)  # option, name and image problems are reported before the model loads

@@ -388,3 +388,18 @@ def test_an_init_lora_for_another_model_is_refused_naming_the_file_and_key(tiny_
     with pytest.raises(ValueError, match="a full fine-tune starts from the model"):
         train_dreambooth(host, _images(), _db(tmp_path / "out", "full", init_lora=str(tmp_path / "ok.safetensors")))
     assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_cli_dreambooth_continues_a_lora_file(tiny_folder, tiny_sd1_host, tmp_path, capsys):
+    _kohya_file(tiny_sd1_host, tmp_path / "other.safetensors", rank=3, alpha=1.5, targets="cross_kv",
+                text_encoder=True, steps=40)
+    imgs = _image_folder(tmp_path / "imgs")
+    args = ["dreambooth", "--model", str(tiny_folder), "--images", str(imgs), "--name", "more", "--instance-prompt",
+            "a photo of sks dog", "--steps", "2", "--preview-every", "0", "--device", "cpu", "--out",
+            str(tmp_path / "out"), "--init-lora", str(tmp_path / "other.safetensors")]
+    assert cli.main(args) == 0, capsys.readouterr().err
+    with safe_open(str(tmp_path / "out" / "more.safetensors"), "pt") as f:
+        assert f.metadata()["ss_steps"] == "42" and f.metadata()["ss_network_dim"] == "3"
+    assert cli.main(args[:-1] + [str(tmp_path / "nothing.safetensors"), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "init LoRA" in err and "nothing.safetensors does not exist" in err
