@@ -265,20 +265,47 @@ def test_ti_continues_from_another_tools_files(tiny_sd1_host, tiny_sdxl_host, tm
 
 
 class Overflowing(Line):
-    """Finite parameters whose *result* is not finite beyond 1.5 (as huge vectors overflow a text
-    encoder): the guard must not keep them as the last good state."""
+    """Finite parameters whose *result* is not finite beyond 1.5, as huge vectors overflow a text
+    encoder: the next forward's loss says so, and ``state_ok`` does before a save."""
 
-    def state_ok(self):
+    def __init__(self):
+        super().__init__()
+        self.asked = 0  # how often the loop called state_ok
+
+    def fine(self):
         return bool((self.p.abs() < 1.5).all())
 
+    def state_ok(self):
+        self.asked += 1
+        return self.fine()
 
-def test_an_update_whose_state_gives_a_non_finite_result_is_skipped_not_kept(tmp_path):
+    def loss(self, step):
+        value = super().loss(step)
+        return value if self.fine() else value * float("nan")
+
+
+@pytest.mark.parametrize("save_every", [0, 1])
+def test_an_update_whose_state_gives_a_non_finite_result_is_never_kept(tmp_path, save_every):
     m, saved = Overflowing(), []
-    cfg = loop.LoopConfig(steps=40, learning_rate=0.1, max_bad_steps=50)
+    cfg = loop.LoopConfig(steps=40, learning_rate=0.1, max_bad_steps=50, save_every=save_every)
     res = loop.run(m, cfg, device=torch.device("cpu"), compute_dtype=torch.float32,
-                   save=lambda s: saved.append(m.p.detach().clone()))
-    assert res.skipped_steps > 0 and m.state_ok()
-    assert all(bool((p.abs() < 1.5).all()) for p in saved)
+                   save=lambda s: saved.append((s, m.p.detach().clone())))
+    assert res.skipped_steps > 0 and m.fine()
+    assert saved and all(bool((p.abs() < 1.5).all()) for _, p in saved)
+    assert [s for s, _ in saved] == sorted(s for s, _ in saved) and saved[-1][0] == res.saved_step < 40
+    # proven by the next forward, asked only before a save: no extra forward per step
+    assert m.asked <= len(saved)
+
+
+def test_the_textual_inversion_step_runs_no_extra_text_encoder_forward(tiny_sd1_host, tmp_path, monkeypatch):
+    from likeness.trainers.textual_inversion import TextualInversion
+
+    calls = []
+    real = TextualInversion.state_ok
+    monkeypatch.setattr(TextualInversion, "state_ok", lambda self: calls.append(1) or real(self))
+    res = train_textual_inversion(tiny_sd1_host, _images(), _ti(tmp_path, steps=9, save_every=4, resolution=None,
+                                                                  random_crop=False))
+    assert res.steps_done == 9 and len(calls) == 3  # the saves at 4, 8 and the end
 
 
 # ------------------------------------------------------------ continue from a file (DreamBooth)
