@@ -64,12 +64,17 @@ def _files(out: Path) -> str:
 
 
 def _first_line(rc: int, out: str, err: str) -> str:
-    lines = [ln for ln in err.splitlines() if ln.startswith("likeness:")] or \
-        [ln for ln in err.splitlines() if ln.strip() and "Warning" not in ln]
-    if rc == 0 or not lines:
-        done = [ln for ln in out.splitlines() if ln.startswith(("done:", "wrote"))]
-        lines = done[:1] or lines or ["(no message)"]
-    return lines[0].strip()
+    """The message's first line (with the next one when it only announces a list)."""
+    if rc < 0:
+        return f"(killed by {signal.Signals(-rc).name}: a killed process says nothing)"
+    errs = err.splitlines()
+    at = next((i for i, ln in enumerate(errs) if ln.startswith("likeness:")), None)
+    if at is not None:
+        line = errs[at].strip()
+        return line + " " + errs[at + 1].strip() if line.endswith(":") and at + 1 < len(errs) else line
+    done = [ln for ln in out.splitlines() if ln.startswith(("done:", "wrote"))]
+    other = [ln for ln in errs if ln.strip() and "Warning" not in ln]
+    return (done[:1] or other[-1:] or ["(no message)"])[0].strip()
 
 
 def _run(argv: list[str], stop: tuple[int, str] | None, env: dict, timeout: float = 600) -> tuple[int, str, str]:
@@ -179,8 +184,11 @@ def image_cases() -> list[Case]:
         Case("images: a truncated PNG", _folder_with(truncated)),
         Case("images: a 1x1 image", _folder_with(lambda f: (_good(f), _png(f, "dot.png", size=(1, 1))))),
         Case("images: an 8000x8000 image", _folder_with(huge)),
+        Case("images: an 8000x8000 image, --resolution 64", lambda ctx, out: _folder_with(huge)(ctx, out)
+             + ["--resolution", "64"]),
         Case("images: a symlink loop", _folder_with(loop)),
-        Case("images: an unreadable file (chmod 000)", _folder_with(unreadable)),
+        Case("images: an unreadable file (chmod 000)" + (" - run as root, so it is readable" if os.geteuid() == 0
+                                                          else ""), _folder_with(unreadable)),
         Case("images: names with spaces and unicode (must work)",
              _folder_with(lambda f: [_png(f, n, color=(i * 70, 20, 90)) for i, n in
                                      enumerate(["a photo 1.png", "ñandú 2.png", "写真 3.png"])])),
@@ -332,6 +340,7 @@ def full_disk_row(ctx: Ctx, index: int) -> tuple[str, str, str, str]:
         before = _sha(out / "keep.bin")
         rc, stdout, stderr = _run(_ti(ctx, out, "--steps", "3", "--save-every", "1", "--vectors", "75"), None, {})
         disk = _files(out) + f"; the user's `keep.bin` {'unchanged' if _sha(out / 'keep.bin') == before else 'CHANGED'}"
+        disk += "; " + _loads("sks-hostile")(ctx, out)
         return name, _first_line(rc, stdout, stderr), str(rc), disk
     finally:
         subprocess.run(["umount", str(out)], capture_output=True)

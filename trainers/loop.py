@@ -414,8 +414,9 @@ def _run(method, cfg: LoopConfig, device, compute_dtype, save, progress, preview
             value, ok, stop = r.step(step)
             r.finished(step, value, ok)
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps and not stop:
-                r.result.saved_step = r.confirm()  # labelled with the step whose values it holds
-                save(r.result.saved_step)
+                good = r.confirm()  # labelled with the step whose values it holds
+                save(good)
+                r.result.saved_step = good
                 r.write_state(step)
             if evaluate is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps or stop):
                 t_eval = time.perf_counter()
@@ -432,8 +433,9 @@ def _run(method, cfg: LoopConfig, device, compute_dtype, save, progress, preview
         with contextlib.suppress(AttributeError):  # what was saved, for whoever reports the stop
             exc.likeness_result = r.result
         raise
-    r.result.saved_step = r.confirm()
-    save(r.result.saved_step)
+    good = r.confirm()
+    save(good)
+    r.result.saved_step = good
     r.write_state(r.result.steps_done)
     r.result.seconds = time.perf_counter() - t0
     return r.result
