@@ -107,7 +107,7 @@ VAE = dict(double_z=True, z_channels=4, resolution=256, in_channels=3, out_ch=3,
            num_res_blocks=2, attn_resolutions=[], dropout=0.0)
 
 
-def _random_like(module, device, seed: int = 0) -> dict:
+def random_like(module, device, seed: int = 0) -> dict:
     """Random fp16 values for every tensor of ``module`` (built on the meta device): biases zero,
     other vectors (norm gains: GroupNorms are named ``in_layers.0``, ``out.0``, ...) and scalars one,
     matrices normal with std min(0.02, 1/sqrt(fan-in)).  A zero gain would silence the UNet's output
@@ -149,9 +149,9 @@ def random_checkpoint(arch: str, tiny: bool = False) -> dict:
         vae = AutoencoderKL(ddconfig=VAE, embed_dim=4)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     sd = {}
-    sd.update(model_cfg.process_unet_state_dict_for_saving(_random_like(unet, dev, 1)))
-    sd.update(model_cfg.process_clip_state_dict_for_saving(_random_like(clip, dev, 2)))
-    sd.update(model_cfg.process_vae_state_dict_for_saving(_random_like(vae, dev, 3)))
+    sd.update(model_cfg.process_unet_state_dict_for_saving(random_like(unet, dev, 1)))
+    sd.update(model_cfg.process_clip_state_dict_for_saving(random_like(clip, dev, 2)))
+    sd.update(model_cfg.process_vae_state_dict_for_saving(random_like(vae, dev, 3)))
     return sd
 
 
@@ -187,7 +187,7 @@ def random_clip_vision(tiny: bool = False):
     with torch.inference_mode():
         cv = comfy.clip_vision.ClipVisionModel(path)
         dev = "cuda" if torch.cuda.is_available() else "cpu"
-        cv.load_sd({k: v.float() for k, v in _random_like(cv.model, dev, 4).items()})
+        cv.load_sd({k: v.float() for k, v in random_like(cv.model, dev, 4).items()})
     return cv
 
 

@@ -9,6 +9,7 @@ gets; what did not fit is recorded as skipped, most telling measurements first.
 
     python bench/gpu.py --comfy DIR [--out DIR] [--budget 330] [--only ti_sd15_512_b4 ...]
     python bench/gpu.py --comfy DIR --cpu-smoke      # the same code on tiny models, CPU, ~2 min
+    python bench/gpu.py --host diffusers --cpu-smoke # the CLI's host, no ComfyUI needed (CI)
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ PLAN = [
     ("anchor", "comfy_unet_compile.py", "sd15 4 512"),
     ("ours", "lora_sd15_512_b1_prior", "off"), ("anchor", "comfy_anchor.py", "sd15 1 512 20"),
     ("ours", "lora_sd15_512_b1_prior", "max"),
+    ("ours", "ti_sd15_512_b4", "low_memory"), ("ours", "lora_sd15_512_b1_prior", "low_memory"),
     ("ours", "full_sd15_512_b1_prior", "off"), ("ours", "lora_sdxl_1024_b1", "off"),
     ("ours", "seedselect_sd15_512_20steps_cfg", "off"), ("ours", "ti_sdxl_1024_b1", "off"),
     ("anchor", "comfy_anchor.py", "sd15 4 512 20"), ("anchor", "comfy_anchor.py", "sdxl 1 1024 20"),
@@ -50,10 +52,13 @@ PLAN = [
     ("ours", "full_sd15_512_b1_prior", "max"), ("ours", "seedselect_sd15_512_20steps_cfg", "default"),
     ("ours", "ti_sdxl_1024_b1", "default"), ("ours", "lora_sdxl_1024_b1", "default"),
 ]
-#: the CPU rehearsal: every workload eagerly, and the compiled path once
-SMOKE_PLAN = [("ours", name, "off") for name in WORKLOADS] + [("ours", "ti_sd15_512_b4", "default")]
+#: the CPU rehearsal: every workload eagerly, the compiled path once, the low-memory path once
+SMOKE_PLAN = [("ours", name, "off") for name in WORKLOADS] + [("ours", "ti_sd15_512_b4", "default"),
+                                                              ("ours", "ti_sd15_512_b4", "low_memory")]
+#: "low_memory" in a plan: ComfyHost's fallback path (eager); the other values are compile modes
+PATHS = {"low_memory": "low_memory"}
 #: the longest one item may run on a GPU (seconds), before the budget's remainder cuts it shorter
-CAP = {"off": 150, "default": 300, "max": 300, "anchor": 200}
+CAP = {"off": 150, "default": 300, "max": 300, "low_memory": 150, "anchor": 200}
 
 
 # ------------------------------------------------------------------------------------------ child
@@ -85,13 +90,11 @@ class _Clock:
                 "loss_last": self.losses[-1] if self.losses else None}
 
 
-def _train_ti(w, models, steps, out, clock, compile_mode):
-    from likeness.hosts.comfy import ComfyHost
+def _train_ti(w, host, steps, out, clock, compile_mode):
     from likeness.trainers import data as D
     from likeness.trainers.compile import compiled_step
     from likeness.trainers.textual_inversion import TIConfig, train_textual_inversion
 
-    host = ComfyHost(*models, name=f"random-{w['arch']}")
     images = D.images_from_batch(comfy_env.random_images(4, w["res"]))
     cfg = TIConfig(name="bench-ti", output_dir=out, steps=steps, batch_size=w["batch"], save_every=0,
                    preview_every=0, overwrite=True)
@@ -100,13 +103,11 @@ def _train_ti(w, models, steps, out, clock, compile_mode):
     return state
 
 
-def _train_dreambooth(w, models, steps, out, clock, compile_mode):
-    from likeness.hosts.comfy import ComfyHost
+def _train_dreambooth(w, host, steps, out, clock, compile_mode):
     from likeness.trainers import data as D
     from likeness.trainers.compile import compiled_step
     from likeness.trainers.dreambooth import DreamBoothConfig, train_dreambooth
 
-    host = ComfyHost(*models, name=f"random-{w['arch']}")
     images = D.images_from_batch(comfy_env.random_images(4, w["res"], seed=0))
     prior = w.get("prior", False)
     cls_images = D.images_from_batch(comfy_env.random_images(4, w["res"], seed=1)) if prior else None
@@ -121,22 +122,40 @@ def _train_dreambooth(w, models, steps, out, clock, compile_mode):
     return state
 
 
-def _train_seedselect(w, models, steps, out, clock, compile_mode, tiny):
-    import torch
+#: SeedSelect's prompt and sampling steps (tiny: fewer, the code not the load)
+SEED_PROMPT = "a photo of a tiger cat"
+
+
+def _seedselect_parts(w, models, tiny: bool):
+    """(SeedModel, image encoder, sigmas or None) of the workload on its host: ComfyUI's own
+    objects (its model, conditioning, CLIP_VISION, scheduler) or the CLI's (diffusers host, a
+    transformers CLIP vision model, the config's scheduler)."""
+    if models[0] == "diffusers":
+        import diffusers_env
+        from likeness.trainers.seedselect import SeamSeedModel
+
+        host = models[1]
+        return SeamSeedModel(host, SEED_PROMPT, ""), diffusers_env.random_clip_vision(tiny, host.device.type), None
     import comfy.samplers
 
     from likeness.hosts.comfy import ComfyClipVision, ComfySeedModel
+
+    model, clip, vae = models
+    seed_model = ComfySeedModel(model, comfy_env.conditioning(clip, SEED_PROMPT), comfy_env.conditioning(clip, ""), vae)
+    n = 4 if tiny else 20
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "ddim_uniform", n)
+    return seed_model, ComfyClipVision(comfy_env.random_clip_vision(tiny)), sigmas.cpu().clone()
+
+
+def _train_seedselect(w, models, steps, out, clock, compile_mode, tiny):
+    import torch
+
     from likeness.trainers.compile import compiled_step
     from likeness.trainers.seedselect import SeedSelectConfig, train_seedselect
 
-    model, clip, vae = models
-    seed_model = ComfySeedModel(model, comfy_env.conditioning(clip, "a photo of a tiger cat"),
-                                comfy_env.conditioning(clip, ""), vae)
-    vision = ComfyClipVision(comfy_env.random_clip_vision(tiny))
-    n = 4 if tiny else 20
     with torch.inference_mode(False), torch.enable_grad():
-        sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "ddim_uniform", n)
-        conf = SeedSelectConfig(width=w["res"], height=w["res"], steps=n, sigmas=sigmas.cpu().clone(), cfg=7.5,
+        seed_model, vision, sigmas = _seedselect_parts(w, models, tiny)
+        conf = SeedSelectConfig(width=w["res"], height=w["res"], steps=4 if tiny else 20, sigmas=sigmas, cfg=7.5,
                                 iterations=steps)
         refs = comfy_env.random_images(4, w["res"]).clone()
         with compiled_step(seed_model, compile_mode) as state:
@@ -144,30 +163,53 @@ def _train_seedselect(w, models, steps, out, clock, compile_mode, tiny):
     return state
 
 
-def run_one(name: str, compile_mode: str, tiny: bool, steps: int, warmup: int, comfy_dir: str) -> dict:
-    """Train workload ``name`` for ``warmup + steps`` steps; its figures as a dict."""
+def _load(w, host_kind: str, tiny: bool, comfy_dir: str | None):
+    """The workload's model on ``host_kind``: ComfyUI's (MODEL, CLIP, VAE) as its loader gives them,
+    or ("diffusers", DiffusersHost)."""
+    import torch
+
+    if host_kind == "diffusers":
+        import diffusers_env
+
+        comfy_env.import_likeness()
+        return "diffusers", diffusers_env.load_host(w["arch"], tiny)
+    comfy_env.import_comfy(comfy_dir)
+    with torch.inference_mode():  # as ComfyUI runs every node
+        return comfy_env.load_models(w["arch"], tiny)
+
+
+def _training_host(w, models, path: str):
+    if models[0] == "diffusers":
+        return models[1]  # one path only
+    from likeness.hosts.comfy import ComfyHost
+
+    return ComfyHost(*models, name=f"random-{w['arch']}", path=path)
+
+
+def run_one(name: str, compile_mode: str, tiny: bool, steps: int, warmup: int, comfy_dir: str | None,
+            host_kind: str = "comfy") -> dict:
+    """Train workload ``name`` for ``warmup + steps`` steps on ``host_kind``; its figures as a dict."""
     import tempfile
 
     import torch
 
-    comfy_env.import_comfy(comfy_dir)
     w = dict(WORKLOADS[name], **({"res": 64, "batch": 1} if tiny else {}))  # tiny: the code, not the load
     cuda = torch.cuda.is_available()
-    with torch.inference_mode():  # as ComfyUI runs every node
-        models = comfy_env.load_models(w["arch"], tiny)
+    models = _load(w, host_kind, tiny, comfy_dir)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     clock = _Clock()
+    path = PATHS.get(compile_mode, "fast")
+    compile_mode = "off" if compile_mode in PATHS else compile_mode
     with tempfile.TemporaryDirectory(prefix="likeness-bench-") as out:
-        if w["method"] == "ti":
-            state = _train_ti(w, models, warmup + steps, Path(out), clock, compile_mode)
-        elif w["method"] == "seedselect":
+        if w["method"] == "seedselect":
             state = _train_seedselect(w, models, warmup + steps, Path(out), clock, compile_mode, tiny)
         else:
-            state = _train_dreambooth(w, models, warmup + steps, Path(out), clock, compile_mode)
-    res = {"workload": name, "compile": compile_mode, "compile_ran": state.active, "compile_note": state.summary(),
-           "compile_warmup_s": state.warmup_seconds, **clock.figures(warmup)}
+            train = _train_ti if w["method"] == "ti" else _train_dreambooth
+            state = train(w, _training_host(w, models, path), warmup + steps, Path(out), clock, compile_mode)
+    res = {"workload": name, "host": host_kind, "path": path, "compile": compile_mode, "compile_ran": state.active,
+           "compile_note": state.summary(), "compile_warmup_s": state.warmup_seconds, **clock.figures(warmup)}
     res["peak_GB"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     return res
 
@@ -185,7 +227,8 @@ def _result_line(r: dict) -> str:
     def f(key, fmt):
         return "n/a" if r.get(key) is None else format(r[key], fmt)
 
-    return (f"RESULT {r['workload']} compile={r['compile']} ran={r.get('compile_ran', '?')} "
+    path = "" if r.get("path", "fast") == "fast" else f" path={r['path']}"
+    return (f"RESULT {r['workload']}{path} compile={r['compile']} ran={r.get('compile_ran', '?')} "
             f"s_per_step={f('s_per_step', '.4f')} warmup_s={f('warmup_s', '.1f')} peak_GB={f('peak_GB', '.2f')} "
             f"loss={f('loss_first', '.4f')}->{f('loss_last', '.4f')} status={r['status']}")
 
@@ -203,8 +246,9 @@ def _run_child(cmd: list[str], timeout: float) -> tuple[int, str, float]:
 
 
 def _ours(name: str, mode: str, args, timeout: float) -> dict:
-    cmd = [sys.executable, __file__, "--one", name, "--compile", mode, "--comfy", args.comfy,
+    cmd = [sys.executable, __file__, "--one", name, "--compile", mode, "--host", args.host,
            "--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--tiny"] if args.cpu_smoke else [])
+    cmd += ["--comfy", args.comfy] if args.comfy else []
     rc, text, secs = _run_child(cmd, timeout)
     found = [ln for ln in text.splitlines() if ln.startswith("RESULT-JSON ")]
     if found:
@@ -239,7 +283,8 @@ def _header(args) -> dict:
             "torch": torch.__version__, "commit": commit or os.environ.get("LIKENESS_COMMIT"),
             "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-            "mode": "cpu-smoke" if args.cpu_smoke else "gpu", "results": [], "anchors": [], "skipped": []}
+            "mode": "cpu-smoke" if args.cpu_smoke else "gpu", "host": args.host, "results": [], "anchors": [],
+            "skipped": []}
 
 
 def run_plan(args) -> dict:
@@ -251,6 +296,8 @@ def run_plan(args) -> dict:
     plan = SMOKE_PLAN if args.cpu_smoke else PLAN
     if args.only:
         plan = [p for p in plan if p[1] in args.only]
+    if args.host != "comfy":  # the anchors are ComfyUI's own steps, the low-memory path its patchers'
+        plan = [p for p in plan if p[0] == "ours" and p[2] not in PATHS]
     deadline = time.monotonic() + args.budget
     for kind, name, what in plan:
         left = deadline - time.monotonic()
@@ -278,6 +325,9 @@ def run_plan(args) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--comfy", default=os.environ.get("COMFYUI_PATH"), help="ComfyUI folder (v0.20.1)")
+    ap.add_argument("--host", choices=["comfy", "diffusers"], default=None,
+                    help="where the steps run: inside ComfyUI (default when a ComfyUI folder is given) or on "
+                         "the CLI's diffusers host (no anchors)")
     ap.add_argument("--out", default="bench-out", help="folder for gpu_bench.json")
     ap.add_argument("--budget", type=float, default=330, help="seconds for the whole plan")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per workload (after the warm-up)")
@@ -290,16 +340,17 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", default="off", help=argparse.SUPPRESS)
     ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if not args.comfy:
-        ap.error("give --comfy DIR (or set COMFYUI_PATH): a ComfyUI v0.20.1 folder")
-    args.comfy = os.path.abspath(args.comfy)
+    args.host = args.host or ("comfy" if args.comfy else "diffusers")
+    if args.host == "comfy" and not args.comfy:
+        ap.error("give --comfy DIR (or set COMFYUI_PATH): a ComfyUI v0.20.1 folder, or --host diffusers")
+    args.comfy = os.path.abspath(args.comfy) if args.comfy else None
     args.steps = args.steps or (1 if args.cpu_smoke or args.tiny else 10)
     args.warmup = args.warmup or (1 if args.cpu_smoke or args.tiny else 3)
     if args.one:
         steps, warmup = args.steps, args.warmup
         if WORKLOADS[args.one]["method"] == "seedselect" and not args.tiny:
             steps, warmup = 3, 1  # iterations of 20 sampling steps each: seconds, not milliseconds
-        res = run_one(args.one, args.compile, args.tiny, steps, warmup, args.comfy)
+        res = run_one(args.one, args.compile, args.tiny, steps, warmup, args.comfy, args.host)
         print("RESULT-JSON " + json.dumps(res), flush=True)
         return 0
     doc = run_plan(args)

@@ -123,13 +123,14 @@ def _train(cls, kw: dict, cfg: DreamBoothConfig):
     data = D.images_from_batch(images, batch_captions(images, kw.get("captions")))
     class_data = D.images_from_batch(kw["class_images"]) if kw.get("class_images") is not None else None
     host = ComfyHost(kw["model"], kw["clip"], kw["vae"])
+    path_note = host.choose_path()
     node_id = node_id_of(cls)
     with host.training(), compiled_step(host, kw.get("compile", "off")) as compiled:
         progress = progress_reporter(node_id, cfg.steps, node_type_of(cls))
         res = train_dreambooth(host, data, cfg, class_images=class_data, progress=progress,
                                class_progress=count_reporter(node_id), encoders=NB.encoders(kw),
                                on_point=progress.on_point)
-    res.compile_notes = compile_notes(compiled)  # for _report's panel
+    res.compile_notes = (path_note,) * bool(path_note) + compile_notes(compiled)  # for _report's panel
     return host, res
 
 

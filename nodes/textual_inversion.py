@@ -149,6 +149,7 @@ class TrainTextualInversion(io.ComfyNode):
         )
         which = evaluation.get("output", "last")
         host = ComfyHost(model, clip, vae)
+        path_note = host.choose_path()
         with host.training(), compiled_step(host, compile) as compiled:
             progress = progress_reporter(node_id_of(cls), steps, node_type_of(cls))
             res = train_textual_inversion(host, data, cfg, progress=progress, encoders=NB.encoders(evaluation),
@@ -160,7 +161,7 @@ class TrainTextualInversion(io.ComfyNode):
         conditioning = [[cond.cross_attn[0].detach().cpu(), {"pooled_output": _cpu(cond.pooled[0]), **extra}]]
         if which == "best" and res.pick("best") is not res.vectors:
             word += ".best"  # the best snapshot's file: <name>.best
-        preview, loss, show = training_report(cls, res, f"embedding:{word}", compile_notes(compiled) + NB.notes(res, which))
+        preview, loss, show = training_report(cls, res, f"embedding:{word}", (path_note,) * bool(path_note) + compile_notes(compiled) + NB.notes(res, which))
         return io.NodeOutput(conditioning, f"embedding:{word}", preview, loss, NB.curves(res), ui=show)
 
 

@@ -246,3 +246,21 @@ def test_path_choice_and_memory_estimate(loaded):
         with pytest.raises(RuntimeError, match="before"):
             host.path = "low_memory"
     host.path = "low_memory"  # after the block: fine again
+
+
+def test_the_path_is_chosen_before_training_from_the_estimate_and_the_budget(loaded):
+    """The fast path's one-time copies may take half the memory budget: beyond that the host trains
+    on the low-memory path and says why, and the result is the same training step."""
+    from likeness.trainers.preflight import GiB
+
+    objs = loaded("sd15")
+    host = _host(objs)
+    copied = host.fast_path_memory().copied
+    assert copied > 0  # the fp16 text encoder's fp32 cast (see test_path_choice_and_memory_estimate)
+    assert host.choose_path() == "" and host.path == "fast"  # the CPU: no budget known
+    assert host.choose_path(budget_gb=3 * copied / GiB) == "" and host.path == "fast"
+    note = host.choose_path(budget_gb=1.5 * copied / GiB)
+    assert host.path == "low_memory" and "low-memory path" in note and "GB free" in note
+    loss, grads = _ti_step(host)
+    ref_loss, ref_grads = _ti_step(_host(objs, "fast"))
+    assert _close(loss, ref_loss) and all(_close(grads[k], ref_grads[k]) for k in ref_grads)

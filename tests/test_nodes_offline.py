@@ -221,8 +221,8 @@ def test_evaluations_travel_with_the_next_progress_event_and_are_kept_for_a_relo
     progress(3, 3, 0.3, None)
     metrics = [event[1].get("metrics") for event in sent]
     assert metrics[0] is None and metrics[2] is None
-    assert metrics[1] == [{"step": 2, "CLIP-I": 0.7, "DINO": None, "CLIP-T": None, "diversity": 0.3,
-                           "combined": 0.46, "seconds": 1.5}]
+    assert metrics[1] == [{"step": 2, "CLIP-I": 0.7, "DINO": None, "CLIP-T": None, "CLIP-T margin": None,
+                           "diversity": 0.3, "combined": 0.46, "seconds": 1.5}]
     assert live.snapshot("4")["nodes"]["4"]["metrics"] == metrics[1]
     live.clear()
 

@@ -232,6 +232,9 @@ class _Run:
         # a stop then finds a state that is neither the last step's nor this one's, and none is saved)
         self.history: list[float] = []
         self.rngs_end = run_state.rng_states(method)
+        #: ``run``'s ``evaluate``; with ``state()`` / ``load_state(tensors, json)`` (best step) its
+        #: tracking is kept in the run state too, so a resumed run goes on from it
+        self.evaluator = None
         self.dirty = False
         self.state_step = 0
 
@@ -329,7 +332,7 @@ class _Run:
         if spec is None or spec.keep < 1 or step <= self.state_step or self.dirty:
             return
         counters = {"last_good": self.last_good, "bad_run": self.bad_run, "skipped": self.result.skipped_steps}
-        extra = self._hook("extra_state")
+        extra = _with_evaluation(self._hook("extra_state"), self.evaluator)
         self.result.state_path = run_state.write(
             spec, step, params=self.params, opt=self.opt, rngs=self.rngs_end, history=self.history,
             counters=counters, scaler=self.scaler, extra=extra)
@@ -338,8 +341,11 @@ class _Run:
     def resume(self, path) -> int:
         """Continue from a state file: parameters, optimizer, generators, history, counters."""
         got = run_state.restore(path, params=self.params, opt=self.opt, method=self.method, scaler=self.scaler)
+        own, evaluation = _without_evaluation(got.extra)
         if hasattr(self.method, "load_extra_state"):
-            self.method.load_extra_state(*got.extra)
+            self.method.load_extra_state(*own)
+        if evaluation is not None and hasattr(self.evaluator, "load_state"):
+            self.evaluator.load_state(*evaluation)
         if self.snap is not None:
             self.snap.take()
         self.pending = 0
@@ -392,8 +398,32 @@ def run(
         return _run(method, cfg, device, compute_dtype, save, progress, preview, evaluate)
 
 
+#: where an evaluator's state goes inside a run state's ``extra`` (tensors ``eval.<key>``)
+_EVAL = "eval"
+
+
+def _with_evaluation(extra, evaluator):
+    """The method's ``extra`` state with the evaluator's (``state()``) beside it, under ``_EVAL``."""
+    if not hasattr(evaluator, "state"):
+        return extra
+    tensors, head = extra if extra is not None else ({}, {})
+    ev_tensors, ev_head = evaluator.state()
+    return {**tensors, **{f"{_EVAL}.{k}": v for k, v in ev_tensors.items()}}, {**head, _EVAL: ev_head}
+
+
+def _without_evaluation(extra):
+    """``extra`` split into the method's own part and the evaluator's (None when it has none)."""
+    tensors, head = extra
+    prefix = _EVAL + "."
+    own = ({k: v for k, v in tensors.items() if not k.startswith(prefix)}, {k: v for k, v in head.items() if k != _EVAL})
+    if _EVAL not in head:
+        return own, None
+    return own, ({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, head[_EVAL])
+
+
 def _run(method, cfg: LoopConfig, device, compute_dtype, save, progress, preview, evaluate) -> LoopResult:
     r = _Run(method, cfg, device, compute_dtype)
+    r.evaluator = evaluate
     t0 = time.perf_counter()
     start = 1
     if cfg.state is not None and cfg.state.path is not None:
@@ -413,15 +443,17 @@ def _run(method, cfg: LoopConfig, device, compute_dtype, save, progress, preview
         for step in range(start, cfg.steps + 1):
             value, ok, stop = r.step(step)
             r.finished(step, value, ok)
-            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps and not stop:
+            saving = cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps and not stop
+            if saving:
                 good = r.confirm()  # labelled with the step whose values it holds
                 save(good)
                 r.result.saved_step = good
-                r.write_state(step)
             if evaluate is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps or stop):
                 t_eval = time.perf_counter()
                 evaluate(step)
                 r.result.eval_seconds += time.perf_counter() - t_eval
+            if saving:  # after this step's evaluation, so that the state holds it
+                r.write_state(step)
             report(step, value if ok else None)
             if stop:
                 r.result.stopped_early = True

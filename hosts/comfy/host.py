@@ -31,8 +31,8 @@ Why it looks the way it does:
   over ordinary aliases of the loaded weights (``fast.py``): no per-forward weight copies, the
   models loaded once.  ``"low_memory"`` trains through the wrapper clones above, which copy each
   weight per forward and reload every call, but stream with ComfyUI's partial loading; with
-  gradient checkpointing only a block's copies are alive at a time.  ``fast_path_memory()`` says
-  what the fast path holds, for a VRAM preflight choosing between them before training starts.
+  gradient checkpointing only a block's copies are alive at a time.  ``choose_path()`` picks one
+  before training starts from ``fast_path_memory()`` (what the fast path holds) and the free VRAM.
 * Every method leaves inference mode for its own work, so the tensors it returns are ordinary
   tensors even when called outside ``training()`` (VAE and sampling previews); the trainer's
   own tensors and its backward pass still need ``training()``.
@@ -53,8 +53,9 @@ import comfy.sd
 
 from ...trainers.families import FAMILIES
 from ...trainers.formats.files import atomic_path
+from ...trainers.preflight import GiB, device_budget
 from ...trainers.seam import ImageMeta, ModelInfo, ParameterNaming, TextEncoderInfo
-from ..shared import check_vectors
+from ..shared import check_vectors, keep_source_tensors
 from .detection import check_clip, check_vae, checkpoint_name, model_facts, unet_layout_of
 from .fast import FastModels, FastPathMemory, estimate
 from .patching import add_identity_wrappers, checkpointed_blocks, out_of_place_clip_layers
@@ -201,6 +202,22 @@ class ComfyHost:
                 self._fast = FastModels(self._fast_model, self._fast_clip)
                 self._fast.patch(self._patches)
         return self._fast
+
+    def choose_path(self, budget_gb: float = 0.0) -> str:
+        """Set ``path`` before training from the fast path's estimate: its one-time copies
+        (``fast_path_memory().copied`` - none when ComfyUI holds the whole model in the compute
+        dtype; everything it streams under low VRAM) may take at most half the memory budget,
+        leaving the rest to the step itself, which the trainers' preflight then measures.
+        ``budget_gb``: 0 = the device's free memory (none known on the CPU: fast).  Returns a
+        note for the user when it chose the low-memory path, else ""."""
+        budget = int(budget_gb * GiB) if budget_gb > 0 else device_budget(self.device)
+        copied = self.fast_path_memory().copied if budget is not None else 0
+        if budget is None or copied <= budget // 2:
+            self.path = "fast"
+            return ""
+        self.path = "low_memory"
+        return (f"memory: the fast path would copy {copied / GiB:.1f} GB of weights beside ComfyUI's model "
+                f"with {budget / GiB:.1f} GB free; training on the low-memory path (slower, streams the weights)")
 
     def fast_path_memory(self) -> FastPathMemory:
         """Device bytes the fast path's weights take (``resident``) and how much of that it copies
@@ -514,7 +531,8 @@ class ComfyHost:
 
     def save_checkpoint(self, path, deltas: dict[str, torch.Tensor], metadata: dict | None = None):
         """The model with ``deltas`` as one checkpoint file, written by ComfyUI's own
-        ``save_checkpoint`` (what its CheckpointSave node writes) to a temp name, then renamed."""
+        ``save_checkpoint`` (what its CheckpointSave node writes) to a temp name, then renamed;
+        every tensor nobody trained is then the source file's own (``keep_source_tensors``)."""
         model, clip = self.with_deltas({k: d.to(self.device) for k, d in deltas.items()})
         meta = {str(k): str(v) for k, v in (metadata or {}).items()}
         path = Path(path)
@@ -522,11 +540,20 @@ class ComfyHost:
         try:
             with _normal_mode(), atomic_path(path) as tmp:
                 comfy.sd.save_checkpoint(str(tmp), model, clip, self._vae, metadata=meta)
+                keep_source_tensors(tmp, self._source_file())
         finally:
             # Saving loaded the patched clones, which write their patches into the shared weights
             # (backed up).  Loading our own clones again restores the originals.
             _load([self._model, self._clip.patcher])
         return path
+
+    def _source_file(self) -> Path | None:
+        """The checkpoint file CheckpointLoaderSimple read this MODEL from (None otherwise)."""
+        init = getattr(self._model, "cached_patcher_init", None)
+        try:
+            return Path(init[1][0])
+        except (TypeError, IndexError):
+            return None
 
     # ------------------------------------------------------------------ tests
     def frozen_parameters(self) -> dict[str, torch.Tensor]:
