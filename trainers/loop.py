@@ -75,7 +75,7 @@ class LoopConfig:
     #: run ``method.loss`` under the host's autocast (off when the method casts per call itself)
     autocast: bool = True
     #: write the run's state (``trainers/run_state.py``) with every save, and resume from
-    #: ``state.path`` when set; None: no states (SeedSelect's inner runs, tests of the loop alone)
+    #: ``state.path`` when set; None: no states (a SeedSelect without a folder, tests of the loop alone)
     state: "run_state.StateSpec | None" = None
     #: call ``run``'s ``evaluate(step)`` every N steps and at the last step (0: never); its wall
     #: time is kept apart in ``LoopResult.eval_seconds`` (trainers/best_step.py)
