@@ -38,8 +38,11 @@ class Method(Protocol):
     #   its update (SeedSelect's target loss).
     # ``after_step(step)``: after the optimizer changed the parameters (SeedSelect projects its
     #   noise back onto the Gaussian shell).
-    # ``state_ok()`` -> bool: after an update, whether the new parameters still give a finite
-    #   result; False skips the step like a non-finite loss (with the snapshot on).
+    # ``state_ok()`` -> bool: whether the parameters still give a finite result (finite vectors can
+    #   overflow a text encoder).  The next step's forward proves an update's parameters for free
+    #   (a finite loss: they become the last good ones; a non-finite one: back to the last good), so
+    #   ``state_ok`` is only asked for parameters about to be saved that no forward has proven yet:
+    #   once per save, not once per step (with the snapshot on).
     # ``extra_state()`` / ``load_extra_state(tensors, json)``: state of the method's own to keep
     #   in a run state beside the generators (``trainers/run_state.py``).
 
@@ -72,7 +75,7 @@ class LoopConfig:
     #: run ``method.loss`` under the host's autocast (off when the method casts per call itself)
     autocast: bool = True
     #: write the run's state (``trainers/run_state.py``) with every save, and resume from
-    #: ``state.path`` when set; None: no states (SeedSelect's inner runs, tests of the loop alone)
+    #: ``state.path`` when set; None: no states (a SeedSelect without a folder, tests of the loop alone)
     state: "run_state.StateSpec | None" = None
     #: call ``run``'s ``evaluate(step)`` every N steps and at the last step (0: never); its wall
     #: time is kept apart in ``LoopResult.eval_seconds`` (trainers/best_step.py)
@@ -221,6 +224,8 @@ class _Run:
         self.result = LoopResult()
         self.bad_run = 0
         self.last_good = 0  # the step whose parameters the snapshot holds
+        # a method with ``state_ok``: the step whose update no forward has proven yet (0: none)
+        self.pending = 0
         # for the run state: every step's loss (NaN: skipped), the generators as the last finished
         # step left them (a stop can land mid-step, after some draws), and whether the step under
         # way has begun to change the method or the optimizer (from ``observe`` until it is booked:
@@ -262,18 +267,45 @@ class _Run:
             self.opt.step()
         if self.snap is None:
             return True
-        # the state the update produced, not only the update: finite parameters can still give a
-        # non-finite result (vectors so large the text encoder overflows); the method says so
-        ok = all(bool(torch.isfinite(p).all()) for p in self.params) and self._hook("state_ok") is not False
+        # finite parameters can still give a non-finite result (vectors so large the text encoder
+        # overflows): that is proven by the next forward (``_proven``) or before a save (``confirm``)
+        ok = all(bool(torch.isfinite(p).all()) for p in self.params)
         if not ok:
             self.snap.restore()
         return ok
+
+    def _proven(self, finite: bool) -> None:
+        """This step's forward ran with the last update's parameters: a finite loss makes them the
+        last good ones, a non-finite one puts the last good ones back."""
+        if not self.pending:
+            return
+        if finite:
+            self.snap.take()
+            self.last_good = self.pending
+        else:
+            self.dirty = True  # the parameters change before this step is booked
+            self.snap.restore()
+        self.pending = 0
+
+    def confirm(self) -> int:
+        """Before a save: parameters no forward has proven yet are checked by the method's
+        ``state_ok``; returns the step whose parameters the run now holds (what a save is labelled)."""
+        if self.pending:
+            if self._hook("state_ok") is not False:
+                self.snap.take()
+                self.last_good = self.pending
+            else:
+                self.snap.restore()
+                self.result.skipped_steps += 1
+            self.pending = 0
+        return self.last_good
 
     def step(self, step: int) -> tuple[float, bool, bool]:
         """One optimisation step: (loss value, whether it counted, whether the run should stop)."""
         loss = self._loss(step)
         value = float(loss.detach())
         ok = math.isfinite(value)
+        self._proven(ok)
         if ok:
             self.dirty = True
             self._hook("observe", step, value)
@@ -316,6 +348,7 @@ class _Run:
             self.evaluator.load_state(*evaluation)
         if self.snap is not None:
             self.snap.take()
+        self.pending = 0
         self.history = list(got.history)
         self.rngs_end = run_state.rng_states(self.method)
         self.last_good, self.bad_run = got.counters["last_good"], got.counters["bad_run"]
@@ -325,9 +358,13 @@ class _Run:
         return got.step
 
     def _good(self, step: int, value: float) -> None:
-        if self.snap is not None:
-            self.snap.take()
-        self.last_good, self.bad_run = step, 0
+        if self.snap is not None and hasattr(self.method, "state_ok"):
+            self.pending = step  # proven by the next forward, or by ``confirm`` before a save
+        else:
+            if self.snap is not None:
+                self.snap.take()
+            self.last_good = step
+        self.bad_run = 0
         self.result.losses.append(value)
 
     def _bad(self) -> None:
@@ -408,8 +445,9 @@ def _run(method, cfg: LoopConfig, device, compute_dtype, save, progress, preview
             r.finished(step, value, ok)
             saving = cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps and not stop
             if saving:
-                save(step)
-                r.result.saved_step = step
+                good = r.confirm()  # labelled with the step whose values it holds
+                save(good)
+                r.result.saved_step = good
             if evaluate is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps or stop):
                 t_eval = time.perf_counter()
                 evaluate(step)
@@ -427,8 +465,9 @@ def _run(method, cfg: LoopConfig, device, compute_dtype, save, progress, preview
         with contextlib.suppress(AttributeError):  # what was saved, for whoever reports the stop
             exc.likeness_result = r.result
         raise
-    save(r.result.steps_done)
-    r.result.saved_step = r.result.steps_done
+    good = r.confirm()
+    save(good)
+    r.result.saved_step = good
     r.write_state(r.result.steps_done)
     r.result.seconds = time.perf_counter() - t0
     return r.result
@@ -439,6 +478,8 @@ def _stopped(r: _Run, save: Callable[[int], None]) -> None:
     state (a full disk) does not hide why the run stopped."""
     r.result.cancelled = True
     if r.snap is not None:
+        with contextlib.suppress(Exception):  # the last update's parameters, when no forward proved them
+            r.confirm()
         r.snap.restore()
     if r.last_good > r.result.saved_step:
         save(r.last_good)
