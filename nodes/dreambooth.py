@@ -183,8 +183,9 @@ class TrainDreamBoothLoRA(io.ComfyNode):
                 io.Float.Input("text_encoder_lr", default=MODE_DEFAULTS["lora"].text_encoder_lr, min=1e-7, max=1.0,
                                step=1e-6, round=1e-7, advanced=True, tooltip="Learning rate of the text-encoder "
                                "LoRA layers. Default 5e-5: half the UNet's, as the text encoder overfits sooner."),
-                init_lora_input(),
-            ] + NB.eval_inputs("the instance prompt"),
+            ] + NB.eval_inputs("the instance prompt") + [
+                init_lora_input(),  # last: saved workflows keep their widget values in order
+            ],
             outputs=[_OUT_MODEL, _OUT_CLIP, io.String.Output(display_name="lora_name", tooltip="The file "
                      "name, as LoraLoader lists it."), _OUT_PREVIEW, _OUT_LOSS, NB.CURVES_OUTPUT],
             hidden=[io.Hidden.unique_id],
@@ -285,12 +286,13 @@ class TrainPivotal(io.ComfyNode):
                 io.Boolean.Input("bundle_embedding", default=False, advanced=True, tooltip="Also store the word "
                                  "inside the LoRA file (A1111 reads it; ComfyUI's LoraLoader logs those keys as "
                                  "not loaded). Off by default: the separate embedding file is what ComfyUI reads."),
-                init_lora_input(),
+            ] + NB.eval_inputs("the instance prompt") + [
+                init_lora_input(),  # last: saved workflows keep their widget values in order
                 io.String.Input("init_embedding", default="", optional=True, advanced=True, tooltip="Continue the "
                                 "new word from an existing embedding: a file name in models/embeddings or a path. "
                                 "Its vectors and their count are used. Empty by default: the vectors the init_lora "
                                 "bundles for the token, else init_text."),
-            ] + NB.eval_inputs("the instance prompt"),
+            ],
             outputs=[_OUT_MODEL, _OUT_CLIP, io.String.Output(display_name="embedding", tooltip=
                      "'embedding:<token>' for your prompts."), io.String.Output(display_name="lora_name", tooltip=
                      "The LoRA's file name, as LoraLoader lists it."),
