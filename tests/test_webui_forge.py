@@ -12,20 +12,16 @@ environment; the screenshot step without Playwright and Chromium.
 """
 from __future__ import annotations
 
-import base64
-import io
-import os
 import re
-import time
 from pathlib import Path
 
 import pytest
 
 from support import forge_runtime
 from support.images import write_disc_images
+from support.webui_e2e import image, screenshot, train
 
 pytestmark = [pytest.mark.webui, pytest.mark.slow]
-CHROMIUM = Path(os.environ.get("LIKENESS_CHROMIUM", "/usr/bin/chromium"))
 #: Forge's messages for an embedding or LoRA file it could not use (text_processing/textual_inversion.py,
 #: sd_forge_lora/networks.py) and an error in our extension
 LOAD_ERRORS = re.compile(r"(?i)error loading embedding|lora version mismatch|keys mismatched|unmatched keys"
@@ -49,57 +45,20 @@ def forge(tmp_path_factory):
         print(f"Forge log: {server.log_path}")
 
 
-def _train(forge, req: dict) -> dict:
-    run = forge.post("/likeness/v1/runs", req)
-    t0 = time.time()
-    while time.time() - t0 < 900:
-        got = forge.get(f"/likeness/v1/runs/{run['id']}")
-        if got["state"] in ("done", "cancelled", "failed"):
-            return got
-        time.sleep(1)
-    raise AssertionError(f"run {run['id']} did not finish")
-
-
-def _image(forge, prompt: str) -> bytes:
-    out = forge.post("/sdapi/v1/txt2img", {"prompt": prompt, "steps": 2, "width": 64, "height": 64, "seed": 7,
-                                           "cfg_scale": 5, "sampler_name": "Euler"})
-    from PIL import Image
-
-    return Image.open(io.BytesIO(base64.b64decode(out["images"][0]))).convert("RGB").tobytes()
-
-
 def test_ti_and_lora_trained_in_forge_change_forges_own_generation(forge, tmp_path):
     data = tmp_path / "cat"
     write_disc_images(data, n=3)
-    ti = _train(forge, {"kind": "ti", "name": "lk_disc", "images": str(data), "steps": 3, "init_text": "ball",
-                        "learning_rate": 0.5, "preview_every": 0, "resolution": 64})
+    ti = train(forge, {"kind": "ti", "name": "lk_disc", "images": str(data), "steps": 3, "init_text": "ball",
+                       "learning_rate": 0.5, "preview_every": 0, "resolution": 64})
     assert ti["state"] == "done", ti["error"]
     assert Path(ti["files"][0]).parent == forge.data / "embeddings" and "`lk_disc`" in ti["message"]
-    lora = _train(forge, {"kind": "lora", "name": "lk_lora", "images": str(data), "steps": 3, "rank": 4,
-                          "instance_prompt": "a photo of sks_lk ball", "learning_rate": 0.05, "preview_every": 0,
-                          "resolution": 64})
+    lora = train(forge, {"kind": "lora", "name": "lk_lora", "images": str(data), "steps": 3, "rank": 4,
+                         "instance_prompt": "a photo of sks_lk ball", "learning_rate": 0.05, "preview_every": 0,
+                         "resolution": 64})
     assert lora["state"] == "done", lora["error"]
     assert Path(lora["files"][0]).parent == forge.data / "models" / "Lora"
-    plain = _image(forge, "a photo of a ball")
-    assert _image(forge, "a photo of lk_disc") != _image(forge, "a photo of")
-    assert _image(forge, "a photo of a ball <lora:lk_lora:1>") != plain
+    plain = image(forge, "a photo of a ball")
+    assert image(forge, "a photo of lk_disc") != image(forge, "a photo of")
+    assert image(forge, "a photo of a ball <lora:lk_lora:1>") != plain
     assert not LOAD_ERRORS.search(forge.log()), forge.log()[-3000:]
-    _screenshot(forge, tmp_path)
-
-
-def _screenshot(forge, tmp_path: Path) -> None:
-    if not CHROMIUM.is_file():
-        print("no Chromium: screenshot skipped")
-        return
-    pw = pytest.importorskip("playwright.sync_api")
-    with pw.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox", "--disable-gpu"])
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(forge.url, timeout=300_000)
-        page.get_by_role("tab", name="Likeness").click(timeout=120_000)
-        page.wait_for_timeout(3000)
-        shot = tmp_path / "likeness-tab.png"
-        page.screenshot(path=str(shot), full_page=True)
-        browser.close()
-    print(f"screenshot: {shot}")
-    assert shot.stat().st_size > 10_000
+    screenshot(forge, tmp_path)

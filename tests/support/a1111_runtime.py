@@ -113,6 +113,9 @@ def a1111_checkpoint(root: Path, arch: str = "sd15") -> Path:
         return out
     sd = sf.load_file(str(src))
     params = OmegaConf.to_container(OmegaConf.create(tiny_config(root, arch)).model.params.unet_config.params)
+    ldm_repo = str(root / "repositories" / "stable-diffusion-stability-ai")
+    if ldm_repo not in sys.path and "ldm" not in sys.modules:  # a test process that runs A1111 as a server
+        sys.path.append(ldm_repo)
     from ldm.modules.diffusionmodules.openaimodel import UNetModel
 
     with torch.device("meta"):
