@@ -233,6 +233,18 @@ def comfy_hosts(comfy_root):
     return get
 
 
+def _built(make: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``make(arch)`` once per arch, kept."""
+    built = {}
+
+    def get(arch: str):
+        if arch not in built:
+            built[arch] = make(arch)
+        return built[arch]
+
+    return get
+
+
 @pytest.fixture(scope="module")
 def forge_hosts():
     """ForgeHosts over engines Forge's loader built from the tiny checkpoints, by arch, each built
@@ -247,14 +259,7 @@ def forge_hosts():
     forge_runtime.import_forge(root)
     from likeness.hosts.webui.forge import ForgeHost
 
-    built = {}
-
-    def get(arch: str):
-        if arch not in built:
-            built[arch] = ForgeHost(forge_runtime.load_tiny(arch))
-        return built[arch]
-
-    return get
+    return _built(lambda arch: ForgeHost(forge_runtime.load_tiny(arch)))
 
 
 @pytest.fixture(scope="module")
@@ -267,20 +272,13 @@ def a1111_hosts():
     root = a1111_runtime.webui_path()
     if root is None:
         pytest.skip("WEBUI_PATH is not set to an AUTOMATIC1111 checkout (tests/support/get_webui.sh a1111)")
-    pytest.importorskip("gradio", reason="AUTOMATIC1111's own requirements (requirements_versions.txt) are not installed")
+    pytest.importorskip("gradio", reason="AUTOMATIC1111's requirements (requirements_versions.txt) are not installed")
     if "backend" in sys.modules:
         pytest.skip("Forge is loaded in this process; run the AUTOMATIC1111 cases on their own (-k a1111)")
     a1111_runtime.import_a1111(root)
     from likeness.hosts.webui.a1111 import A1111Host
 
-    built = {}
-
-    def get(arch: str):
-        if arch not in built:
-            built[arch] = A1111Host(a1111_runtime.load_tiny(root, arch))
-        return built[arch]
-
-    return get
+    return _built(lambda arch: A1111Host(a1111_runtime.load_tiny(root, arch)))
 
 
 @pytest.fixture(params=[c.param() for c in CASES])

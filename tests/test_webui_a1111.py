@@ -15,13 +15,11 @@ environment; the screenshot step without Playwright and Chromium.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 
 from support import a1111_runtime
-from support.images import write_disc_images
-from support.webui_e2e import image, screenshot, train
+from support.webui_e2e import assert_generation_uses_them, running, screenshot, train_ti_and_lora, webui_root
 
 pytestmark = [pytest.mark.webui, pytest.mark.slow]
 #: A1111's messages for an embedding or LoRA file it could not use (modules/textual_inversion,
@@ -33,36 +31,16 @@ LOAD_ERRORS = re.compile(r"(?i)error loading embedding|unable to load textual in
 
 @pytest.fixture(scope="module")
 def a1111(tmp_path_factory):
-    root = a1111_runtime.webui_path()
-    if root is None:
-        pytest.skip("WEBUI_PATH is not set to an AUTOMATIC1111 checkout (tests/support/get_webui.sh a1111)")
-    pytest.importorskip("gradio", reason="AUTOMATIC1111's own requirements (requirements_versions.txt) are not installed")
+    root = webui_root(a1111_runtime.webui_path(), "AUTOMATIC1111", "WEBUI_PATH", "tests/support/get_webui.sh a1111")
     from support.a1111_server import A1111Server
 
-    data = tmp_path_factory.mktemp("a1111-data")
-    server = A1111Server(root, data, a1111_runtime.a1111_checkpoint(root, "sd15"))
-    try:
-        yield server.start()
-    finally:
-        server.stop()
-        print(f"A1111 log: {server.log_path}")
+    checkpoint = a1111_runtime.a1111_checkpoint(root, "sd15")
+    with running(A1111Server(root, tmp_path_factory.mktemp("a1111-data"), checkpoint)) as server:
+        yield server
 
 
 def test_ti_and_lora_trained_in_a1111_change_a1111s_own_generation(a1111, tmp_path):
-    data = tmp_path / "disc"
-    write_disc_images(data, n=3)
-    ti = train(a1111, {"kind": "ti", "name": "lk_disc", "images": str(data), "steps": 3, "init_text": "ball",
-                       "learning_rate": 0.5, "preview_every": 0, "resolution": 64})
-    assert ti["state"] == "done", ti["error"]
-    assert Path(ti["files"][0]).parent == a1111.data / "embeddings" and "`lk_disc`" in ti["message"]
-    lora = train(a1111, {"kind": "lora", "name": "lk_lora", "images": str(data), "steps": 3, "rank": 4,
-                         "instance_prompt": "a photo of sks_lk ball", "learning_rate": 0.05, "preview_every": 0,
-                         "resolution": 64})
-    assert lora["state"] == "done", lora["error"]
-    assert Path(lora["files"][0]).parent == a1111.data / "models" / "Lora"
-    plain = image(a1111, "a photo of a ball")
-    assert image(a1111, "a photo of lk_disc") != image(a1111, "a photo of")
-    assert image(a1111, "a photo of a ball <lora:lk_lora:1>") != plain
-    assert image(a1111, "a photo of a ball") == plain  # the LoRA is gone again: the model was restored
+    train_ti_and_lora(a1111, tmp_path / "disc")
+    assert_generation_uses_them(a1111)
     assert not LOAD_ERRORS.search(a1111.log()), a1111.log()[-3000:]
     screenshot(a1111, tmp_path, "likeness-tab-a1111.png")

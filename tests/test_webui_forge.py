@@ -13,13 +13,11 @@ environment; the screenshot step without Playwright and Chromium.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 
 from support import forge_runtime
-from support.images import write_disc_images
-from support.webui_e2e import image, screenshot, train
+from support.webui_e2e import assert_generation_uses_them, running, screenshot, train_ti_and_lora, webui_root
 
 pytestmark = [pytest.mark.webui, pytest.mark.slow]
 #: Forge's messages for an embedding or LoRA file it could not use (text_processing/textual_inversion.py,
@@ -30,35 +28,16 @@ LOAD_ERRORS = re.compile(r"(?i)error loading embedding|lora version mismatch|key
 
 @pytest.fixture(scope="module")
 def forge(tmp_path_factory):
-    root = forge_runtime.forge_path()
-    if root is None:
-        pytest.skip("FORGE_PATH is not set to a Stable Diffusion WebUI Forge checkout (tests/support/get_webui.sh)")
-    pytest.importorskip("gradio", reason="Forge's own requirements (requirements_versions.txt) are not installed")
+    root = webui_root(forge_runtime.forge_path(), "Stable Diffusion WebUI Forge", "FORGE_PATH",
+                      "tests/support/get_webui.sh forge")
     from support.forge_server import ForgeServer
 
-    data = tmp_path_factory.mktemp("forge-data")
-    server = ForgeServer(root, data, forge_runtime.forge_checkpoint("sd15"))
-    try:
-        yield server.start()
-    finally:
-        server.stop()
-        print(f"Forge log: {server.log_path}")
+    with running(ForgeServer(root, tmp_path_factory.mktemp("forge-data"), forge_runtime.forge_checkpoint("sd15"))) as s:
+        yield s
 
 
 def test_ti_and_lora_trained_in_forge_change_forges_own_generation(forge, tmp_path):
-    data = tmp_path / "cat"
-    write_disc_images(data, n=3)
-    ti = train(forge, {"kind": "ti", "name": "lk_disc", "images": str(data), "steps": 3, "init_text": "ball",
-                       "learning_rate": 0.5, "preview_every": 0, "resolution": 64})
-    assert ti["state"] == "done", ti["error"]
-    assert Path(ti["files"][0]).parent == forge.data / "embeddings" and "`lk_disc`" in ti["message"]
-    lora = train(forge, {"kind": "lora", "name": "lk_lora", "images": str(data), "steps": 3, "rank": 4,
-                         "instance_prompt": "a photo of sks_lk ball", "learning_rate": 0.05, "preview_every": 0,
-                         "resolution": 64})
-    assert lora["state"] == "done", lora["error"]
-    assert Path(lora["files"][0]).parent == forge.data / "models" / "Lora"
-    plain = image(forge, "a photo of a ball")
-    assert image(forge, "a photo of lk_disc") != image(forge, "a photo of")
-    assert image(forge, "a photo of a ball <lora:lk_lora:1>") != plain
+    train_ti_and_lora(forge, tmp_path / "disc")
+    assert_generation_uses_them(forge)
     assert not LOAD_ERRORS.search(forge.log()), forge.log()[-3000:]
     screenshot(forge, tmp_path)

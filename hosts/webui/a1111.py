@@ -43,7 +43,7 @@ from ...trainers.formats.files import atomic_path
 from ...trainers.formats.kohya_lora import lora_layers, weight_delta
 from ...trainers.formats.unet_names import UNetLayout
 from ...trainers.seam import ImageMeta, ModelInfo, ParameterNaming, TextEncoderInfo
-from ..shared import check_vectors, checkpointed_forwards, unet_blocks
+from ..shared import check_images, check_prompts, check_vectors, checkpointed_forwards, per_sample, unet_blocks
 from . import common
 
 #: where a hijacked model's state dict names differ from the checkpoint's (A1111's wrappers)
@@ -175,11 +175,9 @@ class A1111Host:
     def encode_text(self, prompts: Sequence[str], placeholder: str | None = None,
                     vectors: dict[str, torch.Tensor] | None = None,
                     meta: Sequence[ImageMeta] | None = None) -> dict[str, Any]:
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompts:
-            raise ValueError("encode_text needs at least one prompt")
-        if meta is not None and len(meta) != len(prompts):
-            raise ValueError(f"{len(meta)} size entries for {len(prompts)} prompts")
+        """``{"crossattn": [B, 77k, 768]}`` by the WebUI's own text wrapper (SD1 has no size
+        conditioning: ``meta`` is only checked)."""
+        prompts = check_prompts(prompts, meta)
         extra = None
         if placeholder and vectors is not None:
             vec = check_vectors(self._encoders, vectors)[self._encoders[0].key]
@@ -195,11 +193,7 @@ class A1111Host:
         return self._denoiser.sigmas.detach().to(self.device, torch.float32).clone()
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        if images.ndim != 4 or images.shape[-1] < 3:
-            raise ValueError(f"images must be [B, H, W, 3], got {tuple(images.shape)}")
-        f = self.latent_scale
-        if images.shape[1] % f or images.shape[2] % f:
-            raise ValueError(f"image size {images.shape[2]}x{images.shape[1]} is not a multiple of {f}")
+        check_images(images, self.latent_scale)
         vae = self._model.first_stage_model
         x = images[..., :3].movedim(-1, 1).to(devices.device, devices.dtype_vae) * 2 - 1
         with torch.inference_mode(False), torch.no_grad():
@@ -217,11 +211,7 @@ class A1111Host:
     # ------------------------------------------------------------------ denoiser
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict) -> torch.Tensor:
         with torch.inference_mode(False):
-            sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32).reshape(-1)
-            sigma = sigma.expand(x.shape[0]) if sigma.numel() == 1 else sigma
-            context = cond["crossattn"]
-            if context.shape[0] != x.shape[0]:
-                context = context.expand(x.shape[0], -1, -1)
+            sigma, context = per_sample(x, sigma, cond["crossattn"])
             with self._weights("unet"):
                 return self._denoiser(x, sigma, cond={"c_crossattn": [context]})
 

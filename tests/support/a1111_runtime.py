@@ -72,7 +72,8 @@ def clip_folder() -> Path:
     if not (out / "config.json").is_file():
         tmp = Path(tempfile.mkdtemp(dir=cache_dir()))
         for src in (ASSETS / "clip_tokenizer" / "vocab.json", ASSETS / "clip_tokenizer" / "merges.txt",
-                    ASSETS / "sd15" / "tokenizer" / "tokenizer_config.json", ASSETS / "sd15" / "text_encoder" / "config.json"):
+                    ASSETS / "sd15" / "tokenizer" / "tokenizer_config.json",
+                    ASSETS / "sd15" / "text_encoder" / "config.json"):
             shutil.copy(src, tmp / src.name)
         try:
             os.replace(tmp, out)

@@ -4,6 +4,7 @@ the WebUI's own API, and a headless-Chromium screenshot of the Likeness tab."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import time
@@ -11,7 +12,28 @@ from pathlib import Path
 
 import pytest
 
+from .images import write_disc_images
+
 CHROMIUM = Path(os.environ.get("LIKENESS_CHROMIUM", "/usr/bin/chromium"))
+
+
+def webui_root(root: Path | None, webui: str, env: str, setup: str) -> Path:
+    """``root``, or skip the test saying why: ``env`` does not name a ``webui`` checkout (made by
+    ``setup``), or the WebUI's own requirements (gradio...) are not installed here."""
+    if root is None:
+        pytest.skip(f"{env} is not set to a {webui} checkout ({setup})")
+    pytest.importorskip("gradio", reason=f"{webui}'s own requirements (requirements_versions.txt) are not installed")
+    return root
+
+
+@contextlib.contextmanager
+def running(server):
+    """The started ``server``, stopped (by its own pid) when the block ends; its log's path printed."""
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+        print(f"{type(server).__name__} log: {server.log_path}")
 
 
 def train(server, req: dict) -> dict:
@@ -33,6 +55,31 @@ def image(server, prompt: str) -> bytes:
     from PIL import Image
 
     return Image.open(io.BytesIO(base64.b64decode(out["images"][0]))).convert("RGB").tobytes()
+
+
+def train_ti_and_lora(server, folder: Path) -> None:
+    """What the real-WebUI tests train, on a few disc images in ``folder``: a TI ``lk_disc`` (into the
+    WebUI's ``embeddings/``, the message naming the word) and a LoRA ``lk_lora`` (into
+    ``models/Lora``), a few steps each at 64 px."""
+    write_disc_images(folder, n=3)
+    ti = train(server, {"kind": "ti", "name": "lk_disc", "images": str(folder), "steps": 3, "init_text": "ball",
+                        "learning_rate": 0.5, "preview_every": 0, "resolution": 64})
+    assert ti["state"] == "done", ti["error"]
+    assert Path(ti["files"][0]).parent == server.data / "embeddings" and "`lk_disc`" in ti["message"]
+    lora = train(server, {"kind": "lora", "name": "lk_lora", "images": str(folder), "steps": 3, "rank": 4,
+                          "instance_prompt": "a photo of sks_lk ball", "learning_rate": 0.05, "preview_every": 0,
+                          "resolution": 64})
+    assert lora["state"] == "done", lora["error"]
+    assert Path(lora["files"][0]).parent == server.data / "models" / "Lora"
+
+
+def assert_generation_uses_them(server) -> None:
+    """The WebUI's own txt2img changes with the embedding's name / ``<lora:lk_lora:1>`` in the prompt,
+    and is back to the plain image once the LoRA is left out again (the WebUI restored its model)."""
+    plain = image(server, "a photo of a ball")
+    assert image(server, "a photo of lk_disc") != image(server, "a photo of")
+    assert image(server, "a photo of a ball <lora:lk_lora:1>") != plain
+    assert image(server, "a photo of a ball") == plain
 
 
 def screenshot(server, folder: Path, name: str = "likeness-tab.png") -> Path | None:
