@@ -1,11 +1,14 @@
 """What more than one host does the same way, whatever program loaded the model: checking a
 placeholder's vectors against the text encoders, prompts and images, broadcasting a batch's noise
-levels and context, and recomputing an LDM ``UNetModel``'s blocks in
+levels and context, recomputing an LDM ``UNetModel``'s blocks in
 backward (ComfyUI and both WebUIs keep that layout: ``input_blocks``, ``middle_block``,
-``output_blocks``).  Torch only."""
+``output_blocks``), and putting a saved checkpoint's untrained tensors back as the source file had
+them.  Torch and safetensors only."""
 from __future__ import annotations
 
 import contextlib
+import os
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
@@ -55,6 +58,35 @@ def per_sample(x: torch.Tensor, sigma, context: torch.Tensor) -> tuple[torch.Ten
     if context.shape[0] != x.shape[0]:
         context = context.expand(x.shape[0], -1, -1)
     return sigma, context
+
+
+def keep_source_tensors(written: Path, source: Path | None) -> int:
+    """Rewrite ``written`` - a checkpoint the host's program saved from its loaded, possibly cast,
+    copy of ``source`` - so that every tensor still equal to the source's as cast is the source's
+    own tensor, bits and dtype: a weight nobody trained goes back exactly as it was in the user's
+    file (an fp32 file loaded in fp16 would otherwise come back rounded).  Trained tensors stay as
+    written.  Only safetensors sources (read without unpickling) with the same key names; returns
+    how many tensors came from the source (0: ``written`` untouched)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    if source is None or Path(source).suffix != ".safetensors" or not Path(source).is_file():
+        return 0
+    out, taken = {}, 0
+    with safe_open(str(written), "pt") as w, safe_open(str(source), "pt") as s:
+        meta, known = w.metadata(), set(s.keys())
+        for k in w.keys():
+            t = w.get_tensor(k)
+            if k in known:
+                src = s.get_tensor(k)
+                if src.shape == t.shape and torch.equal(src.to(t.dtype), t):
+                    t, taken = src, taken + 1
+            out[k] = t
+    if taken:
+        tmp = Path(written).with_name(Path(written).name + ".src")
+        save_file(out, str(tmp), metadata=meta)
+        os.replace(tmp, written)
+    return taken
 
 
 def unet_blocks(unet) -> list[torch.nn.Module]:

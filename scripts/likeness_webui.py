@@ -25,8 +25,8 @@ def _package():
 
 _package()
 
-from likeness.webui import api, app, runs, tab  # noqa: E402  (after the package is importable)
-from modules import script_callbacks  # noqa: E402  (the WebUI's own module)
+from likeness.webui import api, app, runs, seed_noise, tab  # noqa: E402  (after the package is importable)
+from modules import script_callbacks, scripts  # noqa: E402  (the WebUI's own modules)
 
 _MANAGER = []
 
@@ -41,3 +41,27 @@ def manager() -> runs.RunManager:
 script_callbacks.on_ui_tabs(lambda: tab.build(manager()), name="likeness")
 script_callbacks.on_app_started(lambda _blocks, fastapi_app: api.register_routes(fastapi_app, manager()),
                                 name="likeness")
+
+
+class LikenessSeed(scripts.Script):
+    """The **Likeness seed** section of txt2img: generate from a seed SeedSelect saved."""
+
+    def title(self):
+        return "Likeness seed"
+
+    def show(self, is_img2img):
+        return False if is_img2img else scripts.AlwaysVisible
+
+    def ui(self, is_img2img):
+        import gradio as gr
+
+        folder = app.seeds_dir()
+        with gr.Accordion("Likeness seed", open=False):
+            name = gr.Dropdown(seed_noise.choices(folder), value=seed_noise.NONE, label="Seed from SeedSelect "
+                               "(replaces the seed number; same size, prompt and CFG as it was made for)")
+            refresh = gr.Button("Refresh list")
+        refresh.click(lambda: gr.update(choices=seed_noise.choices(app.seeds_dir())), outputs=[name])
+        return [name]
+
+    def process_batch(self, p, name=seed_noise.NONE, **kwargs):
+        seed_noise.apply(p, name, app.seeds_dir())

@@ -153,6 +153,22 @@ class ForgeAdapter(ComfyAdapter):
 
         return ForgeHost(forge_runtime.load_engine(path))
 
+    @staticmethod
+    def in_dtype(c: "Case", host, dtype: torch.dtype) -> Host:
+        """The tiny checkpoint loaded by Forge's loader with its UNet stored in ``dtype`` (what
+        ``--unet-in-bf16`` / ``--unet-in-fp16`` make it do)."""
+        from backend.args import args
+        from support import forge_runtime
+
+        from likeness.hosts.webui.forge import ForgeHost
+
+        flag = {torch.bfloat16: "unet_in_bf16", torch.float16: "unet_in_fp16"}[dtype]
+        setattr(args, flag, True)
+        try:
+            return ForgeHost(forge_runtime.load_engine(forge_runtime.forge_checkpoint(c.fixture.partition(":")[2])))
+        finally:
+            setattr(args, flag, False)
+
 
 class A1111Adapter(ComfyAdapter):
     """The AUTOMATIC1111 host on models A1111's own loader built from the tiny checkpoints (marker

@@ -208,3 +208,31 @@ def test_unet_layout_of_the_real_models(family, cfg):
     got = ComfyHost.unet_layout(fake)
     want = DEFAULT_LAYOUTS[family]
     assert (got.layers_per_block, got.up_attention) == (want.layers_per_block, want.up_attention)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16-file", "fp32-file"])
+def test_an_untrained_checkpoint_is_written_back_bit_identical_to_its_file(tmp_path, dtype):
+    """ComfyUI computes a file in its own dtype (fp32 on this CPU, fp16 on most GPUs) and its own
+    save writes that copy; the host puts every tensor nobody trained back as the user's file had it,
+    so a full fine-tune of 0 steps is the source file, bits and dtype, and a trained weight is not."""
+    import comfy.sd
+    from safetensors.torch import load_file, save_file
+    from support import tiny_checkpoints
+
+    from likeness.hosts.comfy import ComfyHost
+
+    source = tmp_path / "source.safetensors"
+    sd = load_file(str(tiny_checkpoints.ensure_tiny_checkpoint("sd15")))
+    save_file({k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}, str(source))
+    with torch.inference_mode():
+        host = ComfyHost(*comfy.sd.load_checkpoint_guess_config(str(source))[:3])
+    src = load_file(str(source))
+    written = load_file(str(host.save_checkpoint(tmp_path / "zero.safetensors", {})))
+    same = [k for k in src if k in written]
+    assert len(same) > 0.9 * len(src)
+    assert all(written[k].dtype == src[k].dtype and torch.equal(written[k], src[k]) for k in same)
+    name = next(n for n in host.tunable_parameters("unet") if n.endswith("attn2.to_k.weight"))
+    w = host.tunable_parameters("unet")[name]
+    trained = load_file(str(host.save_checkpoint(tmp_path / "one.safetensors", {name: torch.full_like(w, 0.5)})))
+    changed = [k for k in same if not torch.equal(trained[k].to(src[k].dtype), src[k])]
+    assert len(changed) == 1 and changed[0].endswith(name.rsplit(".", 3)[-3] + ".to_k.weight"), changed

@@ -14,6 +14,7 @@ import pytest
 from safetensors.torch import load_file
 
 from support.images import write_disc_images
+from support.tiny_clip_vision import hf_folder
 
 from likeness.webui.runs import RunManager, WebUIContext
 
@@ -71,7 +72,9 @@ def test_lora_run_goes_to_the_lora_folder_with_the_prompt_tag(tiny_sd1_host, tmp
 
 
 @pytest.mark.parametrize("req, match", [
-    ({"kind": "seedselect"}, "kind must be one of"),
+    ({"kind": "seed"}, "kind must be one of"),
+    ({"kind": "seedselect", "name": "s", "prompt": "a disc"}, "CLIP vision model folder"),
+    ({"kind": "seedselect", "name": "s", "clip_vision": "."}, "needs the prompt"),
     ({"kind": "ti", "name": "lk_x", "images": "/no/such/folder"}, "does not exist"),
     ({"kind": "ti", "name": "lk_x", "steps": 0}, "steps must be at least 1"),
     ({"kind": "ti", "name": "lk_x", "steps": "many"}, "'steps' must be a int"),
@@ -83,6 +86,66 @@ def test_bad_requests_are_refused_before_any_work(tiny_sd1_host, tmp_path, datas
     with pytest.raises(ValueError, match=match):
         manager.start(req)
     assert manager.runs == {} and not (tmp_path / "embeddings").exists()
+
+
+def test_seedselect_run_saves_a_seed_the_txt2img_section_uses(tiny_sd1_host, tmp_path, dataset):
+    """SeedSelect from the tab: the seed file in models/likeness_seeds, the loss per iteration, and
+    the seed's noise is what the WebUI's txt2img then starts from (``seed_noise``)."""
+    from likeness.trainers import seed_bank as B
+    from likeness.webui import seed_noise
+
+    seeds = tmp_path / "models" / "likeness_seeds"
+    manager, refreshed = _manager(tiny_sd1_host, tmp_path)
+    manager.ctx.seeds_dir = lambda: seeds
+    run = manager.start({"kind": "seedselect", "name": "disc_seed", "images": str(dataset), "steps": 3,
+                         "prompt": "a photo of a disc", "clip_vision": str(hf_folder(tmp_path / "cv")),
+                         "resolution": 64, "sampling_steps": 2})
+    got = _wait(manager, run.id)
+    assert got["state"] == "done", got["error"]
+    assert got["files"] == [str(seeds / "disc_seed.seed.safetensors")] and refreshed == ["seed"]
+    assert [s for s, _ in got["losses"]] == [1, 2, 3] and "Likeness seed" in got["message"]
+    entry = B.load_seed(seeds, "disc_seed")
+    assert (entry.width, entry.height, entry.steps, entry.prompt) == (64, 64, 2, "a photo of a disc")
+    assert seed_noise.choices(seeds) == [seed_noise.NONE, "disc_seed"]
+
+
+class _WebUIRNG:
+    """The WebUIs' ``ImageRNG`` as processing uses it: ``shape`` and successive ``next()`` draws."""
+
+    def __init__(self, shape, batch):
+        import torch
+
+        self.shape, self.batch, self.g = shape, batch, torch.Generator().manual_seed(1)
+
+    def next(self):
+        import torch
+
+        return torch.randn((self.batch, *self.shape), generator=self.g)
+
+
+def test_the_txt2img_section_starts_from_the_saved_noise_and_refuses_another_size(tmp_path):
+    import types
+
+    import torch
+
+    from likeness.trainers import seed_bank as B
+    from likeness.webui import seed_noise
+
+    noise = torch.randn(1, 4, 8, 8)
+    B.save_seed(tmp_path, "s", B.SeedEntry(noise=noise, sigmas=torch.linspace(14, 0, 3), sampler="euler", cfg=7.0,
+                                          width=64, height=64))
+    p = types.SimpleNamespace(rng=_WebUIRNG((4, 8, 8), 2), extra_generation_params={})
+    plain = _WebUIRNG((4, 8, 8), 2)
+    seed_noise.apply(p, seed_noise.NONE, tmp_path)
+    assert isinstance(p.rng, _WebUIRNG)  # off: the WebUI's own noise
+    seed_noise.apply(p, "s", tmp_path)
+    first = p.rng.next()
+    assert torch.equal(first, noise.expand(2, -1, -1, -1)) and p.extra_generation_params["Likeness seed"] == "s"
+    plain.next()
+    assert torch.equal(p.rng.next(), plain.next())  # later draws (ancestral noise) as without the seed
+    p = types.SimpleNamespace(rng=_WebUIRNG((4, 16, 16), 1), extra_generation_params={})
+    with pytest.raises(ValueError, match="made for 64x64 px"):
+        seed_noise.apply(p, "s", tmp_path)
 
 
 def test_cancel_keeps_the_last_good_file_and_one_run_at_a_time(tiny_sd1_host, tmp_path, dataset):

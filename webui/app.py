@@ -62,6 +62,8 @@ def refresh(kind: str) -> None:
     database), or the LoRA list (the built-in LoRA extension's, in both)."""
     from modules import shared
 
+    if kind == "seed":
+        return  # the txt2img section lists the folder when its Refresh is pressed
     if kind == "embedding" and not is_forge():  # A1111: one database, on the hijack
         from modules import sd_hijack
 
@@ -78,12 +80,20 @@ def refresh(kind: str) -> None:
         networks.list_available_networks()
 
 
+def seeds_dir() -> Path:
+    """Where SeedSelect's seeds go and the txt2img section reads them: ``models/likeness_seeds``
+    (the folder ComfyUI's nodes use, below the WebUI's own models folder)."""
+    from modules import paths
+
+    return Path(paths.models_path) / "likeness_seeds"
+
+
 def context() -> WebUIContext:
     from modules import call_queue, shared
 
     return WebUIContext(make_host=_make_host, embeddings_dir=lambda: Path(shared.cmd_opts.embeddings_dir),
-                        lora_dir=lambda: Path(shared.cmd_opts.lora_dir), refresh=refresh,
+                        lora_dir=lambda: Path(shared.cmd_opts.lora_dir), seeds_dir=seeds_dir, refresh=refresh,
                         lock=call_queue.queue_lock, webui="Forge" if is_forge() else "AUTOMATIC1111")
 
 
-__all__ = ["context", "refresh", "is_forge"]
+__all__ = ["context", "refresh", "is_forge", "seeds_dir"]

@@ -29,7 +29,7 @@ import torch
 from ..trainers import data as D
 
 #: the methods the tab offers
-KINDS = ("ti", "lora", "pivotal")
+KINDS = ("ti", "lora", "pivotal", "seedselect")
 
 
 class Cancelled(Exception):
@@ -43,6 +43,7 @@ class WebUIContext:
     make_host: Callable[[], Any]
     embeddings_dir: Callable[[], Path]
     lora_dir: Callable[[], Path]
+    seeds_dir: Callable[[], Path] = lambda: Path("models") / "likeness_seeds"
     refresh: Callable[[str], None] = lambda kind: None  # "embedding" or "lora"
     lock: Any = field(default_factory=threading.Lock)
     webui: str = "WebUI"
@@ -120,11 +121,63 @@ def dreambooth_config(req: dict, mode: str, lora_dir: Path, embeddings_dir: Path
         gradient_checkpointing=bool(req.get("gradient_checkpointing")), overwrite=bool(req.get("overwrite")))
 
 
+@dataclass
+class SeedJob:
+    """A SeedSelect run from a WebUI: the config and what the result needs beside it (a seed file
+    named ``name`` in ``output_dir``).  ``steps`` and ``name`` are what every run reports."""
+
+    name: str
+    prompt: str
+    negative: str
+    clip_vision: str
+    config: Any
+    output_dir: Path
+    overwrite: bool = False
+
+    @property
+    def steps(self) -> int:
+        return self.config.iterations
+
+
+def seedselect_job(req: dict, folder: Path) -> SeedJob:
+    """The request as a SeedSelect run: the WebUI's ``Euler`` with the ``Normal`` schedule is the
+    sampler the noise is optimised through, so the seed reproduces there (``usage`` says how)."""
+    from ..trainers.seedselect import SeedSelectConfig
+
+    size = _num(req, "resolution", int, None) or 512
+    cfg = SeedSelectConfig(width=_num(req, "width", int, size), height=_num(req, "height", int, size),
+                           sampler="euler", scheduler="normal", steps=_num(req, "sampling_steps", int, 20),
+                           cfg=_num(req, "cfg", float, 7.0), iterations=_num(req, "steps", int, 30),
+                           learning_rate=_num(req, "learning_rate", float, 0.1), seed=_num(req, "seed", int, 0))
+    return SeedJob(name=str(req.get("name", "")).strip(), prompt=str(req.get("prompt", "")),
+                   negative=str(req.get("negative", "")), clip_vision=str(req.get("clip_vision", "")).strip(),
+                   config=cfg, output_dir=folder, overwrite=bool(req.get("overwrite")))
+
+
+def check_seed_job(job: SeedJob) -> None:
+    """What would fail later, now: the options, the name and an existing file, the encoder folder."""
+    from ..trainers import seed_bank as B
+    from ..trainers.seedselect import check_config
+
+    check_config(job.config)
+    if not job.prompt.strip():
+        raise ValueError("SeedSelect needs the prompt the seed is for (the one you will generate with)")
+    target = B.seed_path(job.output_dir, job.name)
+    if target.exists() and not job.overwrite:
+        raise ValueError(f"{target} exists; pick another name or tick 'Replace an existing file'")
+    if not (Path(job.clip_vision) / "config.json").is_file():
+        raise ValueError(f"clip_vision must be a CLIP vision model folder (config.json + weights, e.g. IP-Adapter's "
+                         f"models/image_encoder), got {job.clip_vision or '(nothing)'!r}")
+
+
 def usage(kind: str, name: str, files: list[str], token: str = "") -> str:
     """What the result area says: where the file went and how to use it in the next generation."""
     where = ", ".join(files) if files else "(no file)"
     if kind == "ti":
         return f"Saved {where}. Write `{name}` in a prompt to use the embedding (the list was refreshed)."
+    if kind == "seedselect":
+        return (f"Saved {where}. In txt2img open **Likeness seed**, pick `{name}` and generate with the same prompt, "
+                "size, CFG and steps, sampler Euler with the Normal schedule (the seed number is then ignored).")
     text = f"Saved {where}. Add `<lora:{name}:1>` to a prompt (the LoRA list was refreshed)."
     if kind == "pivotal" and token:
         text += f" Keep the new word `{token}` in the prompt: it is the embedding trained with it."
@@ -160,6 +213,10 @@ class RunManager:
     def _config(self, kind: str, req: dict):
         from ..trainers import dreambooth, textual_inversion
 
+        if kind == "seedselect":
+            job = seedselect_job(req, Path(self.ctx.seeds_dir()))
+            check_seed_job(job)
+            return job
         if kind == "ti":
             cfg = ti_config(req, Path(self.ctx.embeddings_dir()))
             textual_inversion.check_config(cfg)
@@ -200,6 +257,8 @@ class RunManager:
             host = self.ctx.make_host()
             try:
                 with host.training():
+                    if run.kind == "seedselect":
+                        return _select_seed(host, images, cfg, self._progress(run))
                     if run.kind == "ti":
                         return train_textual_inversion(host, images, cfg, progress=self._progress(run))
                     return train_dreambooth(host, images, cfg, progress=self._progress(run))
@@ -221,7 +280,7 @@ class RunManager:
             traceback.print_exc()
             return
         with contextlib.suppress(Exception):
-            self.ctx.refresh("embedding" if run.kind == "ti" else "lora")
+            self.ctx.refresh({"ti": "embedding", "seedselect": "seed"}.get(run.kind, "lora"))
             if run.kind == "pivotal":
                 self.ctx.refresh("embedding")
         run.message = usage(run.kind, run.name, run.files, getattr(cfg, "token", ""))
@@ -230,8 +289,38 @@ class RunManager:
 
     @staticmethod
     def _kept_files(run: Run, cfg) -> list[str]:
+        from ..trainers.seed_bank import seed_path
+
         folder = Path(cfg.output_dir)
-        return [str(p) for p in (folder / f"{cfg.name}.safetensors",) if p.is_file()]
+        kept = seed_path(folder, cfg.name) if run.kind == "seedselect" else folder / f"{cfg.name}.safetensors"
+        return [str(kept)] if kept.is_file() else []
 
 
-__all__ = ["KINDS", "Cancelled", "WebUIContext", "Run", "RunManager", "usage", "ti_config", "dreambooth_config"]
+@dataclass
+class _SeedResult:
+    files: list
+
+
+def _select_seed(host, images, job: SeedJob, progress) -> _SeedResult:
+    """SeedSelect on the WebUI's model; the best seed (so far, on Cancel) is written as a seed file."""
+    from ..hosts.diffusers import load_clip_vision
+    from ..trainers import seed_bank as B
+    from ..trainers.seedselect import SeamSeedModel, fit_images, train_seedselect
+
+    c = job.config
+    refs = torch.cat([fit_images(im[None], c.height, c.width) for im in images.images])
+    vision = load_clip_vision(job.clip_vision, device=host.device)
+
+    def save(res):
+        entry = B.SeedEntry(noise=res.noise, sigmas=res.sigmas, sampler=res.sampler, cfg=res.cfg, prompt=job.prompt,
+                            negative=job.negative, model_name=host.info.name, model_hash=host.info.hash,
+                            family=host.info.family, scheduler=c.scheduler, steps=c.steps, width=c.width,
+                            height=c.height, losses=res.losses)
+        return B.save_seed(job.output_dir, job.name, entry, overwrite=job.overwrite)
+
+    res = train_seedselect(SeamSeedModel(host, job.prompt, job.negative), vision, refs, c, progress, on_cancel=save)
+    return _SeedResult(files=[save(res)])
+
+
+__all__ = ["KINDS", "Cancelled", "WebUIContext", "Run", "RunManager", "usage", "ti_config", "dreambooth_config",
+           "SeedJob", "seedselect_job", "check_seed_job"]

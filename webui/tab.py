@@ -9,9 +9,17 @@ import io
 from ..trainers import data as D
 from .runs import RunManager
 
-METHODS = {"Textual Inversion": "ti", "DreamBooth LoRA": "lora", "DreamBooth LoRA + new word (pivotal)": "pivotal"}
+METHODS = {"Textual Inversion": "ti", "DreamBooth LoRA": "lora", "DreamBooth LoRA + new word (pivotal)": "pivotal",
+           "SeedSelect (a seed that draws the references' concept)": "seedselect"}
 FIELDS = ("name", "images", "init_text", "instance_prompt", "token", "vectors", "steps", "learning_rate",
-          "rank", "resolution", "seed", "preview_every", "overwrite")
+          "rank", "resolution", "seed", "preview_every", "overwrite", "prompt", "negative", "clip_vision",
+          "sampling_steps", "cfg")
+#: the fields each method reads (the others are dropped from its request)
+USES = {"ti": {"init_text", "vectors", "preview_every"},
+        "lora": {"instance_prompt", "rank", "preview_every"},
+        "pivotal": {"instance_prompt", "token", "vectors", "rank", "preview_every"},
+        "seedselect": {"prompt", "negative", "clip_vision", "sampling_steps", "cfg"}}
+COMMON = {"name", "images", "steps", "learning_rate", "resolution", "seed", "overwrite"}
 
 
 def dataset_summary(folder: str) -> str:
@@ -23,10 +31,9 @@ def dataset_summary(folder: str) -> str:
 
 
 def _request(method: str, values) -> dict:
-    req = dict(zip(FIELDS, values))
-    req["kind"] = METHODS.get(method, method)
-    if req["kind"] == "ti":
-        req.pop("instance_prompt"), req.pop("token"), req.pop("rank")
+    kind = METHODS.get(method, method)
+    req = {k: v for k, v in zip(FIELDS, values) if k in COMMON | USES.get(kind, set())}
+    req["kind"] = kind
     if req.get("learning_rate") in (0, None):
         req.pop("learning_rate", None)
     return {k: v for k, v in req.items() if v not in (None, "")}
@@ -75,8 +82,15 @@ def _inputs(gr) -> tuple:
         seed = gr.Number(label="Seed", value=0, precision=0)
         preview_every = gr.Number(label="Preview every N steps", value=50, precision=0)
         overwrite = gr.Checkbox(label="Replace an existing file of this name", value=False)
+    with gr.Accordion("SeedSelect (Steps = iterations; the dataset holds the reference images)", open=False):
+        prompt = gr.Textbox(label="Prompt (the one you will generate with)")
+        negative = gr.Textbox(label="Negative prompt")
+        clip_vision = gr.Textbox(label="CLIP vision model folder (config.json + weights)")
+        with gr.Row():
+            sampling_steps = gr.Number(label="Sampling steps", value=20, precision=0)
+            cfg = gr.Number(label="CFG scale", value=7.0)
     return method, (name, images, init_text, instance_prompt, token, vectors, steps, lr, rank, resolution,
-                    seed, preview_every, overwrite)
+                    seed, preview_every, overwrite, prompt, negative, clip_vision, sampling_steps, cfg)
 
 
 def build(manager: RunManager):

@@ -55,7 +55,7 @@ from ...trainers.families import FAMILIES
 from ...trainers.formats.files import atomic_path
 from ...trainers.preflight import GiB, device_budget
 from ...trainers.seam import ImageMeta, ModelInfo, ParameterNaming, TextEncoderInfo
-from ..shared import check_vectors
+from ..shared import check_vectors, keep_source_tensors
 from .detection import check_clip, check_vae, checkpoint_name, model_facts, unet_layout_of
 from .fast import FastModels, FastPathMemory, estimate
 from .patching import add_identity_wrappers, checkpointed_blocks, out_of_place_clip_layers
@@ -531,7 +531,8 @@ class ComfyHost:
 
     def save_checkpoint(self, path, deltas: dict[str, torch.Tensor], metadata: dict | None = None):
         """The model with ``deltas`` as one checkpoint file, written by ComfyUI's own
-        ``save_checkpoint`` (what its CheckpointSave node writes) to a temp name, then renamed."""
+        ``save_checkpoint`` (what its CheckpointSave node writes) to a temp name, then renamed;
+        every tensor nobody trained is then the source file's own (``keep_source_tensors``)."""
         model, clip = self.with_deltas({k: d.to(self.device) for k, d in deltas.items()})
         meta = {str(k): str(v) for k, v in (metadata or {}).items()}
         path = Path(path)
@@ -539,11 +540,20 @@ class ComfyHost:
         try:
             with _normal_mode(), atomic_path(path) as tmp:
                 comfy.sd.save_checkpoint(str(tmp), model, clip, self._vae, metadata=meta)
+                keep_source_tensors(tmp, self._source_file())
         finally:
             # Saving loaded the patched clones, which write their patches into the shared weights
             # (backed up).  Loading our own clones again restores the originals.
             _load([self._model, self._clip.patcher])
         return path
+
+    def _source_file(self) -> Path | None:
+        """The checkpoint file CheckpointLoaderSimple read this MODEL from (None otherwise)."""
+        init = getattr(self._model, "cached_patcher_init", None)
+        try:
+            return Path(init[1][0])
+        except (TypeError, IndexError):
+            return None
 
     # ------------------------------------------------------------------ tests
     def frozen_parameters(self) -> dict[str, torch.Tensor]:

@@ -98,6 +98,34 @@ def activation_branches(root: torch.nn.Module, fns: dict[str, Callable]) -> Iter
             h.remove()
 
 
+@contextlib.contextmanager
+def block_input_copies(root: torch.nn.Module, block_kind: str) -> Iterator[None]:
+    """While active, a tensor autograd saves inside a ``block_kind`` module (by class name) is saved
+    as a copy when it shares storage with that block's input - the tensor such a block goes on to
+    modify in place; everything else is saved as usual (no copy of attention maps or weights)."""
+    running: list[int] = []  # storage address of each running block's input, innermost last
+
+    def enter(module, args):
+        running.append(args[0].untyped_storage().data_ptr() if args and torch.is_tensor(args[0]) else -1)
+
+    def leave(module, args, output):
+        running.pop()
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        return t.clone() if running and t.untyped_storage().data_ptr() == running[-1] else t
+
+    handles = []
+    try:
+        for m in root.modules():
+            if type(m).__name__ == block_kind:
+                handles += [m.register_forward_pre_hook(enter), m.register_forward_hook(leave)]
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def check_placeholder_tokens(name: str, token_ids: dict[str, list[int]]) -> None:
     """The WebUIs match an embedding by its name's tokens in the prompt: a name that is one token
     of an encoder's vocabulary would replace that word everywhere."""
@@ -114,4 +142,4 @@ def check_placeholder_tokens(name: str, token_ids: dict[str, list[int]]) -> None
 
 
 __all__ = ["TUNABLE_KINDS", "tunable_modules", "tunable_tensors", "ordinary", "substituted_weights",
-           "activation_branches", "check_placeholder_tokens"]
+           "activation_branches", "block_input_copies", "check_placeholder_tokens"]

@@ -216,11 +216,13 @@ class ForgeHost:
                 return self._unet.model.apply_model(x, sigma, transformer_options=topts, **kwargs)
 
     def _saved_copies(self):
-        """While weights train, autograd keeps its own copy of every activation it saves: Forge's
-        transformer blocks add residuals in place (``x += n``) after a norm saved ``x``."""
-        if not (self._unet_fns and torch.is_grad_enabled()):
+        """Forge's transformer blocks add their residuals in place (``x += n``) into the block's
+        input after a norm saved it.  Once that input is part of the graph - always when weights
+        train, and for vectors from a stack's second block on (SDXL's depth 2 and 10) - autograd
+        would refuse the modified tensor, so it keeps its own copy of exactly those saved tensors."""
+        if not torch.is_grad_enabled():
             return contextlib.nullcontext()
-        return torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t)
+        return common.block_input_copies(self._unet.model.diffusion_model, "BasicTransformerBlock")
 
     def output_scale(self, sigma: torch.Tensor) -> torch.Tensor:
         s = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1)

@@ -19,8 +19,10 @@ from .comfy_server import free_port, link
 
 
 class ForgeServer:
-    def __init__(self, root: Path, data: Path, checkpoint: Path, port: int | None = None):
+    def __init__(self, root: Path, data: Path, checkpoint: Path, port: int | None = None, others=()):
+        """``checkpoint`` is loaded at start; ``others`` sit beside it in the checkpoint list."""
         self.root, self.data, self.checkpoint = Path(root), Path(data), Path(checkpoint)
+        self.others = [Path(p) for p in others]
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = self.data / "server.log"
@@ -29,7 +31,8 @@ class ForgeServer:
     def _layout(self) -> None:
         for sub in ("models/Stable-diffusion", "models/Lora", "embeddings", "extensions"):
             (self.data / sub).mkdir(parents=True, exist_ok=True)
-        link(self.checkpoint, self.data / "models" / "Stable-diffusion" / self.checkpoint.name)
+        for ckpt in (self.checkpoint, *self.others):
+            link(ckpt, self.data / "models" / "Stable-diffusion" / ckpt.name)
         link(REPO, self.data / "extensions" / "likeness")
 
     def command(self) -> list[str]:
@@ -48,6 +51,9 @@ class ForgeServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{type(self).__name__} exited ({self.proc.returncode}):\n{self.log()[-4000:]}")
             if self._ready():
+                # Live previews of an SDXL generation fetch a preview decoder on first use; this
+                # machine is offline, and the previews are not what the tests look at
+                self.post("/sdapi/v1/options", {"live_previews_enable": False})
                 return self
             time.sleep(2)
         raise RuntimeError(f"{type(self).__name__} did not answer in {timeout} s:\n{self.log()[-4000:]}")
@@ -74,6 +80,11 @@ class ForgeServer:
                                      headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=900) as r:
             return json.loads(r.read())
+
+    def use_checkpoint(self, checkpoint: Path) -> None:
+        """Select another checkpoint as a user does in the WebUI's list (Forge loads it for the
+        next generation or run)."""
+        self.post("/sdapi/v1/options", {"sd_model_checkpoint": Path(checkpoint).name})
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

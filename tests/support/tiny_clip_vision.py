@@ -47,3 +47,16 @@ def random_model(config_path: Path, seed: int = 0):
         cv = comfy.clip_vision.ClipVisionModel(str(config_path))
         cv.load_sd(random_state_dict(cv.model, seed))
     return cv
+
+
+def hf_folder(folder: Path, seed: int = 0) -> Path:
+    """The same shape as a transformers folder (``config.json`` + weights): what the CLI and the
+    WebUI tab take as SeedSelect's image encoder.  Torch's global generator is left as it was."""
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    cfg = CLIPVisionConfig(**{k: v for k, v in CONFIG.items() if k != "model_type"})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        CLIPVisionModelWithProjection(cfg).save_pretrained(folder)
+    return Path(folder)

@@ -48,10 +48,16 @@ def train(server, req: dict) -> dict:
     raise AssertionError(f"run {run['id']} did not finish")
 
 
-def image(server, prompt: str) -> bytes:
-    """The RGB bytes of a small, seeded txt2img of ``prompt`` by the WebUI's own API."""
-    out = server.post("/sdapi/v1/txt2img", {"prompt": prompt, "steps": 2, "width": 64, "height": 64, "seed": 7,
-                                            "cfg_scale": 5, "sampler_name": "Euler"})
+def image(server, prompt: str, size: int = 64, **extra) -> bytes:
+    """The RGB bytes of a small, seeded txt2img of ``prompt`` by the WebUI's own API (``extra``: more
+    request fields); a failure shows the WebUI's log, where its traceback is."""
+    import urllib.error
+
+    try:
+        out = server.post("/sdapi/v1/txt2img", {"prompt": prompt, "steps": 2, "width": size, "height": size,
+                                                "seed": 7, "cfg_scale": 5, "sampler_name": "Euler", **extra})
+    except urllib.error.HTTPError as e:
+        raise AssertionError(f"txt2img failed ({e}):\n{server.log()[-6000:]}") from None
     from PIL import Image
 
     return Image.open(io.BytesIO(base64.b64decode(out["images"][0]))).convert("RGB").tobytes()
