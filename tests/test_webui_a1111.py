@@ -19,7 +19,8 @@ import re
 import pytest
 
 from support import a1111_runtime
-from support.webui_e2e import assert_generation_uses_them, running, screenshot, train_ti_and_lora, webui_root
+from support.webui_e2e import (assert_generation_uses_them, assert_seed_selected_is_used, running, screenshot,
+                               train_ti_and_lora, webui_root)
 
 pytestmark = [pytest.mark.webui, pytest.mark.slow]
 #: A1111's messages for an embedding or LoRA file it could not use (modules/textual_inversion,
@@ -44,3 +45,10 @@ def test_ti_and_lora_trained_in_a1111_change_a1111s_own_generation(a1111, tmp_pa
     assert_generation_uses_them(a1111)
     assert not LOAD_ERRORS.search(a1111.log()), a1111.log()[-3000:]
     screenshot(a1111, tmp_path, "likeness-tab-a1111.png")
+
+
+def test_a_seed_selected_in_a1111_is_what_its_txt2img_starts_from(a1111, tmp_path):
+    """SeedSelect from the tab's API on A1111's model, then its own txt2img with the **Likeness
+    seed** section set: the image is not the seed number's, and the same every time."""
+    assert_seed_selected_is_used(a1111, tmp_path)
+    assert not LOAD_ERRORS.search(a1111.log()), a1111.log()[-3000:]

@@ -13,14 +13,13 @@ environment; the screenshot step without Playwright and Chromium.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 
 from support import forge_runtime
 from support.images import write_disc_images
-from support.webui_e2e import (assert_generation_uses_them, image, running, screenshot, train, train_ti_and_lora,
-                               webui_root)
+from support.webui_e2e import (assert_generation_uses_them, assert_seed_selected_is_used, image, running,
+                               screenshot, train, train_ti_and_lora, webui_root)
 
 pytestmark = [pytest.mark.webui, pytest.mark.slow]
 #: Forge's messages for an embedding or LoRA file it could not use (text_processing/textual_inversion.py,
@@ -71,16 +70,5 @@ def test_sdxl_embedding_trained_in_forge_changes_forges_own_generation(forge, tm
 def test_a_seed_selected_in_forge_is_what_its_txt2img_starts_from(forge, tmp_path):
     """SeedSelect from the tab's API on the loaded model, then Forge's own txt2img with the
     **Likeness seed** section set: the image is not the seed number's, and the same every time."""
-    from support.tiny_clip_vision import hf_folder
-
-    data = tmp_path / "refs"
-    write_disc_images(data, n=2)
-    run = train(forge, {"kind": "seedselect", "name": "disc_seed", "images": str(data), "steps": 2,
-                        "prompt": "a photo of a ball", "clip_vision": str(hf_folder(tmp_path / "cv")),
-                        "resolution": 64, "sampling_steps": 2, "cfg": 5})
-    assert run["state"] == "done", run["error"]
-    assert Path(run["files"][0]) == forge.data / "models" / "likeness_seeds" / "disc_seed.seed.safetensors"
-    seeded = {"alwayson_scripts": {"Likeness seed": {"args": ["disc_seed"]}}}
-    with_seed = image(forge, "a photo of a ball", **seeded)
-    assert with_seed != image(forge, "a photo of a ball") and with_seed == image(forge, "a photo of a ball", **seeded)
+    assert_seed_selected_is_used(forge, tmp_path)
     assert not LOAD_ERRORS.search(forge.log()), forge.log()[-3000:]

@@ -88,6 +88,22 @@ def assert_generation_uses_them(server) -> None:
     assert image(server, "a photo of a ball") == plain
 
 
+def assert_seed_selected_is_used(server, folder: Path) -> None:
+    """SeedSelect through the API on the loaded model, then the WebUI's own txt2img with the
+    **Likeness seed** section set: the image is not the seed number's, and the same every time."""
+    from .tiny_clip_vision import hf_folder
+
+    write_disc_images(folder / "refs", n=2)
+    run = train(server, {"kind": "seedselect", "name": "disc_seed", "images": str(folder / "refs"), "steps": 2,
+                         "prompt": "a photo of a ball", "clip_vision": str(hf_folder(folder / "cv")),
+                         "resolution": 64, "sampling_steps": 2, "cfg": 5})
+    assert run["state"] == "done", run["error"]
+    assert Path(run["files"][0]) == server.data / "models" / "likeness_seeds" / "disc_seed.seed.safetensors"
+    seeded = {"alwayson_scripts": {"Likeness seed": {"args": ["disc_seed"]}}}
+    with_seed = image(server, "a photo of a ball", **seeded)
+    assert with_seed != image(server, "a photo of a ball") and with_seed == image(server, "a photo of a ball", **seeded)
+
+
 def screenshot(server, folder: Path, name: str = "likeness-tab.png") -> Path | None:
     """The Likeness tab of the running WebUI, full page, as ``folder/name`` (``$LIKENESS_BROWSER_ARTIFACTS``
     when set); None without Chromium.  Gradio 4 (Forge) marks tabs with the ``tab`` role, gradio 3
