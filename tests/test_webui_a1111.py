@@ -5,7 +5,8 @@ txt2img API with the embedding's name / ``<lora:name:1>`` in the prompt, which d
 prompt without them, and no loading message in A1111's log (it runs with ``--loglevel DEBUG``: the
 LoRA extension reports keys it could not place only at that level).  A headless-Chromium screenshot
 of the tab after the runs is saved (``$LIKENESS_BROWSER_ARTIFACTS`` or the test's temporary folder;
-printed).
+printed).  Also SeedSelect: a seed selected through the API is what A1111's txt2img starts from with
+the **Likeness seed** section set.
 
     WEBUI_PATH=~/.cache/likeness/a1111 python -m pytest -m webui tests/test_webui_a1111.py
 
