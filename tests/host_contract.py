@@ -285,13 +285,7 @@ def a1111_hosts():
     ``modules``: one WebUI per process."""
     from support import a1111_runtime
 
-    root = a1111_runtime.webui_path()
-    if root is None:
-        pytest.skip("WEBUI_PATH is not set to an AUTOMATIC1111 checkout (tests/support/get_webui.sh a1111)")
-    pytest.importorskip("gradio", reason="AUTOMATIC1111's requirements (requirements_versions.txt) are not installed")
-    if "backend" in sys.modules:
-        pytest.skip("Forge is loaded in this process; run the AUTOMATIC1111 cases on their own (-k a1111)")
-    a1111_runtime.import_a1111(root)
+    root = a1111_runtime.in_this_process()
     from likeness.hosts.webui.a1111 import A1111Host
 
     return _built(lambda arch: A1111Host(a1111_runtime.load_tiny(root, arch)))

@@ -104,6 +104,12 @@ class A1111Host:
 
     def __init__(self, model, deltas: dict[str, torch.Tensor] | None = None, *, name: str | None = None):
         family = _family(model)
+        if getattr(model, "lowvram", False):
+            # --medvram/--lowvram move each module to the GPU from a forward hook and remember which
+            # one is there; weights read through copies would be moved instead of the stored ones
+            raise ValueError("Likeness cannot train while AUTOMATIC1111 runs with --medvram or --lowvram (the "
+                             "WebUI moves the model's weights between devices during every step). Restart it "
+                             "without them, or train in Stable Diffusion WebUI Forge or with the `likeness` CLI.")
         self._model, self._wrapper = model, model.cond_stage_model
         self._base = dict(deltas or {})
         self._denoiser = (kdiff.CompVisVDenoiser if model.parameterization == "v" else kdiff.CompVisDenoiser)(model)

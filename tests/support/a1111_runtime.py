@@ -63,6 +63,22 @@ def import_a1111(root: Path, data_dir: Path | None = None) -> None:
         sys.argv = argv
 
 
+def in_this_process() -> Path:
+    """The checkout ``WEBUI_PATH`` names, imported here (``import_a1111``); skips the calling test,
+    saying why, without one, without A1111's requirements, or where Forge is loaded (both WebUIs
+    name their package ``modules``: one per process)."""
+    import pytest
+
+    root = webui_path()
+    if root is None:
+        pytest.skip("WEBUI_PATH is not set to an AUTOMATIC1111 checkout (tests/support/get_webui.sh a1111)")
+    pytest.importorskip("gradio", reason="AUTOMATIC1111's requirements (requirements_versions.txt) are not installed")
+    if "backend" in sys.modules:
+        pytest.skip("Forge is loaded in this process; run the AUTOMATIC1111 tests on their own (-k a1111)")
+    import_a1111(root)
+    return root
+
+
 def clip_folder() -> Path:
     """CLIP ViT-L/14's tokenizer and text-model config as a local folder (what A1111 would fetch as
     ``openai/clip-vit-large-patch14``), from the files this repository ships."""
