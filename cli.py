@@ -262,6 +262,12 @@ def _dreambooth_parser(sub) -> None:
     p.add_argument("--ti-lr", type=float, default=5e-3, help="pivotal: learning rate of the word's vectors")
     p.add_argument("--ti-fraction", type=float, default=0.5, help="pivotal: part of the run the word trains")
     p.add_argument("--bundle-embedding", action="store_true", help="pivotal: also store the word in the LoRA")
+    p.add_argument("--init-lora", default="", metavar="FILE",
+                   help="lora/pivotal: continue training an existing kohya LoRA (ours or another tool's) at its own "
+                        "layers, rank and alpha; the file's step count continues")
+    p.add_argument("--init-embedding", default="", metavar="FILE",
+                   help="pivotal: continue the word from an embedding file (default: the one --init-lora bundles "
+                        "for --token, else the class noun)")
     p.add_argument("--optimizer", default=None, choices=OPTIMIZERS,
                    help=f"default per mode: {_per_mode('optimizer')} (adafactor: almost no optimizer memory)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="less memory, ~25%% slower")
@@ -304,6 +310,7 @@ def _run_dreambooth(args) -> int:
         extract_rank=args.extract_rank, lora_dir=None if args.out is not None else MODE_DEFAULTS["lora"].folder,
         preview_every=args.preview_every, overwrite=args.overwrite, resume=args.resume,
         keep_states=args.keep_states, memory_budget_gb=args.memory_budget, **per_mode,
+        init_lora=args.init_lora, init_embedding=args.init_embedding,
         **_eval_config(args),
     )
     check_config(cfg)  # option, name and image problems are reported before the model loads
@@ -384,10 +391,14 @@ def _seedselect_parser(sub) -> None:
     p.add_argument("--start", default="seed", choices=STARTS)
     p.add_argument("--candidates", type=int, default=4, help="starts scored by best_of / inversion")
     p.add_argument("--num-seeds", type=int, default=1, help=">1: bootstrap that many varied seeds")
+    p.add_argument("--bootstrap-iterations", type=int, default=5, help="iterations of each extra seed's run")
     p.add_argument("--target-loss", type=float, default=None, help="stop once the loss is at or below this")
     p.add_argument("--name", default="seedselect", help="seed file name (<name>.seed.safetensors)")
     p.add_argument("--out", default="seeds", help="folder for the seed file and the result images")
     _model_args(p, "seed")
+    _state_args(p, "seed file")
+    p.add_argument("--state-every", type=int, default=10,
+                   help="also write a run state every N iterations (0: only at the end of each seed's run and on a stop)")
 
 
 def _run_seedselect(args) -> int:
@@ -402,31 +413,42 @@ def _run_seedselect(args) -> int:
         width=args.width, height=args.height, sampler=args.sampler, scheduler=args.scheduler, steps=args.steps,
         cfg=args.cfg, optimise_cfg=1.0 if args.optimise_without_cfg else None, iterations=args.iterations,
         learning_rate=args.lr, seed=args.seed, start=args.start, candidates=args.candidates,
-        num_seeds=args.num_seeds, target_loss=args.target_loss)
+        num_seeds=args.num_seeds, target_loss=args.target_loss, bootstrap_iterations=args.bootstrap_iterations,
+        output_dir=args.out, name=args.name, resume=args.resume, keep_states=args.keep_states,
+        state_every=args.state_every)
     check_config(cfg)
     target = B.seed_path(args.out, args.name)  # name and overwrite problems before any loading
     _expect_result(args, target, Path(args.out) / f"{args.name}.preview.png")
-    if target.exists() and not args.overwrite:
-        raise FileExistsError(f"{target} exists; pick another --name or pass --overwrite")
+    replace = args.overwrite or args.resume != "off"  # a resumed run replaces its own seed file
+    if target.exists() and not replace:
+        raise FileExistsError(f"{target} exists; pick another --name, pass --overwrite, or --resume to continue "
+                              "the run that wrote it")
     images = D.load_image_folder(args.references)
     refs = torch.cat([fit_images(im[None], args.height, args.width) for im in images.images])
     host = DiffusersHost.load(args.model, device=args.device, prediction=args.prediction)
     vision = load_clip_vision(args.clip_vision, device=host.device)
     print(images.summary(), flush=True)
     seed_model = SeamSeedModel(host, args.prompt, args.negative)
+
+    def save(res):  # the result, or on a stop the best seed so far (the loop's last good state)
+        entry = B.SeedEntry(noise=res.noise, sigmas=res.sigmas, sampler=res.sampler, cfg=res.cfg,
+                            prompt=args.prompt, negative=args.negative, model_name=host.info.name,
+                            model_hash=host.info.hash, family=host.info.family, scheduler=args.scheduler,
+                            steps=args.steps, width=args.width, height=args.height, losses=res.losses)
+        return B.save_seed(args.out, args.name, entry, overwrite=replace)
+
     with _compiled(args, seed_model):
-        res = train_seedselect(seed_model, vision, refs, cfg,
+        res = train_seedselect(seed_model, vision, refs, cfg, on_cancel=save,
                                progress=_Printer(Path(args.out) / f"{args.name}.preview.png"))
-    entry = B.SeedEntry(noise=res.noise, sigmas=res.sigmas, sampler=res.sampler, cfg=res.cfg, prompt=args.prompt,
-                        negative=args.negative, model_name=host.info.name, model_hash=host.info.hash,
-                        family=host.info.family, scheduler=args.scheduler, steps=args.steps, width=args.width,
-                        height=args.height, losses=res.losses)
-    path = B.save_seed(args.out, args.name, entry, overwrite=args.overwrite)
+    path = save(res)
     for i, im in enumerate(res.images):
         _save_png(im, Path(args.out) / f"{args.name}.{i}.png")
     reached = f", target at iteration {res.iterations_to_target}" if res.iterations_to_target else ""
+    resumed = f", continued after iteration {res.resumed_from}" if res.resumed_from else ""
     print(f"done: loss {res.start_loss:.4f} -> {res.best_loss:.4f}, {res.iterations_done} iterations in "
-          f"{res.seconds:.1f} s{reached}\nwrote {path}")
+          f"{res.seconds:.1f} s{reached}{resumed}\nwrote {path}")
+    if res.state_path is not None:
+        print(f"run state {res.state_path} (train longer: raise --iterations or --num-seeds and add --resume)")
     return 0
 
 
@@ -469,9 +491,12 @@ def _saved_note(args, exc: BaseException | None = None) -> str:
         fresh = path.stat().st_mtime >= args.started - 1
     except OSError:
         fresh = False
+    state = getattr(exc, "likeness_state", None)  # SeedSelect: the state that continues it
+    resume = f"; continue it with --resume (state {state.name})" if state is not None else ""
     if fresh:
-        return f"the last good result was saved to {path}"
-    return f"nothing was saved by this run ({path} was not written)"
+        what = "the best seed so far" if args.command == "seedselect" else "the last good result"
+        return f"{what} was saved to {path}{resume}"
+    return f"nothing was saved by this run ({path} was not written){resume}"
 
 
 _OOM_HINT = ("out of memory: lower the resolution or batch size, use --gradient-checkpointing or "

@@ -27,6 +27,7 @@ def main(argv=None) -> int:
     p.add_argument("--lora-lr", type=float, default=3e-3)
     p.add_argument("--full-lr", type=float, default=3e-4)
     p.add_argument("--n", type=int, default=32, help="held-out prompts the classifier reads per snapshot")
+    p.add_argument("--eval-prompts", type=int, default=8, help="evaluation prompts best step samples per snapshot")
     p.add_argument("--sample-steps", type=int, default=15)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default="likeness-bench-best-step")
@@ -36,7 +37,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
     opts = dict(steps=a.steps, eval_every=a.eval_every, lora_lr=a.lora_lr, full_lr=a.full_lr, n_test=a.n,
-                sample_steps=a.sample_steps)
+                sample_steps=a.sample_steps, eval_prompts=a.eval_prompts)
     runs = W.run_all(a.concept, a.modes, out_dir=a.out, opts=opts, log=lambda s: print(s, flush=True))
     for r in runs:
         print(f"{r.mode}: best step {r.best_step}, holds {r.pick_holds}, rho {r.rho:.2f}, train {r.train_s:.0f} s, "

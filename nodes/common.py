@@ -6,6 +6,7 @@ the progress reporting (progress bar + preview, loss chart event, Cancel) exists
 from __future__ import annotations
 
 import math
+import os
 import time
 
 import numpy as np
@@ -31,6 +32,18 @@ def model_folder(kind: str) -> str:
     """The first folder ComfyUI searches for ``kind`` ("embeddings", "loras", "checkpoints"): files
     written there are listed by ComfyUI's own loaders without a restart."""
     return folder_paths.get_folder_paths(kind)[0]
+
+
+def typed_file(kind: str, name: str) -> str:
+    """A file named in a text input: the file of that name in the ``kind`` folder ("loras",
+    "embeddings") when there is one, else the text as a path (the trainer says if it is missing)."""
+    name = (name or "").strip()
+    if not name or os.path.isabs(name):
+        return name
+    for folder in folder_paths.get_folder_paths(kind):
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    return name
 
 
 def embeddings_dir() -> str:
@@ -136,6 +149,15 @@ def state_inputs() -> list:
     ]
 
 
+def init_lora_input():
+    """DreamBooth LoRA / pivotal: continue an existing LoRA (``DreamBoothConfig.init_lora``)."""
+    return io.String.Input("init_lora", default="", optional=True, advanced=True, tooltip="Continue training an "
+                           "existing LoRA instead of starting new adapters: a file name in models/loras or a path "
+                           "(ours or another trainer's kohya LoRA). Its layers, rank and alpha are kept (rank, "
+                           "alpha, targets and train_text_encoder are then the file's); the step count continues. "
+                           "Give a new name, or set overwrite to replace that file. Empty by default: new adapters.")
+
+
 def compile_input():
     """The advanced ``compile`` input every training node shares (``trainers.compile``)."""
     return io.Combo.Input("compile", options=list(COMPILE_MODES), default="off", advanced=True, optional=True,
@@ -180,4 +202,4 @@ __all__ = ["compile_input", "compile_notes",
            "TRAINING_CATEGORY", "PROGRESS_EVENT", "model_folder", "embeddings_dir", "to_pil", "parse_captions",
            "batch_captions", "send_progress", "progress_reporter", "count_reporter", "node_id_of",
            "node_type_of",
-           "training_report", "state_inputs"]
+           "training_report", "state_inputs", "typed_file", "init_lora_input"]

@@ -24,6 +24,7 @@ from ..trainers.loop import OPTIMIZERS
 from . import best_step as NB
 from .common import (TRAINING_CATEGORY, batch_captions, compile_input, compile_notes, count_reporter, embeddings_dir,
                      model_folder, node_id_of, node_type_of, progress_reporter, state_inputs, training_report)
+from .common import init_lora_input, typed_file
 
 
 def _common_inputs(mode: str) -> list:
@@ -182,6 +183,7 @@ class TrainDreamBoothLoRA(io.ComfyNode):
                 io.Float.Input("text_encoder_lr", default=MODE_DEFAULTS["lora"].text_encoder_lr, min=1e-7, max=1.0,
                                step=1e-6, round=1e-7, advanced=True, tooltip="Learning rate of the text-encoder "
                                "LoRA layers. Default 5e-5: half the UNet's, as the text encoder overfits sooner."),
+                init_lora_input(),
             ] + NB.eval_inputs("the instance prompt"),
             outputs=[_OUT_MODEL, _OUT_CLIP, io.String.Output(display_name="lora_name", tooltip="The file "
                      "name, as LoraLoader lists it."), _OUT_PREVIEW, _OUT_LOSS, NB.CURVES_OUTPUT],
@@ -193,7 +195,7 @@ class TrainDreamBoothLoRA(io.ComfyNode):
     def execute(cls, **kw) -> io.NodeOutput:
         cfg = _config(kw, "lora", rank=kw["rank"], alpha=kw["alpha"] or None,
                       targets=kw["targets"], train_text_encoder=kw["train_text_encoder"],
-                      text_encoder_lr=kw["text_encoder_lr"])
+                      text_encoder_lr=kw["text_encoder_lr"], init_lora=typed_file("loras", kw.get("init_lora", "")))
         host, res = _train(cls, kw, cfg)
         which = kw.get("output", "last")
         model, clip = _lora_applied(host, res, which)
@@ -283,6 +285,11 @@ class TrainPivotal(io.ComfyNode):
                 io.Boolean.Input("bundle_embedding", default=False, advanced=True, tooltip="Also store the word "
                                  "inside the LoRA file (A1111 reads it; ComfyUI's LoraLoader logs those keys as "
                                  "not loaded). Off by default: the separate embedding file is what ComfyUI reads."),
+                init_lora_input(),
+                io.String.Input("init_embedding", default="", optional=True, advanced=True, tooltip="Continue the "
+                                "new word from an existing embedding: a file name in models/embeddings or a path. "
+                                "Its vectors and their count are used. Empty by default: the vectors the init_lora "
+                                "bundles for the token, else init_text."),
             ] + NB.eval_inputs("the instance prompt"),
             outputs=[_OUT_MODEL, _OUT_CLIP, io.String.Output(display_name="embedding", tooltip=
                      "'embedding:<token>' for your prompts."), io.String.Output(display_name="lora_name", tooltip=
@@ -298,7 +305,9 @@ class TrainPivotal(io.ComfyNode):
         cfg = _config(kw, "pivotal", token=token, embedding_dir=embeddings_dir(),
                       init_text=kw["init_text"], num_vectors=kw["num_vectors"],
                       ti_learning_rate=kw["ti_learning_rate"], ti_fraction=kw["ti_fraction"], rank=kw["rank"],
-                      targets=kw["targets"], bundle_embedding=kw["bundle_embedding"])
+                      targets=kw["targets"], bundle_embedding=kw["bundle_embedding"],
+                      init_lora=typed_file("loras", kw.get("init_lora", "")),
+                      init_embedding=typed_file("embeddings", kw.get("init_embedding", "")))
         host, res = _train(cls, kw, cfg)
         which = kw.get("output", "last")
         model, clip = _lora_applied(host, res, which)

@@ -19,7 +19,8 @@ from ..trainers import diff_sampling as DS
 from ..trainers import seed_bank as B
 from ..trainers.compile import compiled_step
 from ..trainers.seedselect import STARTS, SeedSelectConfig, SeedSelectResult, train_seedselect
-from .common import compile_input, compile_notes, model_folder, node_id_of, node_type_of, progress_reporter
+from .common import (compile_input, compile_notes, model_folder, node_id_of, node_type_of, progress_reporter,
+                     state_inputs)
 
 CATEGORY = "Likeness/seeds"
 FOLDER = "likeness_seeds"
@@ -117,6 +118,7 @@ class SeedSelect(io.ComfyNode):
                 io.Sigmas.Input("sigmas", optional=True, tooltip="A schedule (e.g. from BasicScheduler) instead of "
                                 "scheduler/steps; connect the same SIGMAS to SamplerCustomAdvanced."),
                 compile_input(),
+                *state_inputs(),
             ],
             outputs=[
                 io.Noise.Output(display_name="noise", tooltip="The optimised noise, for SamplerCustomAdvanced."),
@@ -134,14 +136,16 @@ class SeedSelect(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, vae, clip_vision, references, width, height, sampler, scheduler,
                 steps, cfg, iterations, learning_rate, seed, num_seeds, start, candidates, optimise_without_cfg,
-                target_loss, bootstrap_iterations, save_as, overwrite, sigmas=None, compile="off") -> io.NodeOutput:
+                target_loss, bootstrap_iterations, save_as, overwrite, sigmas=None, compile="off", resume="off",
+                keep_states=2) -> io.NodeOutput:
         save_name = save_as.strip()
         folder = seeds_dir()
+        overwrite = overwrite or resume.strip() != "off"  # a resumed run replaces its own seed
         if save_name:  # name problems and an existing file are reported before any work
             path = B.seed_path(folder, save_name)
             if path.exists() and not overwrite:
-                raise FileExistsError(f"A seed named {save_name!r} already exists; pick another name or turn "
-                                      "on overwrite.")
+                raise FileExistsError(f"A seed named {save_name!r} already exists; pick another name, turn "
+                                      "on overwrite, or set resume to 'latest' to continue the run that saved it.")
         seed_model = ComfySeedModel(model, positive, negative, vae)
         vision = ComfyClipVision(clip_vision)
         with torch.inference_mode(False):
@@ -151,7 +155,8 @@ class SeedSelect(io.ComfyNode):
             width=width, height=height, sampler=sampler, scheduler=scheduler, steps=steps, sigmas=sig, cfg=cfg,
             optimise_cfg=1.0 if optimise_without_cfg else None, iterations=iterations, learning_rate=learning_rate,
             seed=seed, start=start, candidates=candidates, target_loss=target_loss or None, num_seeds=num_seeds,
-            bootstrap_iterations=bootstrap_iterations)
+            bootstrap_iterations=bootstrap_iterations, output_dir=folder, name=save_name or CANCEL_NAME,
+            resume=resume, keep_states=keep_states)
         progress = progress_reporter(node_id_of(cls), iterations + (num_seeds - 1) * bootstrap_iterations,
                                      node_type_of(cls))
 
@@ -171,8 +176,10 @@ class SeedSelect(io.ComfyNode):
                 f"loss {res.start_loss:.4f} -> {res.best_loss:.4f} (best at iteration {res.best_iteration + 1})"
                 + (f"; target reached at iteration {res.iterations_to_target} ({res.seconds_to_target:.1f} s)"
                    if res.iterations_to_target else "")
+                + (f"; continued after iteration {res.resumed_from}" if res.resumed_from else "")
                 + "".join(f"; {n}" for n in compile_notes(compiled))
-                + "".join(f"\nsaved {f}" for f in files))
+                + "".join(f"\nsaved {f}" for f in files)
+                + (f"\nrun state {res.state_path.name} (resume: latest)" if res.state_path else ""))
         show = ui.PreviewImage(res.images, cls=cls).as_dict() | ui.PreviewText(text).as_dict()
         return io.NodeOutput(OptimizedNoise(res.noise, seed), {"samples": res.noise.clone()}, {"samples": samples},
                              res.images, {"loss": list(res.losses)}, ui=show)

@@ -222,8 +222,12 @@ CASES = [
     Case("diffusers-sd2", "tiny_sd2_host", "sd2", "v", DiffusersAdapter),
     Case("diffusers-sdxl", "tiny_sdxl_host", "sdxl", "eps", DiffusersAdapter),
     Case("comfy-sd1", "comfy_hosts:sd15", "sd1", "eps", ComfyAdapter, comfy=True),
+    # ComfyUI's and Forge's own detection read the tiny SD2 checkpoint's flat norm biases as an eps
+    # model (SD2 512-base); v-prediction is the diffusers-sd2 case's
+    Case("comfy-sd2", "comfy_hosts:sd2", "sd2", "eps", ComfyAdapter, comfy=True),
     Case("comfy-sdxl", "comfy_hosts:sdxl", "sdxl", "eps", ComfyAdapter, comfy=True),
     Case("forge-sd1", "forge_hosts:sd15", "sd1", "eps", ForgeAdapter, webui=True),
+    Case("forge-sd2", "forge_hosts:sd2", "sd2", "eps", ForgeAdapter, webui=True),
     Case("forge-sdxl", "forge_hosts:sdxl", "sdxl", "eps", ForgeAdapter, webui=True),
     Case("a1111-sd1", "a1111_hosts:sd15", "sd1", "eps", A1111Adapter, webui=True),
 ]

@@ -113,6 +113,10 @@ def test_default_prompts_and_the_dreambooth_identifier():
     assert BS.fill(["{}, on a beach"], "a photo of sks dog") == ["a photo of sks dog, on a beach"]
     assert BS.identifier("a photo of sks dog", "a photo of a dog") == ("sks", "dog")
     assert BS.identifier("a photo of sks_lk dog", "") == ("sks_lk", "dog")
+    assert BS.identifier("sks dog", "a dog") == ("sks", "dog")
+    # a caption-like instance prompt: the one word the class prompt swaps (the world's captions)
+    assert BS.identifier("a red sks-moon on a blue background, left", "a red shape on a blue background, left") == (
+        "sks-moon", "shape")
 
 
 # ------------------------------------------------------------------------- the trainers' files
@@ -172,6 +176,57 @@ def test_textual_inversion_keeps_the_best_embedding(tiny_sd1_host, tmp_path):
     saved = safetensors.torch.load_file(tmp_path / "thing_lk.best.safetensors")
     assert torch.allclose(saved["emb_params"].float(), res.pick("best")["clip_l"], atol=1e-6)
     assert res.pick("last") is res.vectors
+
+
+class Stop(BaseException):
+    """What ComfyUI's Cancel is: a BaseException out of the progress callback."""
+
+
+def test_a_resumed_run_keeps_its_best_so_far(tiny_sd1_host, tmp_path):
+    """Stopped at step 6 and resumed, a run evaluates and picks exactly as the run never stopped:
+    the points before the stop come back from the run state, and so do the best parameters
+    (fp32), so the ``.best`` file is the same."""
+    def cfg(out, **kw):
+        return TIConfig(name="thing_lk", output_dir=out, steps=9, learning_rate=5e-2, save_every=4, preview_every=0,
+                        eval_every=2, eval_steps=2, eval_prompts="a photo of {}\n{} at night", seed=3, **kw)
+
+    def stop_at_6(step, total, loss, img):
+        if step == 6:
+            raise Stop()
+
+    enc, imgs = BS.Encoders(MeanColour()), training_images()
+    whole = train_textual_inversion(tiny_sd1_host, imgs, cfg(tmp_path / "a"), encoders=enc).evaluation
+    with pytest.raises(Stop):
+        train_textual_inversion(tiny_sd1_host, imgs, cfg(tmp_path / "b"), encoders=enc, progress=stop_at_6)
+    res = train_textual_inversion(tiny_sd1_host, imgs, cfg(tmp_path / "b", resume="latest"), encoders=enc)
+    ev = res.evaluation
+    assert res.resumed_from == 6
+    assert [(p.step, p.score) for p in ev.points] == [(p.step, p.score) for p in whole.points]  # 2, 4, 6, 8, 9
+    assert ev.best.step == whole.best.step
+    assert torch.equal(res.pick("best")["clip_l"], whole.state["vectors"]["clip_l"])
+    best = [safetensors.torch.load_file(d / "thing_lk.best.safetensors")["emb_params"] for d in (tmp_path / "a",
+                                                                                             tmp_path / "b")]
+    assert torch.equal(best[0], best[1])
+
+
+def test_the_tracking_is_fp32_in_the_state_and_refused_for_other_prompts():
+    theta = torch.tensor(0.3)
+    tracker = synthetic_run(theta)
+    tracker(1)
+    theta.fill_(0.9)
+    tracker(2)
+    tensors, head = tracker.state()
+    assert tracker.best.step == (1 if expected_score(0.3) > expected_score(0.9) else 2)
+    assert tensors["best.0"].dtype == torch.float32 and head["best"] == tracker.best.step
+    again = synthetic_run(torch.tensor(0.5))
+    again.load_state(tensors, head)
+    assert [p.step for p in again.points] == [1, 2] and again.best.step == tracker.best.step
+    with again.swapped():
+        assert float(again.params[0]) == pytest.approx(0.3 if tracker.best.step == 1 else 0.9)
+    other = synthetic_run(torch.tensor(0.5))
+    other.prompts = ["p1", "p2", "p3", "other"]  # scores of other prompts do not compare
+    other.load_state(tensors, head)
+    assert other.points == [] and other.best is None
 
 
 # ------------------------------------------------------------------------------------- the CLI

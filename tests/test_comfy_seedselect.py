@@ -192,3 +192,34 @@ def test_bad_input_is_refused_before_work(node_classes, sd1, clip_vision, tmp_pa
     with pytest.raises(ValueError):
         _run(node, **_inputs(sd1, clip_vision, save_as="../escape"))
     assert not list(tmp_path.iterdir())
+
+
+def test_cancel_then_resume_is_bit_identical(node_classes, sd1, clip_vision, tmp_path, monkeypatch):
+    """The node's Cancel keeps the best seed and a run state; ``resume: latest`` then ends with the
+    very noise, result and loss curve of the run never cancelled (issue 15)."""
+    import comfy.model_management as mm
+    import comfy.utils
+    import folder_paths
+
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "likeness_seeds", ([str(tmp_path)], {".safetensors"}))
+    node = node_classes["LikenessSeedSelect"]
+    kw = dict(iterations=4, num_seeds=2, bootstrap_iterations=2)
+    whole = _run(node, **_inputs(sd1, clip_vision, save_as="whole", **kw)).result
+    real = comfy.utils.ProgressBar.update_absolute
+
+    def cancel_at_3(self, value, total=None, preview=None):
+        real(self, value, total, preview)
+        if value == 3:
+            mm.interrupt_current_processing()  # the user presses Cancel: the next progress call raises
+
+    monkeypatch.setattr(comfy.utils.ProgressBar, "update_absolute", cancel_at_3)
+    with pytest.raises(mm.InterruptProcessingException):
+        _run(node, **_inputs(sd1, clip_vision, save_as="stopped", **kw))
+    monkeypatch.setattr(comfy.utils.ProgressBar, "update_absolute", real)
+    assert (tmp_path / "stopped.seed.safetensors").is_file()  # the best seed so far
+    assert (tmp_path / "stopped.step00000003.likeness-state").is_file()
+    out = _run(node, **_inputs(sd1, clip_vision, save_as="stopped", resume="latest", **kw))
+    noise, _, samples, _, loss = out.result
+    assert torch.equal(noise.noise, whole[0].noise) and torch.equal(samples["samples"], whole[2]["samples"])
+    assert loss == whole[4]
+    assert "continued after iteration 3" in out.ui["text"][0]

@@ -293,3 +293,65 @@ def test_seedselect_noise_through_sampler_custom_advanced(server):
     assert d["shapes"][0] == d["shapes"][1] == [1, 4, 8, 8], d
     assert math.isfinite(d["max_abs"][0]) and d["max_abs"][0] > 0, d
     assert d["max_abs_diff"][0] <= 1e-4 * d["max_abs"][0] + 1e-5, d
+
+
+def _lora_branch(p: dict, sampler_id: str, lora: str, first_id: int) -> str:
+    """Beside the workflow: Load LoRA (``lora``) on the checkpoint -> the same prompts, latent and
+    settings into a second KSampler; returns its id (nodes from ``first_id`` on)."""
+    ks = p[sampler_id]["inputs"]
+    ck = find_node(p, "CheckpointLoaderSimple")
+    ids = [str(first_id + k) for k in range(4)]
+    p[ids[0]] = {"class_type": "LoraLoader", "inputs": {"model": [ck, 0], "clip": [ck, 1], "lora_name": lora,
+                                                         "strength_model": 1.0, "strength_clip": 1.0}}
+    for nid, which in ((ids[1], "positive"), (ids[2], "negative")):
+        p[nid] = {"class_type": "CLIPTextEncode",
+                  "inputs": {"text": p[ks[which][0]]["inputs"]["text"], "clip": [ids[0], 1]}}
+    p[ids[3]] = {"class_type": "KSampler", "inputs": {**ks, "model": [ids[0], 0], "positive": [ids[1], 0],
+                                                       "negative": [ids[2], 0]}}
+    return ids[3]
+
+
+def test_train_and_evaluate_keeps_the_best_lora_and_samples_with_it(server):
+    p = _api(server, "train_and_evaluate")
+    tr = find_node(p, "LikenessTrainDreamBoothLoRA")
+    t = p[tr]["inputs"]
+    assert t["name"] == "likeness_best" and t["eval_every"] == 50 and t["output"] == "best"
+    cv = t["clip_vision"][0]
+    assert p[cv]["class_type"] == "CLIPVisionLoader"
+    final = find_node(p, "KSampler")
+    assert p[final]["inputs"]["model"] == [tr, 0]
+    assert p[p[final]["inputs"]["positive"][0]]["inputs"]["clip"] == [tr, 1]
+    curves_save = find_node(p, "SaveImage", lambda n: n["inputs"]["images"] == [tr, 5])
+    assert p[curves_save]["inputs"]["filename_prefix"] == "likeness_best_curves"
+
+    # CPU-sized: 3 steps at a learning rate that changes the tiny model, evaluated at every step
+    # (each evaluation samples the 4 default prompts), 1 sampler step on a 64 px latent
+    p[cv]["inputs"]["clip_name"] = TINY_CV
+    t.update(steps=3, eval_every=1, preview_every=0, save_every=0, learning_rate=1e-2)
+    _make_sampling_tiny(p, final)
+    entry, log, seconds = _run(server, p)
+    print(f"\ntrain_and_evaluate: {seconds:.1f} s")
+    loras = server.base / "models" / "loras"
+    assert (loras / "likeness_best.best.safetensors").is_file(), sorted(os.listdir(loras))
+    assert (loras / "likeness_best.safetensors").is_file()
+    text = entry["outputs"][tr]["text"][0]
+    assert "best step" in text, text
+    curves = _saved_image(server, entry, curves_save)
+    from PIL import Image
+
+    assert Image.open(curves).size == (640, 320)
+    _saved_image(server, entry, find_node(p, "SaveImage", lambda n: n["inputs"]["filename_prefix"] == "likeness_best"))
+    # the sampler drew with the best LoRA: the same prompt through Load LoRA of the .best file gives
+    # the same latent (the file is fp16, hence the tolerance), and the last step's file does not
+    best = _lora_branch(p, final, "likeness_best.best.safetensors", 910)
+    last = _lora_branch(p, final, "likeness_best.safetensors", 920)
+    p["930"] = {"class_type": "LikenessTestLatentDiff", "inputs": {"a": [best, 0], "b": [final, 0]}}
+    p["931"] = {"class_type": "LikenessTestLatentDiff", "inputs": {"a": [last, 0], "b": [final, 0]}}
+    entry, log, _ = _run(server, p)
+    assert tr in cached_nodes(entry)  # the same run, not a second training
+    to_best, to_last = entry["outputs"]["930"], entry["outputs"]["931"]
+    print(f"latent differences: to the .best file's {to_best['max_abs_diff'][0]:.2e}, to the last's "
+          f"{to_last['max_abs_diff'][0]:.2e} (max |latent| {to_best['max_abs'][0]:.2f})")
+    assert to_best["max_abs_diff"][0] <= 1e-3 * to_best["max_abs"][0] + 1e-4, to_best
+    if "best step 3" not in text:
+        assert to_last["max_abs_diff"][0] > 10 * to_best["max_abs_diff"][0], (to_best, to_last)

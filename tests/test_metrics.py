@@ -72,10 +72,31 @@ def test_clip_t_scores_each_image_against_its_prompt_with_the_class_noun():
     rep = M.evaluate(images(0, 1), images(2, 3), clip, text=text,
                      prompts=["a photo of sks dog", "a sks on the beach"], word="sks", class_noun="dog")
     assert text.seen == ["a photo of dog", "a dog on the beach"]
+    # generated (1,0) to (0,1): 0; (1,1) to (1,1): 1
     assert rep.per_image["CLIP-T"] == pytest.approx([0.0, 1.0])
     assert rep.clip_t.value == pytest.approx(0.5)
-    assert rep.combined.value == pytest.approx(math.sqrt(rep.clip_i.value * 0.5))
-    assert "CLIP-T" in rep.combined.formula
+    # margin: image 1: 0 - cos((1,0),(1,1)) = -R2; image 2: 1 - cos((1,1),(0,1)) = 1 - R2
+    assert rep.clip_t_margin.value == pytest.approx((1 - 2 * R2) / 2)
+    assert rep.combined.value == 0.0  # a negative margin: the images fit the other prompts better
+    assert "CLIP-T margin" in rep.combined.formula
+
+
+def test_the_clip_t_margin_is_the_prompt_factor_and_zero_when_the_prompt_is_ignored():
+    clip = TableEncoder(CLIP + [[0, 1]], tower="vit-test")
+    text = Text("vit-test", {"a dog": [1, 0], "a dog at night": [0, 1]})
+    follows = M.evaluate(images(0, 1), images(2, 4), clip, text=text, prompts=["a dog", "a dog at night"])
+    # each image is its own prompt's (cosine 1) and orthogonal to the other: margin 1
+    assert follows.clip_t.value == pytest.approx(1.0) and follows.clip_t_margin.value == pytest.approx(1.0)
+    assert follows.combined.value == pytest.approx(math.sqrt(follows.clip_i.value * 1.0))
+    # the training photo whatever the prompt: CLIP-T still 0.5 x 2 / 2, the margin 0
+    ignores = M.evaluate(images(0, 1), images(2, 2), clip, text=text, prompts=["a dog", "a dog at night"])
+    assert ignores.clip_t.value == pytest.approx(0.5) and ignores.clip_t_margin.value == pytest.approx(0.0)
+    assert ignores.combined.value == 0.0
+    # one prompt for every image: no margin, raw CLIP-T is the factor
+    one = M.evaluate(images(0, 1), images(2, 4), clip, text=text, prompts=["a dog"])
+    assert one.clip_t_margin.value is None and "at least two" in one.clip_t_margin.reason
+    assert one.combined.value == pytest.approx(math.sqrt(one.clip_i.value * one.clip_t.value))
+    assert "x CLIP-T)" in one.combined.formula
 
 
 @pytest.mark.parametrize("text_tower,image_tower", [("openclip-vit-bigg-14", "openai-vit-l-14"),

@@ -221,8 +221,8 @@ def test_evaluations_travel_with_the_next_progress_event_and_are_kept_for_a_relo
     progress(3, 3, 0.3, None)
     metrics = [event[1].get("metrics") for event in sent]
     assert metrics[0] is None and metrics[2] is None
-    assert metrics[1] == [{"step": 2, "CLIP-I": 0.7, "DINO": None, "CLIP-T": None, "diversity": 0.3,
-                           "combined": 0.46, "seconds": 1.5}]
+    assert metrics[1] == [{"step": 2, "CLIP-I": 0.7, "DINO": None, "CLIP-T": None, "CLIP-T margin": None,
+                           "diversity": 0.3, "combined": 0.46, "seconds": 1.5}]
     assert live.snapshot("4")["nodes"]["4"]["metrics"] == metrics[1]
     live.clear()
 
@@ -341,6 +341,23 @@ def test_files_go_to_the_first_folder_comfyui_searches(comfy, monkeypatch, tmp_p
     monkeypatch.setitem(fp.folder_names_and_paths, "loras", ([str(tmp_path / "l")], set()))
     assert comfy.common.embeddings_dir() == str(tmp_path / "e1")
     assert comfy.common.model_folder("loras") == str(tmp_path / "l")
+
+
+def test_a_file_to_continue_is_found_in_its_folder_or_taken_as_a_path(comfy, monkeypatch, tmp_path):
+    """``init_lora`` / ``init_embedding``: a name in models/loras (or embeddings) is that file; any
+    other text is a path, which the trainer refuses by name when it does not exist."""
+    fp = comfy.folder_paths
+    monkeypatch.setitem(fp.folder_names_and_paths, "loras", ([str(tmp_path / "l1"), str(tmp_path / "l2")], set()))
+    (tmp_path / "l2").mkdir()
+    (tmp_path / "l2" / "mine.safetensors").write_bytes(b"x")
+    assert comfy.common.typed_file("loras", " mine.safetensors ") == str(tmp_path / "l2" / "mine.safetensors")
+    assert comfy.common.typed_file("loras", "other.safetensors") == "other.safetensors"
+    assert comfy.common.typed_file("loras", str(tmp_path / "abs.safetensors")) == str(tmp_path / "abs.safetensors")
+    assert comfy.common.typed_file("loras", "") == ""
+    inputs = {node: {i.id for i in s.inputs} for node, s in _schemas(comfy).items()}
+    assert "init_lora" in inputs["LikenessTrainDreamBoothLoRA"] and "init_lora" not in inputs["LikenessTrainDreamBoothFull"]
+    assert {"init_lora", "init_embedding"} <= inputs["LikenessTrainPivotal"]
+    assert {"resume", "keep_states"} <= inputs["LikenessSeedSelect"]
 
 
 # ---- Load Training Images: folder names ------------------------------------------------------

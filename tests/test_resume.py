@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from likeness import cli
@@ -264,17 +265,168 @@ def test_ti_continues_from_another_tools_files(tiny_sd1_host, tiny_sdxl_host, tm
 
 
 class Overflowing(Line):
-    """Finite parameters whose *result* is not finite beyond 1.5 (as huge vectors overflow a text
-    encoder): the guard must not keep them as the last good state."""
+    """Finite parameters whose *result* is not finite beyond 1.5, as huge vectors overflow a text
+    encoder: the next forward's loss says so, and ``state_ok`` does before a save."""
 
-    def state_ok(self):
+    def __init__(self):
+        super().__init__()
+        self.asked = 0  # how often the loop called state_ok
+
+    def fine(self):
         return bool((self.p.abs() < 1.5).all())
 
+    def state_ok(self):
+        self.asked += 1
+        return self.fine()
 
-def test_an_update_whose_state_gives_a_non_finite_result_is_skipped_not_kept(tmp_path):
+    def loss(self, step):
+        value = super().loss(step)
+        return value if self.fine() else value * float("nan")
+
+
+@pytest.mark.parametrize("save_every", [0, 1])
+def test_an_update_whose_state_gives_a_non_finite_result_is_never_kept(tmp_path, save_every):
     m, saved = Overflowing(), []
-    cfg = loop.LoopConfig(steps=40, learning_rate=0.1, max_bad_steps=50)
+    cfg = loop.LoopConfig(steps=40, learning_rate=0.1, max_bad_steps=50, save_every=save_every)
     res = loop.run(m, cfg, device=torch.device("cpu"), compute_dtype=torch.float32,
-                   save=lambda s: saved.append(m.p.detach().clone()))
-    assert res.skipped_steps > 0 and m.state_ok()
-    assert all(bool((p.abs() < 1.5).all()) for p in saved)
+                   save=lambda s: saved.append((s, m.p.detach().clone())))
+    assert res.skipped_steps > 0 and m.fine()
+    assert saved and all(bool((p.abs() < 1.5).all()) for _, p in saved)
+    assert [s for s, _ in saved] == sorted(s for s, _ in saved) and saved[-1][0] == res.saved_step < 40
+    # proven by the next forward, asked only before a save: no extra forward per step
+    assert m.asked <= len(saved)
+
+
+def test_the_textual_inversion_step_runs_no_extra_text_encoder_forward(tiny_sd1_host, tmp_path, monkeypatch):
+    from likeness.trainers.textual_inversion import TextualInversion
+
+    calls = []
+    real = TextualInversion.state_ok
+    monkeypatch.setattr(TextualInversion, "state_ok", lambda self: calls.append(1) or real(self))
+    res = train_textual_inversion(tiny_sd1_host, _images(), _ti(tmp_path, steps=9, save_every=4, resolution=None,
+                                                                  random_crop=False))
+    assert res.steps_done == 9 and len(calls) == 3  # the saves at 4, 8 and the end
+
+
+# ------------------------------------------------------------ continue from a file (DreamBooth)
+
+
+def _kohya_file(host, path, *, rank, alpha, targets, text_encoder, steps, drop_alpha=False, seed=0):
+    """Another tool's LoRA: its own rank, alpha and subset of layers, fp32 factors, kohya keys,
+    optionally without ``alpha`` (every loader reads it as the rank) and with text-encoder layers."""
+    from safetensors.torch import save_file
+
+    from likeness.trainers.formats import kohya_lora
+    from likeness.trainers.lora import target_weights
+
+    g = torch.Generator().manual_seed(seed)
+    layers = {}
+    for part in ["unet"] + (["clip_l"] if text_encoder else []):
+        params = host.tunable_parameters(part)
+        for n in target_weights(params, targets, text_encoder=part != "unet"):
+            w = params[n]
+            layers[n[:-len(".weight")]] = (torch.randn(rank, *w.shape[1:], generator=g) * 0.1,
+                                           torch.randn(w.shape[0], rank, *w.shape[2:], generator=g) * 0.1, alpha)
+    sd = kohya_lora.lora_state_dict(layers, family=host.info.family, dtype=torch.float32,
+                                    layout=host.unet_layout(), naming=host.naming)
+    if drop_alpha:
+        sd = {k: v for k, v in sd.items() if not k.endswith(".alpha")}
+    save_file(sd, str(path), metadata={"ss_steps": str(steps), "ss_network_dim": str(rank)})
+    return sd
+
+
+def _start(host, cfg):
+    from likeness.trainers import dreambooth as DB
+
+    plan = DB.prepare(host, _images(), cfg)
+    return DB._Trainables(host, cfg, plan.init_text, plan.start)
+
+
+def _denoised(host, x, sigma, prompt):
+    with torch.no_grad():
+        return host.denoise(x, sigma, host.encode_text([prompt]))
+
+
+@pytest.mark.parametrize("text_encoder, drop_alpha", [(True, False), (False, True)])
+def test_dreambooth_lora_continues_another_tools_file_exactly(tiny_sd1_host, tmp_path, text_encoder, drop_alpha):
+    from likeness.trainers.formats import kohya_lora
+
+    host, path = tiny_sd1_host, tmp_path / "other.safetensors"
+    sd = _kohya_file(host, path, rank=3, alpha=1.5, targets="cross_kv", text_encoder=text_encoder, steps=120,
+                     drop_alpha=drop_alpha)
+    cfg = _db(tmp_path, "lora", steps=2, save_every=0, class_prompt="", rank=8, init_lora=str(path))
+    tr = _start(host, cfg)
+    # step 0: the adapters are the file's layers, ranks and alphas - the same tensors written back
+    back = kohya_lora.lora_state_dict(tr.lora_layers(), family=host.info.family, dtype=torch.float32,
+                                      layout=host.unet_layout(), naming=host.naming)
+    alpha_keys = {k for k in back if k.endswith(".alpha")}
+    assert set(back) - alpha_keys == set(sd) - alpha_keys and all(torch.equal(back[k], sd[k]) for k in sd)
+    assert all(float(back[k]) == (3.0 if drop_alpha else 1.5) for k in alpha_keys)
+    # ... and the network trains from exactly what loading the file gives
+    x, sigma, prompt = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([2.0]), \
+        "a photo of sks_lk dog"
+    with host.module_branches(tr.branches()):
+        ours = _denoised(host, x, sigma, prompt)
+    loaded = _denoised(host.with_lora(sd), x, sigma, prompt)
+    assert torch.allclose(ours, loaded, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(ours, _denoised(host, x, sigma, prompt), atol=1e-4)  # the file does act
+    res = train_dreambooth(host, _images(), cfg)
+    meta = kohya_lora.load_lora(tmp_path / "subj.safetensors", family=host.info.family)[1]
+    assert res.first_step == 120 and meta["ss_steps"] == "122" and meta["ss_max_train_steps"] == "122"
+    assert {k for k in load_file(str(tmp_path / "subj.safetensors"))} == set(back)  # its layers, at rank 3
+
+
+def test_pivotal_continues_its_own_lora_and_embedding(tiny_sd1_host, tmp_path):
+    host = tiny_sd1_host
+    first = train_dreambooth(host, _images(), _db(tmp_path / "a", "pivotal", steps=4, save_every=0, class_prompt=""))
+    lora, emb = tmp_path / "a" / "subj.safetensors", tmp_path / "a" / "emb" / "sks_lk.safetensors"
+    cfg = _db(tmp_path / "b", "pivotal", steps=3, save_every=0, class_prompt="", init_lora=str(lora),
+              init_embedding=str(emb), num_vectors=5)
+    tr = _start(host, cfg)
+    assert all(torch.equal(tr.vectors[k].detach(), v) for k, v in first.vectors.items())  # its count, not 5
+    assert all(torch.equal(tr.lora_layers()[k][1], v[1].half().float()) for k, v in first.lora_layers.items())
+    res = train_dreambooth(host, _images(), cfg)
+    assert res.first_step == 4 and res.vectors["clip_l"].shape == first.vectors["clip_l"].shape
+    assert torch.load(tmp_path / "b" / "emb" / "sks_lk.pt", weights_only=True)["step"] == 7
+    with safe_open(str(tmp_path / "b" / "subj.safetensors"), "pt") as f:
+        assert f.metadata()["ss_steps"] == "7"
+
+
+def test_an_init_lora_for_another_model_is_refused_naming_the_file_and_key(tiny_sd1_host, tiny_sdxl_host, tmp_path):
+    from safetensors.torch import save_file
+
+    host = tiny_sd1_host
+    sd = _kohya_file(host, tmp_path / "ok.safetensors", rank=2, alpha=2.0, targets="attention",
+                     text_encoder=False, steps=0)
+    first = sorted(k for k in sd if k.endswith(".lora_down.weight"))[0]
+    bad = dict(sd, **{first: torch.zeros(2, 7)})  # another width
+    save_file(bad, str(tmp_path / "narrow.safetensors"))
+    cfg = _db(tmp_path / "out", "lora", init_lora=str(tmp_path / "narrow.safetensors"))
+    key = first[:-len(".lora_down.weight")]
+    with pytest.raises(ValueError, match=rf"init LoRA .*narrow\.safetensors: layer {key}: .* is \d+ -> \d+ in this "
+                                         r"model, but the file's factors are down \(2, 7\)"):
+        train_dreambooth(host, _images(), cfg)
+    _kohya_file(tiny_sdxl_host, tmp_path / "xl.safetensors", rank=2, alpha=2.0, targets="attention",
+                text_encoder=False, steps=0)
+    with pytest.raises(ValueError, match=r"init LoRA .*xl\.safetensors: .*another model"):
+        train_dreambooth(host, _images(), _db(tmp_path / "out", "lora", init_lora=str(tmp_path / "xl.safetensors")))
+    with pytest.raises(FileNotFoundError, match="init LoRA .*missing.safetensors does not exist"):
+        train_dreambooth(host, _images(), _db(tmp_path / "out", "lora", init_lora=str(tmp_path / "missing.safetensors")))
+    with pytest.raises(ValueError, match="a full fine-tune starts from the model"):
+        train_dreambooth(host, _images(), _db(tmp_path / "out", "full", init_lora=str(tmp_path / "ok.safetensors")))
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_cli_dreambooth_continues_a_lora_file(tiny_folder, tiny_sd1_host, tmp_path, capsys):
+    _kohya_file(tiny_sd1_host, tmp_path / "other.safetensors", rank=3, alpha=1.5, targets="cross_kv",
+                text_encoder=True, steps=40)
+    imgs = _image_folder(tmp_path / "imgs")
+    args = ["dreambooth", "--model", str(tiny_folder), "--images", str(imgs), "--name", "more", "--instance-prompt",
+            "a photo of sks dog", "--steps", "2", "--preview-every", "0", "--device", "cpu", "--out",
+            str(tmp_path / "out"), "--init-lora", str(tmp_path / "other.safetensors")]
+    assert cli.main(args) == 0, capsys.readouterr().err
+    with safe_open(str(tmp_path / "out" / "more.safetensors"), "pt") as f:
+        assert f.metadata()["ss_steps"] == "42" and f.metadata()["ss_network_dim"] == "3"
+    assert cli.main(args[:-1] + [str(tmp_path / "nothing.safetensors"), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "init LoRA" in err and "nothing.safetensors does not exist" in err

@@ -61,13 +61,21 @@ def fill(prompts: Sequence[str], subject: str) -> list[str]:
 
 
 def identifier(instance_prompt: str, class_prompt: str) -> tuple[str, str]:
-    """DreamBooth's (identifier, class noun) for CLIP-T: the class noun is the class prompt's last
-    word (else the instance prompt's), the identifier the instance prompt's last word that the
-    class prompt does not have ("a photo of sks dog" / "a photo of a dog" -> ("sks", "dog"))."""
+    """DreamBooth's (identifier, class noun) for CLIP-T.  The usual form: the class noun is the
+    class prompt's last word (else the instance prompt's) and the identifier the word before it in
+    the instance prompt that the class prompt does not have ("a photo of sks dog" / "a photo of a
+    dog" -> ("sks", "dog")).  Where the noun does not follow the identifier but the prompts differ
+    by one word each, those words are the pair ("a red sks-moon on blue, left" / "a red shape on
+    blue, left" -> ("sks-moon", "shape"))."""
     inst, cls = instance_prompt.split(), class_prompt.split()
     noun = (cls or inst or [""])[-1]
     new = [w for w in inst if w not in cls and w != noun]
-    return (new[-1] if new else ""), noun
+    word = new[-1] if new else ""
+    only_cls = [w for w in cls if w not in inst]
+    usual = word != "" and noun in inst[inst.index(word) + 1:inst.index(word) + 2]
+    if not usual and len(new) == 1 and len(only_cls) == 1:
+        return new[0], only_cls[0]
+    return word, noun
 
 
 @dataclass(frozen=True)
@@ -91,10 +99,12 @@ class Point:
     diversity: float | None
     score: float | None
     seconds: float
+    clip_t_margin: float | None = None  # the combined score's prompt factor where there is CLIP-T
 
     def as_dict(self) -> dict:
         return {"step": self.step, "CLIP-I": self.clip_i, "DINO": self.dino, "CLIP-T": self.clip_t,
-                "diversity": self.diversity, "combined": self.score, "seconds": round(self.seconds, 3)}
+                "CLIP-T margin": self.clip_t_margin, "diversity": self.diversity, "combined": self.score,
+                "seconds": round(self.seconds, 3)}
 
 
 #: sample(prompts, seeds) -> IMAGE [len(prompts), H, W, 3]: the model as it is now
@@ -154,7 +164,7 @@ class BestStep:
         report = M.evaluate(None, images, self.encoders.clip, self.encoders.dino, self.encoders.text,
                             self.prompts, self.word, self.class_noun, refs=self._refs)
         point = Point(step, report.clip_i.value, report.dino.value, report.clip_t.value, report.diversity.value,
-                      report.combined.value, time.perf_counter() - t0)
+                      report.combined.value, time.perf_counter() - t0, report.clip_t_margin.value)
         self.formula = report.combined.formula
         self.points.append(point)
         if point.score is not None and (self.best is None or point.score > self.best.score):
@@ -163,6 +173,30 @@ class BestStep:
         if self.on_point is not None:
             self.on_point(point)
         return point
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """What a run state keeps of the evaluation (``trainers/run_state.py``): every point so far,
+        the best step, and the best snapshot's parameters in fp32, so that a resumed run goes on
+        comparing against the best it had instead of starting the tracking anew."""
+        tensors = {f"best.{i}": t.detach().float().cpu() for i, t in enumerate(self._saved or [])}
+        head = {"points": [p.as_dict() for p in self.points], "best": None if self.best is None else self.best.step,
+                "formula": self.formula, "prompts": list(self.prompts), "seeds": self.seeds()}
+        return tensors, head
+
+    def load_state(self, tensors: dict[str, torch.Tensor], head: dict) -> None:
+        """Take back what ``state`` kept; a state written without evaluation, or with other
+        prompts or seeds (whose scores would not compare), leaves the tracking empty."""
+        if not head or head.get("prompts") != list(self.prompts) or head.get("seeds") != self.seeds():
+            return
+        self.points = [Point(d["step"], d["CLIP-I"], d["DINO"], d["CLIP-T"], d["diversity"], d["combined"],
+                             d["seconds"], d.get("CLIP-T margin")) for d in head["points"]]
+        self.formula = head.get("formula", "")
+        self.best = next((p for p in self.points if p.step == head.get("best")), None)
+        saved = [tensors.get(f"best.{i}") for i in range(len(self.params))]
+        if self.best is None or any(t is None or t.shape != p.shape for t, p in zip(saved, self.params)):
+            self.best, self._saved = None, None
+            return
+        self._saved = [t.to(dtype=p.dtype) for t, p in zip(saved, self.params)]
 
     @contextlib.contextmanager
     def swapped(self) -> Iterator[Point]:

@@ -37,8 +37,9 @@ from . import best_step as BS
 from . import loop, objective, preflight, run_state
 from .formats import embedding, kohya_lora
 from .formats.files import check_paths_writable, safe_path, validate_name
-from .formats.layer_names import normalize_layer_name
-from .lora import PRESETS, LoraSet, extract_lora, target_weights
+from .formats.layer_names import layer_key, normalize_layer_name
+from .formats.metadata import trained_steps
+from .lora import PRESETS, LoraSet, extract_lora, fit_layers, target_weights
 from .diff_sampling import sample_euler
 from .objective import min_snr_weights
 from .seam import Host, ImageMeta, Tunable
@@ -90,6 +91,13 @@ class DreamBoothConfig:
     ti_learning_rate: float = 5e-3
     ti_fraction: float = 0.5
     bundle_embedding: bool = False
+    #: lora / pivotal: continue an existing kohya LoRA file (ours or another tool's): its layers,
+    #: ranks and alphas are trained on (rank, alpha, targets and train_text_encoder are then the
+    #: file's), and the written step count continues from the file's own
+    init_lora: str = ""
+    #: pivotal: continue the new word's vectors from an embedding file (default: the vectors
+    #: ``init_lora`` bundles under the token, else ``init_text``)
+    init_embedding: str = ""
     # full
     extract_rank: int = 0  # full: also write the delta as a LoRA of this rank (0: no)
     lora_dir: str | Path | None = None  # where the extracted LoRA goes (default: output_dir)
@@ -128,6 +136,7 @@ class DreamBoothResult:
     resumed_from: int = 0  # the step a resumed run continued after (0: a fresh run)
     state_path: Path | None = None  # the last run state written
     notes: list[str] = field(default_factory=list)  # settings the run changed on its own (memory)
+    first_step: int = 0  # steps the init LoRA had before this run; the files count on from it
     #: the evaluation (best step) of the run, None when ``eval_every`` was 0; its ``state`` holds
     #: the best snapshot's ``lora_layers`` / ``deltas`` / ``vectors``
     evaluation: BS.Outcome | None = None
@@ -180,6 +189,10 @@ def _check_config(cfg: DreamBoothConfig) -> list[str]:
     if cfg.save_every < 0 or cfg.preview_every < 0:
         p.append("save/preview intervals must be 0 (off) or positive")
     p += BS.check_plan(cfg.eval_every, cfg.eval_steps)
+    if cfg.init_lora.strip() and cfg.mode == "full":
+        p.append("init LoRA continues a LoRA (modes lora and pivotal); a full fine-tune starts from the model")
+    if cfg.init_embedding.strip() and cfg.mode != "pivotal":
+        p.append("init embedding continues the new word of pivotal tuning; use mode pivotal (or Textual Inversion)")
     if cfg.extract_rank < 0:
         p.append(f"extract rank must be 0 (off) or positive, got {cfg.extract_rank}")
     if not cfg.memory_budget_gb >= 0:
@@ -207,6 +220,75 @@ class _Plan:
     init_text: str = ""
     state: run_state.StateSpec | None = None
     best_files: dict[str, Path] = field(default_factory=dict)
+    start: "_Start | None" = None
+
+
+@dataclass
+class _Start:
+    """What a run continues from files (``init_lora`` / ``init_embedding``): the LoRA's layers per
+    part (``{part: {weight name: (down, up, alpha)}}``, None: fresh adapters), the word's vectors
+    (None: from the init text), and the steps each file had been trained for."""
+
+    layers: dict[str, dict] | None = None
+    vectors: dict[str, torch.Tensor] | None = None
+    lora_step: int = 0
+    vector_step: int = 0
+
+
+def _lora_start(host: Host, path: Path) -> tuple[dict[str, dict], dict[str, str]]:
+    """A kohya LoRA file's layers placed on this host's weights, by part; refused, naming the
+    file and its first key that does not fit, when it was made for another model."""
+    if not path.is_file():
+        raise FileNotFoundError(f"init LoRA {path} does not exist: give a kohya LoRA .safetensors file")
+    parts = {"unet": host.tunable_parameters("unet")}
+    parts.update({e.key: host.tunable_parameters(e.key) for e in host.text_encoders()})
+    owner = {n[:-len(".weight")]: part for part, ps in parts.items() for n in ps if n.endswith(".weight")}
+    fam, layout = host.info.family, host.unet_layout()
+    try:
+        layers, meta = kohya_lora.load_lora(path, family=fam, layout=layout, module_names=owner, naming=host.naming)
+    except ValueError as e:
+        raise ValueError(f"init LoRA {path}: {e} It was made for another model; give a LoRA of this "
+                         f"{fam} model") from e
+    out: dict[str, dict] = {}
+    for name, layer in layers.items():
+        part = owner[name]
+        try:
+            out.setdefault(part, {}).update(fit_layers({name: layer}, parts[part]))
+        except ValueError as e:
+            key = layer_key(normalize_layer_name(name, fam, layout, host.naming), fam, layout)
+            raise ValueError(f"init LoRA {path}: layer {key}: {e}; it was made for another model") from e
+    return out, meta
+
+
+def _start_files(host: Host, cfg: DreamBoothConfig) -> _Start:
+    """Read and check ``init_lora`` / ``init_embedding`` before any work."""
+    start = _Start()
+    if cfg.init_lora.strip():
+        path = Path(cfg.init_lora.strip())
+        start.layers, meta = _lora_start(host, path)
+        start.lora_step = trained_steps(meta)
+        if cfg.mode == "pivotal" and not cfg.init_embedding.strip():
+            bundled = kohya_lora.load_bundled_embeddings(path, host.info.family).get(cfg.token)
+            if bundled is not None:
+                start.vectors, start.vector_step = bundled, start.lora_step
+    if cfg.init_embedding.strip():
+        path = Path(cfg.init_embedding.strip())
+        if not path.is_file():
+            raise FileNotFoundError(f"init embedding {path} does not exist: give an embedding file")
+        widths = {e.key: e.width for e in host.text_encoders()}
+        try:
+            start.vectors, meta = embedding.load_embedding(path, family=host.info.family, widths=widths)
+            embedding.check_vectors(start.vectors, host.info.family, widths)
+        except ValueError as e:
+            raise ValueError(f"init embedding {path}: {e} Give an embedding of this model's family.") from e
+        start.vector_step = trained_steps(meta)
+    return start
+
+
+def _files_digest(cfg: DreamBoothConfig) -> str:
+    """The init files' contents, for the fingerprint: a resume must continue from the same files."""
+    names = [p.strip() for p in (cfg.init_lora, cfg.init_embedding) if p.strip()]
+    return run_state.digest(Path(p).read_bytes() for p in names if Path(p).is_file())
 
 
 def _prompts(images: D.TrainingImages, how: str, cfg: DreamBoothConfig) -> list[str | None]:
@@ -244,14 +326,16 @@ def _output_files(host: Host, cfg: DreamBoothConfig, name: str, overwrite: bool)
 
 #: options a resumed run may change: they decide what is shown and written, not what is trained
 _VOLATILE = ("save_every", "preview_every", "preview_prompt", "preview_steps", "preview_cfg", "overwrite",
-             "save_dtype", "extract_rank", "lora_dir", "embedding_dir", "bundle_embedding", "memory_budget_gb")
+             "save_dtype", "extract_rank", "lora_dir", "embedding_dir", "bundle_embedding", "memory_budget_gb",
+             "init_lora", "init_embedding")  # the init files are compared by their contents
 
 
 def _state_spec(host: Host, images: D.TrainingImages, cfg: DreamBoothConfig, name: str,
                 class_images: D.TrainingImages | None) -> run_state.StateSpec:
     cls = run_state.images_digest(class_images.images) if class_images is not None and len(class_images) else ""
+    init = {"init_files": _files_digest(cfg)} if (cfg.init_lora.strip() or cfg.init_embedding.strip()) else {}
     return run_state.spec_for(f"dreambooth_{cfg.mode}", cfg, host, images, name=name, folder=cfg.output_dir,
-                              volatile=_VOLATILE, class_images=cls)
+                              volatile=_VOLATILE, class_images=cls, **init)
 def _best_cfg(cfg: DreamBoothConfig) -> DreamBoothConfig:
     """The config the best snapshot is written with: ``<name>.best`` (pivotal: ``<token>.best``)."""
     return replace(cfg, name=cfg.name.strip() + ".best", token=cfg.token + ".best" if cfg.token else "")
@@ -273,6 +357,7 @@ def prepare(host: Host, images: D.TrainingImages, cfg: DreamBoothConfig,
         host.check_placeholder(cfg.token)
     if len(images) == 0:
         raise D.DatasetError("no instance images: connect 3-5 images of the subject")
+    start = _start_files(host, cfg)
     spec = _state_spec(host, images, cfg, name, class_images)
     replace_own = cfg.overwrite or spec.path is not None  # a resume replaces its own files
     files = _output_files(host, cfg, name, replace_own)
@@ -297,7 +382,7 @@ def prepare(host: Host, images: D.TrainingImages, cfg: DreamBoothConfig,
         init = cfg.init_text.strip() or (words[-1] if words else "object")
         if cfg.token in init.split():
             raise ValueError(f"the init text must describe the concept with existing words, not {cfg.token!r}")
-    return _Plan(planned, crop_hw, captions, cls_planned, prior, files, init, spec, best_files)
+    return _Plan(planned, crop_hw, captions, cls_planned, prior, files, init, spec, best_files, start)
 
 
 def _plan_class_images(class_images: D.TrainingImages, crop_hw: tuple[int, int]) -> list[torch.Tensor]:
@@ -355,14 +440,15 @@ class _CondCache:
 
 class DreamBooth:
     def __init__(self, host: Host, cfg: DreamBoothConfig, inst: D.LatentCache, prompts: list[str],
-                 prior: D.LatentCache | None, groups: list[dict], vectors: dict | None):
+                 prior: D.LatentCache | None, groups: list[dict], vectors: dict | None, text_lora: bool = False):
         self.host, self.cfg, self.inst, self.prior, self.groups = host, cfg, inst, prior, groups
         self.prompts = prompts  # per instance image
         self.vectors = vectors
         self.rng = random.Random(cfg.seed)
         self.gen = torch.Generator("cpu").manual_seed(cfg.seed)
         self.sigmas = host.training_sigmas().float()
-        self.text_trains = cfg.train_text_encoder or vectors is not None
+        # an init LoRA may adapt the text encoders without train_text_encoder
+        self.text_trains = cfg.train_text_encoder or vectors is not None or text_lora
         self.conds = _CondCache()
 
     def param_groups(self) -> list[dict]:
@@ -408,12 +494,17 @@ class DreamBooth:
 class _Trainables:
     """What a mode trains: LoRA sets or full deltas (per part), and the pivotal vectors."""
 
-    def __init__(self, host, cfg: DreamBoothConfig, init_text: str):
+    def __init__(self, host, cfg: DreamBoothConfig, init_text: str, start: _Start | None = None):
         self.host, self.cfg = host, cfg
         self.loras: dict[str, LoraSet] = {}
         self.deltas: dict[str, torch.Tensor] = {}
         self.vectors: dict[str, torch.nn.Parameter] | None = None
+        start = start or _Start()
         parts = ["unet"] + ([e.key for e in host.text_encoders()] if cfg.train_text_encoder else [])
+        if start.layers is not None:  # an init LoRA: its own layers, ranks and alphas
+            parts = []
+            self.loras = {part: LoraSet.from_layers(layers, device=host.device)
+                          for part, layers in start.layers.items()}
         for part in parts:
             params = host.tunable_parameters(part)
             if cfg.mode == "full":
@@ -427,7 +518,7 @@ class _Trainables:
                 self.loras[part] = LoraSet({n: params[n] for n in names}, cfg.rank, alpha,
                                            device=host.device, seed=D.offset_seed(cfg.seed, len(self.loras)))
         if cfg.mode == "pivotal":
-            vecs = initial_vectors(host, init_text, cfg.num_vectors)
+            vecs = start.vectors if start.vectors is not None else initial_vectors(host, init_text, cfg.num_vectors)
             self.vectors = {k: torch.nn.Parameter(v.to(host.device, torch.float32)) for k, v in vecs.items()}
 
     def groups(self) -> list[dict]:
@@ -473,7 +564,12 @@ class _Trainables:
         return {k: v.detach().float().cpu() for k, v in (self.vectors or {}).items()}
 
 
-def _metadata(cfg: DreamBoothConfig, host: Host, n_images: int, n_class: int) -> dict[str, str]:
+def _metadata(cfg: DreamBoothConfig, host: Host, n_images: int, n_class: int,
+              start: _Start | None = None) -> dict[str, str]:
+    continued = {}
+    if start is not None and start.layers is not None:  # the step count goes on from the init LoRA's
+        continued = {"ss_max_train_steps": str(start.lora_step + cfg.steps),
+                     "likeness_continued_from": f"{Path(cfg.init_lora.strip()).name} (step {start.lora_step})"}
     return {
         "ss_output_name": cfg.name, "ss_training_comment": f"likeness dreambooth ({cfg.mode})",
         "ss_max_train_steps": str(cfg.steps), "ss_learning_rate": str(cfg.learning_rate),
@@ -488,7 +584,7 @@ def _metadata(cfg: DreamBoothConfig, host: Host, n_images: int, n_class: int) ->
         "ss_training_started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "likeness_mode": cfg.mode, "likeness_instance_prompt": cfg.instance_prompt,
         "likeness_class_prompt": cfg.class_prompt, "likeness_targets": cfg.targets,
-    }
+    } | continued
 
 
 class _Saver:
@@ -501,7 +597,8 @@ class _Saver:
 
     def __call__(self, step: int) -> None:
         cfg, host, files = self.cfg, self.host, []
-        meta = dict(self.meta, ss_steps=str(step))
+        start = self.plan.start or _Start()  # files continued from count on from their own steps
+        meta = dict(self.meta, ss_steps=str(start.lora_step + step))
         fam, pred = host.info.family, host.info.prediction
         layout = host.unet_layout()
         if cfg.mode == "full":
@@ -524,9 +621,10 @@ class _Saver:
                                               dtype=cfg.save_dtype, prediction=pred, layout=layout, naming=host.naming,
                                               bundle_emb=bundle, bundle_widths=self.widths, overwrite=True))
             if cfg.mode == "pivotal":
+                done = start.vector_step + step
                 files += embedding.save_embedding(cfg.embedding_dir or cfg.output_dir, cfg.token, vecs, host.info,
-                                                  step=step, metadata={"trainer": "likeness pivotal tuning",
-                                                                       "steps_done": str(step)},
+                                                  step=done, metadata={"trainer": "likeness pivotal tuning",
+                                                                       "steps_done": str(done)},
                                                   overwrite=True, widths=self.widths)
         self.files = files
 
@@ -596,7 +694,7 @@ def train_dreambooth(host: Host, images: D.TrainingImages, cfg: DreamBoothConfig
     step is kept (``encoders`` score it; ``on_point`` sees every evaluation) and written as
     ``<name>.best.*``."""
     plan = prepare(host, images, cfg, class_images, encoders)
-    tr = _Trainables(host, cfg, plan.init_text)
+    tr = _Trainables(host, cfg, plan.init_text, plan.start)
     memory = _preflight(host, cfg, plan, tr)
     inst = D.LatentCache(host, plan.images, crop_hw=plan.crop_hw, flip=cfg.flip, random_crop=cfg.random_crop)
     prior, n_class = None, 0
@@ -610,8 +708,9 @@ def train_dreambooth(host: Host, images: D.TrainingImages, cfg: DreamBoothConfig
             prior = D.LatentCache.from_latents(lat, host.latent_scale)
         n_class = len(prior)
     prompts = [c if c is not None else cfg.instance_prompt for c in plan.captions]
-    method = DreamBooth(host, cfg, inst, prompts, prior, tr.groups(), tr.vectors)
-    saver = _Saver(host, cfg, plan, tr, _metadata(cfg, host, len(images), n_class))
+    method = DreamBooth(host, cfg, inst, prompts, prior, tr.groups(), tr.vectors,
+                        text_lora=any(part != "unet" for part in tr.loras))
+    saver = _Saver(host, cfg, plan, tr, _metadata(cfg, host, len(images), n_class, plan.start))
     last_preview: list[torch.Tensor] = []
 
     def preview(step: int) -> torch.Tensor:
@@ -637,6 +736,7 @@ def train_dreambooth(host: Host, images: D.TrainingImages, cfg: DreamBoothConfig
         deltas=tr.delta_tensors() if cfg.mode == "full" else {}, vectors=tr.vector_tensors(),
         class_images=n_class, preview=last_preview[0] if last_preview else None, data_summary=images.summary(),
         resumed_from=res.resumed_from, state_path=res.state_path,
+        first_step=plan.start.lora_step if plan.start is not None else 0,
         evaluation=evaluation,
         notes=[memory.note] if memory.note else [],
     )

@@ -38,8 +38,11 @@ class Method(Protocol):
     #   its update (SeedSelect's target loss).
     # ``after_step(step)``: after the optimizer changed the parameters (SeedSelect projects its
     #   noise back onto the Gaussian shell).
-    # ``state_ok()`` -> bool: after an update, whether the new parameters still give a finite
-    #   result; False skips the step like a non-finite loss (with the snapshot on).
+    # ``state_ok()`` -> bool: whether the parameters still give a finite result (finite vectors can
+    #   overflow a text encoder).  The next step's forward proves an update's parameters for free
+    #   (a finite loss: they become the last good ones; a non-finite one: back to the last good), so
+    #   ``state_ok`` is only asked for parameters about to be saved that no forward has proven yet:
+    #   once per save, not once per step (with the snapshot on).
     # ``extra_state()`` / ``load_extra_state(tensors, json)``: state of the method's own to keep
     #   in a run state beside the generators (``trainers/run_state.py``).
 
@@ -72,7 +75,7 @@ class LoopConfig:
     #: run ``method.loss`` under the host's autocast (off when the method casts per call itself)
     autocast: bool = True
     #: write the run's state (``trainers/run_state.py``) with every save, and resume from
-    #: ``state.path`` when set; None: no states (SeedSelect's inner runs, tests of the loop alone)
+    #: ``state.path`` when set; None: no states (a SeedSelect without a folder, tests of the loop alone)
     state: "run_state.StateSpec | None" = None
     #: call ``run``'s ``evaluate(step)`` every N steps and at the last step (0: never); its wall
     #: time is kept apart in ``LoopResult.eval_seconds`` (trainers/best_step.py)
@@ -221,12 +224,17 @@ class _Run:
         self.result = LoopResult()
         self.bad_run = 0
         self.last_good = 0  # the step whose parameters the snapshot holds
+        # a method with ``state_ok``: the step whose update no forward has proven yet (0: none)
+        self.pending = 0
         # for the run state: every step's loss (NaN: skipped), the generators as the last finished
         # step left them (a stop can land mid-step, after some draws), and whether the step under
         # way has begun to change the method or the optimizer (from ``observe`` until it is booked:
         # a stop then finds a state that is neither the last step's nor this one's, and none is saved)
         self.history: list[float] = []
         self.rngs_end = run_state.rng_states(method)
+        #: ``run``'s ``evaluate``; with ``state()`` / ``load_state(tensors, json)`` (best step) its
+        #: tracking is kept in the run state too, so a resumed run goes on from it
+        self.evaluator = None
         self.dirty = False
         self.state_step = 0
 
@@ -259,18 +267,45 @@ class _Run:
             self.opt.step()
         if self.snap is None:
             return True
-        # the state the update produced, not only the update: finite parameters can still give a
-        # non-finite result (vectors so large the text encoder overflows); the method says so
-        ok = all(bool(torch.isfinite(p).all()) for p in self.params) and self._hook("state_ok") is not False
+        # finite parameters can still give a non-finite result (vectors so large the text encoder
+        # overflows): that is proven by the next forward (``_proven``) or before a save (``confirm``)
+        ok = all(bool(torch.isfinite(p).all()) for p in self.params)
         if not ok:
             self.snap.restore()
         return ok
+
+    def _proven(self, finite: bool) -> None:
+        """This step's forward ran with the last update's parameters: a finite loss makes them the
+        last good ones, a non-finite one puts the last good ones back."""
+        if not self.pending:
+            return
+        if finite:
+            self.snap.take()
+            self.last_good = self.pending
+        else:
+            self.dirty = True  # the parameters change before this step is booked
+            self.snap.restore()
+        self.pending = 0
+
+    def confirm(self) -> int:
+        """Before a save: parameters no forward has proven yet are checked by the method's
+        ``state_ok``; returns the step whose parameters the run now holds (what a save is labelled)."""
+        if self.pending:
+            if self._hook("state_ok") is not False:
+                self.snap.take()
+                self.last_good = self.pending
+            else:
+                self.snap.restore()
+                self.result.skipped_steps += 1
+            self.pending = 0
+        return self.last_good
 
     def step(self, step: int) -> tuple[float, bool, bool]:
         """One optimisation step: (loss value, whether it counted, whether the run should stop)."""
         loss = self._loss(step)
         value = float(loss.detach())
         ok = math.isfinite(value)
+        self._proven(ok)
         if ok:
             self.dirty = True
             self._hook("observe", step, value)
@@ -297,7 +332,7 @@ class _Run:
         if spec is None or spec.keep < 1 or step <= self.state_step or self.dirty:
             return
         counters = {"last_good": self.last_good, "bad_run": self.bad_run, "skipped": self.result.skipped_steps}
-        extra = self._hook("extra_state")
+        extra = _with_evaluation(self._hook("extra_state"), self.evaluator)
         self.result.state_path = run_state.write(
             spec, step, params=self.params, opt=self.opt, rngs=self.rngs_end, history=self.history,
             counters=counters, scaler=self.scaler, extra=extra)
@@ -306,10 +341,14 @@ class _Run:
     def resume(self, path) -> int:
         """Continue from a state file: parameters, optimizer, generators, history, counters."""
         got = run_state.restore(path, params=self.params, opt=self.opt, method=self.method, scaler=self.scaler)
+        own, evaluation = _without_evaluation(got.extra)
         if hasattr(self.method, "load_extra_state"):
-            self.method.load_extra_state(*got.extra)
+            self.method.load_extra_state(*own)
+        if evaluation is not None and hasattr(self.evaluator, "load_state"):
+            self.evaluator.load_state(*evaluation)
         if self.snap is not None:
             self.snap.take()
+        self.pending = 0
         self.history = list(got.history)
         self.rngs_end = run_state.rng_states(self.method)
         self.last_good, self.bad_run = got.counters["last_good"], got.counters["bad_run"]
@@ -319,9 +358,13 @@ class _Run:
         return got.step
 
     def _good(self, step: int, value: float) -> None:
-        if self.snap is not None:
-            self.snap.take()
-        self.last_good, self.bad_run = step, 0
+        if self.snap is not None and hasattr(self.method, "state_ok"):
+            self.pending = step  # proven by the next forward, or by ``confirm`` before a save
+        else:
+            if self.snap is not None:
+                self.snap.take()
+            self.last_good = step
+        self.bad_run = 0
         self.result.losses.append(value)
 
     def _bad(self) -> None:
@@ -355,8 +398,32 @@ def run(
         return _run(method, cfg, device, compute_dtype, save, progress, preview, evaluate)
 
 
+#: where an evaluator's state goes inside a run state's ``extra`` (tensors ``eval.<key>``)
+_EVAL = "eval"
+
+
+def _with_evaluation(extra, evaluator):
+    """The method's ``extra`` state with the evaluator's (``state()``) beside it, under ``_EVAL``."""
+    if not hasattr(evaluator, "state"):
+        return extra
+    tensors, head = extra if extra is not None else ({}, {})
+    ev_tensors, ev_head = evaluator.state()
+    return {**tensors, **{f"{_EVAL}.{k}": v for k, v in ev_tensors.items()}}, {**head, _EVAL: ev_head}
+
+
+def _without_evaluation(extra):
+    """``extra`` split into the method's own part and the evaluator's (None when it has none)."""
+    tensors, head = extra
+    prefix = _EVAL + "."
+    own = ({k: v for k, v in tensors.items() if not k.startswith(prefix)}, {k: v for k, v in head.items() if k != _EVAL})
+    if _EVAL not in head:
+        return own, None
+    return own, ({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, head[_EVAL])
+
+
 def _run(method, cfg: LoopConfig, device, compute_dtype, save, progress, preview, evaluate) -> LoopResult:
     r = _Run(method, cfg, device, compute_dtype)
+    r.evaluator = evaluate
     t0 = time.perf_counter()
     start = 1
     if cfg.state is not None and cfg.state.path is not None:
@@ -376,14 +443,17 @@ def _run(method, cfg: LoopConfig, device, compute_dtype, save, progress, preview
         for step in range(start, cfg.steps + 1):
             value, ok, stop = r.step(step)
             r.finished(step, value, ok)
-            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps and not stop:
-                save(step)
-                r.result.saved_step = step
-                r.write_state(step)
+            saving = cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps and not stop
+            if saving:
+                good = r.confirm()  # labelled with the step whose values it holds
+                save(good)
+                r.result.saved_step = good
             if evaluate is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps or stop):
                 t_eval = time.perf_counter()
                 evaluate(step)
                 r.result.eval_seconds += time.perf_counter() - t_eval
+            if saving:  # after this step's evaluation, so that the state holds it
+                r.write_state(step)
             report(step, value if ok else None)
             if stop:
                 r.result.stopped_early = True
@@ -395,8 +465,9 @@ def _run(method, cfg: LoopConfig, device, compute_dtype, save, progress, preview
         with contextlib.suppress(AttributeError):  # what was saved, for whoever reports the stop
             exc.likeness_result = r.result
         raise
-    save(r.result.steps_done)
-    r.result.saved_step = r.result.steps_done
+    good = r.confirm()
+    save(good)
+    r.result.saved_step = good
     r.write_state(r.result.steps_done)
     r.result.seconds = time.perf_counter() - t0
     return r.result
@@ -407,6 +478,8 @@ def _stopped(r: _Run, save: Callable[[int], None]) -> None:
     state (a full disk) does not hide why the run stopped."""
     r.result.cancelled = True
     if r.snap is not None:
+        with contextlib.suppress(Exception):  # the last update's parameters, when no forward proved them
+            r.confirm()
         r.snap.restore()
     if r.last_good > r.result.saved_step:
         save(r.last_good)

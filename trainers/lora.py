@@ -126,6 +126,18 @@ class LoraSet:
             alpha=float(alpha) * r / rank,
         )
 
+    @classmethod
+    def from_layers(cls, layers: dict[str, tuple[torch.Tensor, torch.Tensor, float]], *,
+                    device: torch.device) -> "LoraSet":
+        """Adapters that continue existing factors (``fit_layers``: keyed by weight name, shaped
+        as the weights), each at its own rank and alpha: a LoRA file trained on."""
+        out = cls.__new__(cls)
+        out.adapters = {name: LoraAdapter(down=torch.nn.Parameter(down.detach().to(device, torch.float32).clone()),
+                                          up=torch.nn.Parameter(up.detach().to(device, torch.float32).clone()),
+                                          alpha=float(alpha))
+                        for name, (down, up, alpha) in layers.items()}
+        return out
+
     def parameters(self) -> list[torch.nn.Parameter]:
         return [t for a in self.adapters.values() for t in (a.down, a.up)]
 
@@ -146,6 +158,27 @@ class LoraSet:
 
     def __len__(self) -> int:
         return len(self.adapters)
+
+
+def fit_layers(layers: dict[str, tuple[torch.Tensor, torch.Tensor, float]],
+               weights: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """A LoRA's layers (``{module name: (down, up, alpha)}``, as a file holds them) placed on the
+    ``weights`` they adapt (``{module name + ".weight": W}``), factors shaped as our adapters hold
+    them (a Linear's factors stored as 1x1 convs, or the reverse, are reshaped).  ValueError naming
+    the first layer that does not fit: another model's width, or a layer kind we cannot train."""
+    out = {}
+    for name, (down, up, alpha) in layers.items():
+        w = weights[name + ".weight"]
+        r, out_f, in_f = down.shape[0], w.shape[0], int(math.prod(w.shape[1:]))
+        if w.ndim == 4 and tuple(w.shape[2:]) != (1, 1):
+            raise ValueError(f"{name!r} is a {w.shape[2]}x{w.shape[3]} convolution (a LoCon layer), which "
+                             "Likeness cannot train; give a LoRA of linear and 1x1 layers")
+        if down.numel() != r * in_f or up.numel() != out_f * r:
+            raise ValueError(f"{name!r} is {in_f} -> {out_f} in this model, but the file's factors are down "
+                             f"{tuple(down.shape)}, up {tuple(up.shape)}")
+        extra = (1, 1) if w.ndim == 4 else ()
+        out[name + ".weight"] = (down.reshape(r, *w.shape[1:]), up.reshape(out_f, r, *extra), float(alpha))
+    return out
 
 
 def extract_lora(deltas: dict[str, torch.Tensor], rank: int, *, min_norm: float = 0.0) -> dict:
@@ -171,4 +204,4 @@ def count_parameters(tensors: Iterable[torch.Tensor]) -> int:
     return sum(t.numel() for t in tensors)
 
 
-__all__ = ["PRESETS", "target_weights", "LoraAdapter", "LoraSet", "extract_lora", "count_parameters"]
+__all__ = ["PRESETS", "target_weights", "LoraAdapter", "LoraSet", "fit_layers", "extract_lora", "count_parameters"]

@@ -15,13 +15,20 @@ cosine on raw embeddings, so the functions below also run on fixed embeddings in
   image embedding are comparable only when both towers come from the same CLIP model, so each
   encoder carries a ``tower`` tag (e.g. "openclip-vit-bigg-14") and mismatched or unknown towers
   are refused with an error; without a text tower CLIP-T is reported unavailable with the reason.
+* **CLIP-T margin** (prompt specificity): per image, its CLIP-T to its own prompt minus its mean
+  CLIP-T to the other evaluation prompts (needs two different prompts).  Raw CLIP-T has a large
+  part that does not depend on the prompt at all (an unrelated image and caption of a CLIP still
+  have a clearly positive cosine, images of one model share their look), so a model that draws the training photo whatever
+  the prompt keeps most of its CLIP-T; the margin removes that part (it is the contrast CLIP is
+  trained on: the right caption against the others) and falls to 0 for such a model.
 * **diversity**: mean pairwise cosine distance (1 - cosine) between the generated images' embeddings
   (DINO where given, else CLIP).  An overfitted model draws the training photo whatever the prompt,
   and diversity collapses.
 * **combined** = sqrt(subject x prompt), the geometric mean of
   subject = geometric mean of the available CLIP-I and DINO, and
-  prompt = CLIP-T, or - where CLIP-T is unavailable - diversity as its stand-in (varied prompts
-  should give varied images).  Each factor is clamped at 0.  A geometric mean weighs a relative
+  prompt = the CLIP-T margin (two or more different prompts), else CLIP-T (one prompt), else -
+  where CLIP-T is unavailable - diversity as its stand-in (varied prompts should give varied
+  images).  Each factor is clamped at 0.  A geometric mean weighs a relative
   change of either factor the same, so the factors' different ranges (CLIP-T ~0.3, CLIP-I ~0.8)
   do not decide the ranking, and a model that wins one by losing the other does not score well.
   ``Combined.formula`` says which prompt factor was used; only compare scores with the same formula.
@@ -130,11 +137,25 @@ def diversity(generated: torch.Tensor) -> Value:
     return Value(float((1.0 - sim[i, j]).mean()))
 
 
-def combined_score(clip_i: Value, dino: Value, clip_t: Value, div: Value) -> Combined:
+def clip_t_margin(similarity: torch.Tensor, prompts: Sequence[str]) -> Value:
+    """The CLIP-T margin from ``similarity`` ``[G, P]`` (image i's cosine to each distinct prompt)
+    and ``prompts`` (image i's own prompt, one of the distinct ones, in their first-seen order)."""
+    distinct = list(dict.fromkeys(prompts))
+    if len(distinct) < 2:
+        return Value(None, "the CLIP-T margin needs at least two different prompts")
+    own = torch.tensor([distinct.index(p) for p in prompts])
+    mine = similarity[torch.arange(len(own)), own]
+    others = (similarity.sum(1) - mine) / (len(distinct) - 1)
+    return Value(float((mine - others).mean()))
+
+
+def combined_score(clip_i: Value, dino: Value, clip_t: Value, div: Value, margin: Value | None = None) -> Combined:
     """sqrt(subject x prompt): see the module docstring for the factors and why."""
     subject = [v.value for v in (clip_i, dino) if v.value is not None]
     names = [n for n, v in (("CLIP-I", clip_i), ("DINO", dino)) if v.value is not None]
     prompt, pname = (clip_t.value, "CLIP-T") if clip_t.value is not None else (div.value, "diversity")
+    if margin is not None and margin.value is not None:
+        prompt, pname = margin.value, "CLIP-T margin"
     formula = f"sqrt(subject x {pname}), subject = geomean({', '.join(names) or 'none'})"
     if not subject:
         return Combined(None, formula, "no subject metric (CLIP-I or DINO)")
@@ -155,6 +176,7 @@ class Report:
     combined: Combined
     per_image: dict[str, list[float] | None] = field(default_factory=dict)
     prompts: list[str] | None = None
+    clip_t_margin: Value = Value(None, "no CLIP-T")
 
     def rows(self) -> list[list[str]]:
         """The table: a header, one row per image, the overall row."""
@@ -170,6 +192,8 @@ class Report:
 
     def notes(self) -> list[str]:
         out = [f"combined = {self.combined.formula}"]
+        if self.clip_t_margin.value is not None:
+            out.append(f"CLIP-T margin (own prompt minus the others): {self.clip_t_margin.text()}")
         out += [f"{n}: {v.reason}" for n, v in (("CLIP-I", self.clip_i), ("DINO", self.dino),
                                                ("CLIP-T", self.clip_t), ("diversity", self.diversity),
                                                ("combined", self.combined)) if v.reason]
@@ -201,15 +225,19 @@ def prompt_list(prompts: Sequence[str] | None, count: int) -> list[str] | None:
 
 
 def _clip_t(clip: ImageEncoder, text: TextEncoder | None, gen: torch.Tensor, prompts, word, class_noun):
+    """(CLIP-T, its CLIP-T margin, per image, the prompts as scored)."""
     if text is None:
-        return Value(None, "no text tower of the CLIP vision model is at hand"), None, None
+        why = "no text tower of the CLIP vision model is at hand"
+        return Value(None, why), Value(None, why), None, None
     check_same_tower(clip, text)  # before any work on the text side
     if prompts is None:
-        return Value(None, "no prompts given"), None, None
+        return Value(None, "no prompts given"), Value(None, "no prompts given"), None, None
     scored = [with_class_noun(p, word, class_noun) for p in prompts]
+    distinct = list(dict.fromkeys(scored))
     with torch.no_grad():
-        per = text_similarity(gen, text.embed_text(scored).float().cpu())
-    return Value(float(per.mean())), per.tolist(), scored
+        sim = cosine_matrix(gen, text.embed_text(distinct).float().cpu())
+    per = sim[torch.arange(len(scored)), torch.tensor([distinct.index(p) for p in scored])]
+    return Value(float(per.mean())), clip_t_margin(sim, scored), per.tolist(), scored
 
 
 def evaluate(references: torch.Tensor | None, generated: torch.Tensor, clip: ImageEncoder,
@@ -234,15 +262,15 @@ def evaluate(references: torch.Tensor | None, generated: torch.Tensor, clip: Ima
         gen_d = embed_all(dino, generated)
         per_d = subject_similarity(gen_d, ref_d)
         dino_v, div_emb = Value(float(per_d.mean())), gen_d
-    clip_t, per_t, scored = _clip_t(clip, text, gen_c, prompts, word, class_noun)
+    clip_t, margin, per_t, scored = _clip_t(clip, text, gen_c, prompts, word, class_noun)
     clip_i, div = Value(float(per_i.mean())), diversity(div_emb)
     return Report(clip_i=clip_i, dino=dino_v, clip_t=clip_t, diversity=div,
-                  combined=combined_score(clip_i, dino_v, clip_t, div),
+                  combined=combined_score(clip_i, dino_v, clip_t, div, margin),
                   per_image={"CLIP-I": per_i.tolist(), "DINO": per_d.tolist() if per_d is not None else None,
                              "CLIP-T": per_t},
-                  prompts=scored)
+                  prompts=scored, clip_t_margin=margin)
 
 
 __all__ = ["TextEncoder", "Value", "Combined", "Report", "tower_of", "check_same_tower", "with_class_noun",
-           "cosine_matrix", "subject_similarity", "text_similarity", "diversity", "combined_score", "embed_all",
+           "cosine_matrix", "subject_similarity", "text_similarity", "diversity", "clip_t_margin", "combined_score", "embed_all",
            "prompt_list", "evaluate"]

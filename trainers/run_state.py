@@ -64,6 +64,9 @@ class StateSpec:
     resume: str = "off"
     #: the state file to resume from, once ``check_resume`` found it
     path: Path | None = field(default=None, repr=False)
+    #: steps of the method's earlier loop runs: a method that runs the loop several times
+    #: (SeedSelect's main run, then its bootstrap runs) numbers its states on across them
+    offset: int = 0
 
 
 # ------------------------------------------------------------------------------------------
@@ -159,9 +162,10 @@ def _resolve(spec: StateSpec) -> Path | None:
     return path
 
 
-def check_resume(spec: StateSpec | None, steps: int) -> Path | None:
+def check_resume(spec: StateSpec | None, steps: int, longer: str = "set steps above {step}") -> Path | None:
     """Find the state to resume from and refuse it, before any work, when it belongs to another
-    run (naming what differs) or already reached ``steps``.  Sets and returns ``spec.path``."""
+    run (naming what differs) or already reached ``steps`` (``longer`` says how to train on, in the
+    method's own words).  Sets and returns ``spec.path``."""
     if spec is None:
         return None
     path = _resolve(spec)
@@ -176,7 +180,7 @@ def check_resume(spec: StateSpec | None, steps: int) -> Path | None:
         raise ResumeError(f"{path.name} belongs to another run and would train something else ({what}); "
                           "resume with the same model, images and settings, or set resume to off")
     if head["step"] >= steps:
-        raise ResumeError(f"{path.name} is already at step {head['step']}; set steps above {head['step']} "
+        raise ResumeError(f"{path.name} is already at step {head['step']}; {longer.format(step=head['step'])} "
                           "to train longer from it")
     spec.path = path
     return path
@@ -218,7 +222,8 @@ def _optimizer_parts(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor
 
 def write(spec: StateSpec, step: int, *, params: list[torch.Tensor], opt: torch.optim.Optimizer,
           rngs: dict[str, Any], history: list[float], counters: dict, scaler=None, extra=None) -> Path:
-    """Write the state of ``step`` atomically beside the result and prune older ones."""
+    """Write the state of ``step`` (of this loop run: the file counts on from ``spec.offset``)
+    atomically beside the result and prune older ones."""
     tensors = {f"param.{i}": p.detach().float().cpu().contiguous() for i, p in enumerate(params)}
     opt_tensors, opt_scalars = _optimizer_parts(opt)
     tensors.update(opt_tensors)
@@ -231,8 +236,9 @@ def write(spec: StateSpec, step: int, *, params: list[torch.Tensor], opt: torch.
             py_rngs[k] = [s[0], list(s[1]), s[2]]
     ex_tensors, ex_json = extra if extra is not None else ({}, {})
     tensors.update({f"extra.{k}": v.detach().cpu().contiguous() for k, v in ex_tensors.items()})
-    head = {"step": step, "fingerprint": spec.fingerprint, "optimizer": opt_scalars, "random": py_rngs,
-            "counters": counters, "scaler": scaler.state_dict() if scaler is not None else None,
+    step += spec.offset
+    head = {"step": step, "offset": spec.offset, "fingerprint": spec.fingerprint, "optimizer": opt_scalars,
+            "random": py_rngs, "counters": counters, "scaler": scaler.state_dict() if scaler is not None else None,
             "extra": ex_json}
     data = st_save(tensors, metadata={"format": FORMAT, _HEADER: json.dumps(head)})
     path = files.atomic_write_bytes(state_path(spec.folder, spec.name, step), data)
@@ -251,7 +257,7 @@ class Loaded:
 def restore(path: Path, *, params: list[torch.Tensor], opt: torch.optim.Optimizer, method,
             scaler=None) -> Loaded:
     """Put a state back into the parameters, the optimizer, the method's generators and the
-    scaler; returns the step, the loss history and the loop's counters."""
+    scaler; returns the step (of its loop run), the loss history and the loop's counters."""
     tensors, meta = files.read_safetensors(path, what="a run state")
     head = json.loads(meta[_HEADER])
     saved = [k for k in tensors if k.startswith("param.")]
@@ -282,8 +288,19 @@ def restore(path: Path, *, params: list[torch.Tensor], opt: torch.optim.Optimize
     if scaler is not None and head.get("scaler"):
         scaler.load_state_dict(head["scaler"])
     history = [float(x) for x in tensors["history"].tolist()]
-    extra = ({k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}, head.get("extra") or {})
-    return Loaded(head["step"], history, head["counters"], extra)
+    return Loaded(head["step"] - head.get("offset", 0), history, head["counters"], _extra(tensors, head))
+
+
+def _extra(tensors: dict[str, torch.Tensor], head: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    return {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}, head.get("extra") or {}
+
+
+def read_extra(path: Path) -> tuple[int, dict[str, torch.Tensor], dict]:
+    """A state's step and the method's own part of it (``extra_state``), without a loop: what a
+    method that runs the loop several times needs to know which of its runs to continue."""
+    tensors, meta = files.read_safetensors(path, what="a run state")
+    head = json.loads(meta[_HEADER])
+    return (head["step"], *_extra(tensors, head))
 
 
 def finite_losses(history: list[float]) -> list[float]:
@@ -292,7 +309,7 @@ def finite_losses(history: list[float]) -> list[float]:
 
 __all__ = ["SUFFIX", "KEEP", "RESUME_CHOICES", "ResumeError", "StateSpec", "fingerprint", "images_digest",
            "model_digest", "state_path", "list_states", "read_header", "check_resume", "write", "restore",
-           "rng_states", "method_rngs", "finite_losses"]
+           "rng_states", "method_rngs", "finite_losses", "read_extra"]
 
 
 def spec_for(method: str, cfg: Any, host, images, *, name: str, folder, volatile: Iterable[str],
@@ -308,6 +325,8 @@ def spec_for(method: str, cfg: Any, host, images, *, name: str, folder, volatile
 
 
 LOCK_SUFFIX = ".likeness-lock"
+#: the locks this process holds now (``owned``)
+_HELD: set[Path] = set()
 
 
 def _holder(path: Path) -> int | None:
@@ -336,11 +355,15 @@ def _host() -> str:
 def owned(spec: StateSpec | None):
     """Own the name ``spec.name`` in ``spec.folder`` for the whole run: ``<name>.likeness-lock``
     beside the files, so a second run of the same name refuses instead of silently replacing the
-    first one's files; a lock left by a process that died is taken over."""
+    first one's files; a lock left by a process that died is taken over.  Re-entrant: a method
+    that holds its name across several loop runs keeps it while each of them takes it again."""
     if spec is None:
         yield
         return
     path = files.safe_path(spec.folder, spec.name + LOCK_SUFFIX)
+    if path in _HELD:
+        yield
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(3):
         try:
@@ -356,9 +379,11 @@ def owned(spec: StateSpec | None):
         raise FileExistsError(f"could not take the lock {path}; remove it if no run of {spec.name!r} is going")
     with os.fdopen(fd, "w") as f:
         f.write(f"{os.getpid()}\n{_host()}\n")
+    _HELD.add(path)
     try:
         yield
     finally:
+        _HELD.discard(path)
         path.unlink(missing_ok=True)
 
 

@@ -28,9 +28,12 @@ progress are the same as every other method's.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -38,7 +41,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from . import diff_sampling as DS
-from . import loop
+from . import loop, run_state
 from .image_encoder import centroid
 from .seam import Host, ImageEncoder, SeedModel
 
@@ -77,6 +80,11 @@ class SeamSeedModel:
             with torch.no_grad():
                 self._conds[text] = self.host.encode_text([text])
         return self._conds[text]
+
+    def identity(self) -> str:
+        """The model and the prompts, for a run state's fingerprint (``trainers/run_state.py``)."""
+        return run_state.digest([run_state.model_digest(self.host).encode(), self.prompt.encode(),
+                                 self.negative.encode()])
 
     def run(self, sigmas, cfg, fn, shape=None):
         cond = self._cond(self.prompt)
@@ -122,6 +130,16 @@ class SeedSelectConfig:
     bootstrap_iterations: int = 5
     use_checkpoint: bool = True
     max_bad_steps: int = 5
+    #: where run states go (``trainers/run_state.py``: beside the seed file) and the name they
+    #: carry; None: no states, no resume
+    output_dir: str | Path | None = None
+    name: str = "seedselect"
+    #: continue a stopped run: "off", "latest", or a state file
+    resume: str = "off"
+    #: run states kept (0: none); one is written every ``state_every`` iterations, at the end of
+    #: every noise's run and when the run stops (Cancel, Ctrl-C, a non-finite stop)
+    keep_states: int = run_state.KEEP
+    state_every: int = 10
 
 
 @dataclass
@@ -145,6 +163,8 @@ class SeedSelectResult:
     skipped_steps: int = 0
     cancelled: bool = False
     seed_losses: list[float] = field(default_factory=list)  # best loss of every returned seed
+    resumed_from: int = 0  # the iteration a resumed run continued after (0: a fresh run)
+    state_path: Path | None = None  # the last run state written (None: none)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,6 +193,11 @@ def check_config(cfg: SeedSelectConfig) -> None:
         raise ValueError("semantic_weights must be one or more non-negative numbers (last steps, oldest first)")
     if not 0 < cfg.cfg < math.inf or (cfg.optimise_cfg is not None and not 0 < cfg.optimise_cfg < math.inf):
         raise ValueError(f"cfg must be a positive number (1 = no classifier-free guidance), got {cfg.cfg}")
+    problems = run_state.option_problems(cfg.keep_states, cfg.resume)
+    if cfg.state_every < 0:
+        problems.append(f"state_every must be 0 (states only at the end and on a stop) or more, got {cfg.state_every}")
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 def _check_references(references: torch.Tensor, what: str = "references") -> None:
@@ -385,6 +410,100 @@ class _RunState:
     skipped: int = 0
     to_target: int | None = None
     seconds_to_target: float | None = None
+    chart: list = field(default_factory=list)  # the losses reported for the live chart (None: skipped)
+
+
+# ----------------------------------------------------------------------------------------------
+# stopping and continuing (trainers/run_state.py)
+
+#: options a resumed run may change: where states go, and ``iterations`` / ``num_seeds`` raised to
+#: train longer (the schedule is exact in ``sigmas`` below, so its tensor form is not compared)
+_VOLATILE = ("iterations", "num_seeds", "state_every", "sigmas", "output_dir", "name", "resume", "keep_states")
+_TENSORS = ("best_z", "best_final", "best_image")
+_NUMBERS = ("best_loss", "best_iteration", "losses", "semantic", "appearance", "iterations", "skipped",
+            "to_target", "seconds_to_target", "chart")
+
+
+@dataclass
+class _Session:
+    """What the runs of one SeedSelect share and a resume restores: the start, every noise's run,
+    where states go; ``resume_run`` / ``resume_step``: the run and its step a resume continues,
+    ``resume_stopped``: whether that run had already ended at the target loss."""
+
+    z0: torch.Tensor
+    start_loss: float
+    spec: run_state.StateSpec | None
+    runs: list[_RunState] = field(default_factory=list)
+    resume_run: int = -1
+    resume_step: int = 0
+    resume_stopped: bool = False
+    resumed_from: int = 0  # the state's iteration, counted over all runs
+
+
+def total_iterations(cfg: SeedSelectConfig) -> int:
+    return cfg.iterations + (cfg.num_seeds - 1) * cfg.bootstrap_iterations
+
+
+def _offset(cfg: SeedSelectConfig, run: int) -> int:
+    """Iterations before run ``run`` (0: the main run; then the bootstrap runs): states number on."""
+    return 0 if run == 0 else cfg.iterations + (run - 1) * cfg.bootstrap_iterations
+
+
+def model_identity(model: SeedModel) -> str:
+    """What names the model and its prompts in a state's fingerprint (``identity()``)."""
+    fn = getattr(model, "identity", None)
+    if fn is None:
+        raise ValueError(f"this model ({type(model).__name__}) cannot name its weights and prompts, so a run state "
+                         "could not tell another model's apart: set keep_states to 0 and resume to off")
+    return fn()
+
+
+def _state_spec(model, cfg: SeedSelectConfig, references, others, sigmas) -> run_state.StateSpec | None:
+    """The run's ``StateSpec`` (None without ``output_dir``), the state to resume checked: the
+    model and prompts, the references, the schedule, every setting but the volatile ones."""
+    if cfg.output_dir is None:
+        return None
+    fp = run_state.fingerprint(
+        "seedselect", cfg, volatile=_VOLATILE, model=model_identity(model),
+        references=run_state.images_digest(references), others=run_state.images_digest(list(others or [])),
+        sigmas=run_state.digest([sigmas.double().numpy().tobytes()]),
+        precision=str(model.compute_dtype).replace("torch.", ""))
+    spec = run_state.StateSpec(Path(cfg.output_dir), cfg.name, fp, keep=cfg.keep_states, resume=cfg.resume)
+    run_state.check_resume(spec, total_iterations(cfg), longer="raise iterations or num_seeds (it has {step} "
+                           "iterations in all)")
+    return spec
+
+
+def _pack(session: _Session, run: int, stopped: bool, cfg: SeedSelectConfig) -> tuple[dict, dict]:
+    """A state's SeedSelect part: the start, and every noise's run up to the one under way."""
+    tensors, runs = {"z0": session.z0}, []
+    for i, st in enumerate(session.runs[:run + 1]):
+        tensors.update({f"run{i}.{k}": getattr(st, k) for k in _TENSORS if getattr(st, k) is not None})
+        runs.append({k: getattr(st, k) for k in _NUMBERS})
+    return tensors, {"run": run, "stopped": stopped, "iterations": cfg.iterations, "start_loss": session.start_loss,
+                     "runs": runs}
+
+
+def _resumed(spec: run_state.StateSpec | None, cfg: SeedSelectConfig) -> _Session | None:
+    """The session a state holds (None: a fresh run); refuses a state whose bootstrap runs were
+    numbered for another ``iterations``."""
+    if spec is None or spec.path is None:
+        return None
+    step, tensors, meta = run_state.read_extra(spec.path)
+    run = meta["run"]
+    if (run > 0 and meta["iterations"] != cfg.iterations) or (run == 0 and step > cfg.iterations):
+        raise run_state.ResumeError(
+            f"{spec.path.name} was saved {'after' if run else 'at iteration ' + str(step) + ' of'} a main run of "
+            f"{meta['iterations']} iterations; resume with iterations {meta['iterations']}"
+            + (" or more" if run == 0 else " (num_seeds may be raised)"))
+    runs = []
+    for i, numbers in enumerate(meta["runs"]):
+        runs.append(_RunState(**numbers, **{k: tensors.get(f"run{i}.{k}") for k in _TENSORS}))
+    session = _Session(tensors["z0"], meta["start_loss"], spec, runs, run, step - _offset(cfg, run), meta["stopped"],
+                       step)
+    # the run under way: its steps and chart come back with the loop's own state
+    runs[-1].iterations, runs[-1].skipped, runs[-1].chart = session.resume_step, 0, []
+    return session
 
 
 class _NoiseMethod:
@@ -396,10 +515,11 @@ class _NoiseMethod:
     main seed; returning it unchanged would give duplicate seeds)."""
 
     def __init__(self, objective: "_Objective", denoiser, z0: torch.Tensor, targets: tuple, *, cfg,
-                 state: "_RunState", t0: float, iterations: int, skip_start: bool = False):
+                 session: _Session, run: int, t0: float, iterations: int, skip_start: bool = False):
         device = objective.model.device
         self.objective, self.denoiser, self.targets, self.cfg = objective, denoiser, targets, cfg
-        self.state, self.t0 = state, t0
+        self.session, self.run, self.state, self.t0 = session, run, session.runs[run], t0
+        self.stopped = False
         self.z = z0.detach().clone().to(device, torch.float32).requires_grad_(True)
         self.norm0 = z0.norm().to(device)
         self.skip_first = skip_start and iterations > 1
@@ -418,7 +538,11 @@ class _NoiseMethod:
             _remember(self.state, value, self.z, self.ev, step - 1, self.cfg, self.t0)
 
     def should_stop(self, step: int, value: float) -> bool:
-        return self.cfg.target_loss is not None and value <= self.cfg.target_loss
+        self.stopped = self.cfg.target_loss is not None and value <= self.cfg.target_loss
+        return self.stopped
+
+    def extra_state(self) -> tuple[dict, dict]:
+        return _pack(self.session, self.run, self.stopped, self.cfg)
 
     def after_step(self, step: int) -> None:
         if self.cfg.keep_norm:
@@ -431,20 +555,29 @@ class _NoiseMethod:
 
 
 def _optimise(objective: _Objective, denoiser, z0: torch.Tensor, targets: tuple, *, iterations: int,
-              cfg: SeedSelectConfig, report: "_Reporter", t0: float, state: _RunState,
-              skip_start: bool = False) -> _RunState:
-    """Optimise one noise with the shared loop: AdamW with the official schedule (lr / 10 from
-    iteration ``lr_drop_at`` on), weight decay, the non-finite guard and fp16 loss scaling."""
-    method = _NoiseMethod(objective, denoiser, z0, targets, cfg=cfg, state=state, t0=t0,
-                          iterations=iterations, skip_start=skip_start)
+              cfg: SeedSelectConfig, report: "_Reporter", t0: float, session: _Session, run: int) -> None:
+    """Optimise the noise of run ``run`` with the shared loop: AdamW with the official schedule
+    (lr / 10 from iteration ``lr_drop_at`` on), weight decay, the non-finite guard, fp16 loss
+    scaling, and its run states (resumed from the session's state when it is this run's)."""
+    resuming = run == session.resume_run
+    if resuming and session.resume_stopped:  # it had ended at the target: nothing more to do
+        iterations = session.resume_step
+    method = _NoiseMethod(objective, denoiser, z0, targets, cfg=cfg, session=session, run=run, t0=t0,
+                          iterations=iterations, skip_start=run > 0)
+    spec = session.spec and dataclasses.replace(session.spec, offset=_offset(cfg, run),
+                                                path=session.spec.path if resuming else None)
     lcfg = loop.LoopConfig(steps=iterations, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
                            preview_every=1, max_bad_steps=cfg.max_bad_steps, autocast=False,
-                           lr_factor=lambda step: cfg.lr_drop if step - 1 >= cfg.lr_drop_at else 1.0)
+                           lr_factor=lambda step: cfg.lr_drop if step - 1 >= cfg.lr_drop_at else 1.0,
+                           save_every=cfg.state_every, state=spec)
+
+    def progress(step, total, loss, image):
+        method.state.chart.append(loss)
+        report(loss, image, method.ev)
+
     res = loop.run(method, lcfg, device=objective.model.device, compute_dtype=objective.model.compute_dtype,
-                   save=lambda step: None, progress=lambda s, n, loss, img: report(loss, img, method.ev),
-                   preview=method.preview)
-    state.skipped += res.skipped_steps
-    return state
+                   save=lambda step: None, progress=progress, preview=method.preview)
+    method.state.skipped += res.skipped_steps
 
 
 def _remember(state: _RunState, value: float, z, ev: _Eval, it: int, cfg, t0: float) -> None:
@@ -503,7 +636,8 @@ def train_seedselect(model: SeedModel, vision: ImageEncoder, references: torch.T
 
     ``others``: reference batches of other concepts, for the contrastive semantic loss.  Cancel
     (an exception from ``progress`` or the model): ``on_cancel`` gets the best seeds so far, then
-    the exception propagates.
+    the exception propagates.  With ``cfg.output_dir`` the run's states are written there (the
+    exception then carries the last one as ``likeness_state``) and ``cfg.resume`` continues one.
     """
     check_config(cfg)
     _check_references(references)
@@ -511,38 +645,51 @@ def train_seedselect(model: SeedModel, vision: ImageEncoder, references: torch.T
         _check_references(o, f"references of other concept {i + 1}")
     shape = latent_shape(model, cfg.width, cfg.height)
     sigmas = schedule(model, cfg)
+    spec = _state_spec(model, cfg, references, others, sigmas)
     t0 = time.perf_counter()
     targets = _targets(model, vision, references, others, cfg)
     objective = _Objective(model, vision, sigmas, cfg)
-    z0, start_loss = _start(model, objective, targets, sigmas, shape, cfg)
+    session = _resumed(spec, cfg) or _Session(*_start(model, objective, targets, sigmas, shape, cfg), spec)
     opt_cfg = cfg.optimise_cfg if cfg.optimise_cfg is not None else cfg.cfg
-    total = cfg.iterations + (cfg.num_seeds - 1) * cfg.bootstrap_iterations
-    report = _Reporter(progress, total, on_point)
-    runs: list[_RunState] = []
+    report = _Reporter(progress, total_iterations(cfg), on_point)
+    runs = session.runs
     try:
-        model.run(sigmas, opt_cfg, lambda den: _all_runs(objective, den, z0, targets, cfg, report, t0, runs), shape)
-    except BaseException:
+        with run_state.owned(spec):  # the name is this run's until it ends, across its loop runs
+            model.run(sigmas, opt_cfg, lambda den: _all_runs(objective, den, session, targets, cfg, report, t0), shape)
+    except BaseException as exc:
+        with contextlib.suppress(AttributeError):
+            exc.likeness_state = _last_state(spec)
         if on_cancel is not None and runs and runs[0].best_z is not None:
-            on_cancel(_result(model, objective, sigmas, cfg, opt_cfg, runs, start_loss, t0, cancelled=True))
+            on_cancel(_result(model, objective, sigmas, cfg, opt_cfg, session, t0, cancelled=True))
         raise
-    return _result(model, objective, sigmas, cfg, opt_cfg, runs, start_loss, t0)
+    return _result(model, objective, sigmas, cfg, opt_cfg, session, t0)
 
 
-def _all_runs(objective, denoiser, z0, targets: _Targets, cfg, report, t0, runs: list) -> None:
-    emb, lat = targets.centroids()
-    runs.append(_RunState())
-    _optimise(objective, denoiser, z0, (emb, lat, targets.others), iterations=cfg.iterations, cfg=cfg,
-              report=report, t0=t0, state=runs[0])
-    for idx in _subsets(len(targets.embeds), cfg.num_seeds - 1, cfg.seed):
+def _last_state(spec: run_state.StateSpec | None) -> Path | None:
+    states = run_state.list_states(spec.folder, spec.name) if spec is not None else []
+    return states[-1] if states else None
+
+
+def _all_runs(objective, denoiser, session: _Session, targets: _Targets, cfg, report, t0) -> None:
+    """The main run, then the bootstrap runs from its best seed; a resumed session redraws the
+    chart of the runs it had finished and continues the one under way."""
+    subsets = [None] + _subsets(len(targets.embeds), cfg.num_seeds - 1, cfg.seed)
+    for run, idx in enumerate(subsets):
+        if run < session.resume_run:
+            for value in session.runs[run].chart:
+                report(value, None)
+            continue
+        if run >= len(session.runs):
+            session.runs.append(_RunState())
         e, l = targets.centroids(idx)
-        runs.append(_RunState())
-        _optimise(objective, denoiser, runs[0].best_z, (e, l, targets.others),
-                  iterations=cfg.bootstrap_iterations, cfg=cfg, report=report, t0=t0, state=runs[-1],
-                  skip_start=True)
+        _optimise(objective, denoiser, session.z0 if run == 0 else session.runs[0].best_z, (e, l, targets.others),
+                  iterations=cfg.iterations if run == 0 else cfg.bootstrap_iterations, cfg=cfg, report=report,
+                  t0=t0, session=session, run=run)
 
 
-def _result(model, objective, sigmas, cfg, opt_cfg, runs: list[_RunState], start_loss, t0,
+def _result(model, objective, sigmas, cfg, opt_cfg, session: _Session, t0,
             cancelled: bool = False) -> SeedSelectResult:
+    runs, start_loss = session.runs, session.start_loss
     done = [r for r in runs if r.best_z is not None]
     noise = torch.cat([r.best_z for r in done])
     if opt_cfg == cfg.cfg or cancelled:
@@ -561,7 +708,9 @@ def _result(model, objective, sigmas, cfg, opt_cfg, runs: list[_RunState], start
         best_loss=main.best_loss, best_iteration=main.best_iteration, iterations_done=sum(r.iterations for r in runs),
         seconds=time.perf_counter() - t0, iterations_to_target=main.to_target,
         seconds_to_target=main.seconds_to_target, skipped_steps=sum(r.skipped for r in runs),
-        cancelled=cancelled, seed_losses=[r.best_loss for r in done])
+        cancelled=cancelled, seed_losses=[r.best_loss for r in done],
+        resumed_from=session.resumed_from,
+        state_path=_last_state(session.spec))
 
 
 def render(model: SeedModel, noise: torch.Tensor, sigmas: torch.Tensor, sampler: str, cfg: float) -> torch.Tensor:

@@ -3,7 +3,7 @@
 // A long-running node sends a "likeness.progress" websocket event each step:
 //   {node: "<unique id>", type (the node's class), step, total, loss (null for a skipped step),
 //    elapsed (seconds since the run started), prompt_id, and - when evaluations (best step) finished
-//    since the last event - metrics: [{step, "CLIP-I", DINO, "CLIP-T", diversity, combined, seconds}]}.
+//    since the last event - metrics: [{step, "CLIP-I", DINO, "CLIP-T", "CLIP-T margin", diversity, combined, seconds}]}.
 // The metrics are drawn as a second panel under the loss, one curve per metric (each on its own
 // range, the colours of trainers/best_step.py's CURVES), the best combined score marked; SeedSelect
 // sends {step, "CLIP distance"} every iteration, its distance to the references in CLIP space.

@@ -1,11 +1,11 @@
 """Is the best-step pick worth trusting?  In the shapes world the classifier is the ground truth:
 DreamBooth (LoRA, full) trains on a new concept long enough to overfit, with best step on
 (``trainers/best_step.py``, the world classifier's embedding as the image encoder, as SeedSelect's
-quality row does), and at every evaluation the same snapshot is also read by the classifier on the
+quality row does, and its text tower ``world/text_tower.py`` for CLIP-T), and at every evaluation the same snapshot is also read by the classifier on the
 quality benchmark's held-out prompts.
 
-Per snapshot: the metrics (feature similarity = CLIP-I's counterpart, diversity, the combined
-score that picks) next to the classifier's concept probability and prompt fidelity, and the
+Per snapshot: the metrics (feature similarity = CLIP-I's counterpart, CLIP-T, diversity, the
+combined score that picks) next to the classifier's concept probability and prompt fidelity, and the
 classifier's combined measure sqrt(concept probability x prompt fidelity) - the same geometric
 mean the metrics' combined score is, on the ground truth.  Reported: the pick, whether it scores at
 least as well as the last step on the classifier's measure, Spearman's rho between the metrics'
@@ -26,6 +26,7 @@ from . import metrics as MET
 from . import render as R
 from .quality import CONCEPTS, concept_caption, references, sample_prompts, test_scenes
 from .quality_seedselect import WorldImageEncoder
+from .text_tower import WorldTextEncoder, class_noun
 
 MARK_START = "<!-- likeness-bench-best-step:start -->"
 MARK_END = "<!-- likeness-bench-best-step:end -->"
@@ -94,12 +95,15 @@ def spearman(a: list[float], b: list[float]) -> float:
 def _config(concept: str, mode: str, out_dir: Path, opts: dict, refs):
     from ..trainers.dreambooth import DreamBoothConfig
 
-    word = CONCEPTS[concept]["word"]
-    evals = [concept_caption(s, concept, word) for s in test_scenes(concept, opts.get("eval_prompts", 4), EVAL_SEED)]
+    word, noun = CONCEPTS[concept]["word"], class_noun(concept)
+    evals = [concept_caption(s, concept, word) for s in test_scenes(concept, opts.get("eval_prompts", 8), EVAL_SEED)]
     lr = opts.get("lora_lr", 3e-3) if mode == "lora" else opts.get("full_lr", 3e-4)
     extra = dict(rank=8, targets="transformer") if mode == "lora" else dict(optimizer="adafactor")
+    # the class prompt only names the class noun for CLIP-T (prior weight 0: no prior preservation,
+    # the world has no class images)
     return DreamBoothConfig(
         name=f"{word}-{mode}", output_dir=out_dir, instance_prompt=refs.captions(word)[0], mode=mode,
+        class_prompt=refs.captions(noun)[0], prior_weight=0.0,
         prompts="captions", batch_size=opts.get("batch", 4), seed=opts.get("seed", 0), flip=False, save_every=0,
         preview_every=0, overwrite=True, steps=opts["steps"], learning_rate=lr, eval_every=opts["eval_every"],
         eval_prompts="\n".join(evals), eval_steps=opts.get("sample_steps", 15), preview_cfg=4.0, **extra)
@@ -126,12 +130,14 @@ def run_mode(host, concept: str, mode: str, out_dir: Path, opts: dict, log=print
         run.truth_s += time.perf_counter() - t0
         run.snapshots.append(Snapshot(point.step, point.as_dict(), truth))
         log(f"[{concept} {mode}] step {point.step}: combined {point.score:.4f} (feature {point.clip_i:.3f}, "
-            f"diversity {point.diversity:.3f}) | classifier: concept prob {truth['concept_probability']:.3f}, "
+            f"CLIP-T {point.clip_t:.3f}, margin {point.clip_t_margin:.3f}, diversity {point.diversity:.3f}) | classifier: concept prob {truth['concept_probability']:.3f}, "
             f"prompt fidelity {truth['prompt_fidelity']:.3f}")
 
     data = D.images_from_batch(refs.images_model, refs.captions(word))
     cfg = _config(concept, mode, out_dir, opts, refs)
-    res = train_dreambooth(host, data, cfg, encoders=Encoders(WorldImageEncoder()), on_point=on_point)
+    image = WorldImageEncoder()
+    encoders = Encoders(image, text=WorldTextEncoder(image))
+    res = train_dreambooth(host, data, cfg, encoders=encoders, on_point=on_point)
     ev = res.evaluation
     run.best_step, run.eval_s = ev.best.step, ev.seconds
     run.train_s = res.seconds - ev.seconds - run.truth_s
@@ -160,17 +166,23 @@ def render_markdown(runs: list[Run], command: str) -> str:
                   f"classifier's measure: **{'yes' if r.pick_holds else 'no'}**; Spearman's rho (metrics' combined "
                   f"score vs the classifier's) **{r.rho:.2f}**; training {r.train_s:.0f} s, best-step evaluation "
                   f"{r.eval_s:.0f} s ({100 * r.eval_s / max(1e-9, r.train_s):.0f} % added).", "",
-                  "| step | feature sim. | diversity | combined (picks) | concept fidelity | concept prob. | "
-                  "prompt fidelity | classifier combined |", "|---|---|---|---|---|---|---|---|"]
+                  "| step | feature sim. | CLIP-T | CLIP-T margin | diversity | combined (picks) | concept fidelity | "
+                  "concept prob. | prompt fidelity | classifier combined |", "|---|---|---|---|---|---|---|---|---|---|"]
         for s in r.snapshots:
             mark = " ←" if s.step == r.best_step else ""
             m, t = s.metrics, s.truth
-            lines.append(f"| {s.step}{mark} | {m['CLIP-I']:.3f} | {m['diversity']:.3f} | {m['combined']:.4f} | "
+            lines.append(f"| {s.step}{mark} | {m['CLIP-I']:.3f} | {_num(m.get('CLIP-T'))} | {_num(m.get('CLIP-T margin'))} | "
+                         f"{m['diversity']:.3f} | "
+                         f"{m['combined']:.4f} | "
                          f"{t['concept_fidelity']:.2f} | {t['concept_probability']:.3f} | {t['prompt_fidelity']:.3f} | "
                          f"{s.truth_score:.4f} |")
         lines.append("")
     lines.append(MARK_END)
     return "\n".join(lines)
+
+
+def _num(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def write_markdown(path, runs: list[Run], command: str) -> None:

@@ -17,11 +17,15 @@ import torch
 from . import classifier as C
 from .model import RESOLUTION
 from .quality import Learned, References, register
+from .text_tower import TOWER
 
 
 class WorldImageEncoder:
     """``trainers.image_encoder.ImageEncoder`` over the world classifier's 128-d embedding (the
-    pre-activation layer ``metrics.embed`` reads), differentiable in the pixels."""
+    pre-activation layer ``metrics.embed`` reads), differentiable in the pixels.  Its text tower
+    (CLIP-T in the world) is ``world.text_tower.WorldTextEncoder``, which carries the same tag."""
+
+    tower = TOWER
 
     def __init__(self, model=None):
         self.model = (model or C.load_classifier()).eval()

@@ -29,6 +29,7 @@ import torch
 import comfy.model_management
 import comfy.samplers
 
+from ...trainers import run_state
 from ...trainers.image_encoder import CLIP_MEAN, CLIP_STD, clip_pixels
 from .detection import check_vae, model_facts
 from .patching import add_identity_wrappers, out_of_place_clip_layers
@@ -96,6 +97,10 @@ class ComfySeedModel:
         self.latent_channels, self.latent_scale = facts.latent_channels, facts.latent_scale
         self.latent_multiple = facts.latent_multiple
         self.positive, self.negative = positive, negative if negative is not None else []
+        # what names the model in a run state: the file ComfyUI loaded it from, its LoRA patches
+        init = getattr(model, "cached_patcher_init", None)
+        self._source = repr(init[1][0]) if init and init[1] else ""
+        self._patches = sorted((k, repr([(p[0], p[2]) for p in v])) for k, v in model.patches.items())
         self._model = model.clone()
         add_identity_wrappers(self._model)
         self._codec = ComfyVAE(vae, self._model.model, self.device)
@@ -115,6 +120,14 @@ class ComfySeedModel:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self._codec.decode(latents, differentiable=True)
 
+    def identity(self) -> str:
+        """The model and the prompts for a run state's fingerprint: the checkpoint file, the family,
+        the patches (a LoRA's keys and strengths), and the conditioning tensors themselves."""
+        parts = [f"{self.family}|{self.prediction}|{self._source}".encode()]
+        parts += [f"{k}={v}".encode() for k, v in self._patches]
+        parts += [b for c in (self.positive, self.negative) for b in _conditioning_bytes(c)]
+        return run_state.digest(parts)
+
     def run(self, sigmas, cfg, fn, shape=None):
         guider = comfy.samplers.CFGGuider(self._model)
         guider.set_conds(self.positive, self.negative)
@@ -125,6 +138,23 @@ class ComfySeedModel:
             sigmas = sigmas.detach().float().cpu().clone()
             guider.sample(latent.clone(), latent, sampler, sigmas, disable_pbar=True, seed=0)
         return sampler.result
+
+
+def _conditioning_bytes(conditioning):
+    """The tensors and plain options of a CONDITIONING (``[[tensor, {pooled_output, ...}], ...]``);
+    objects (ControlNets, hooks) are left out: their repr would differ between two sessions."""
+    def data(t):
+        return t.detach().float().cpu().contiguous().numpy().tobytes()
+
+    for item in conditioning or []:
+        yield data(item[0])
+        extra = item[1] if len(item) > 1 and isinstance(item[1], dict) else {}
+        for k in sorted(extra):
+            v = extra[k]
+            if torch.is_tensor(v):
+                yield k.encode() + data(v)
+            elif isinstance(v, (bool, int, float, str)):
+                yield f"{k}={v!r}".encode()
 
 
 #: what each CLIP_VISION kind is, for messages (``model_type`` in ComfyUI's config)

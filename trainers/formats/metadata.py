@@ -164,6 +164,17 @@ def lora_metadata(layers: Mapping[str, object], name: str, family: str, *, predi
     return meta
 
 
+def trained_steps(meta: Mapping[str, str]) -> int:
+    """How many steps a file says it was trained for (kohya's ``ss_steps``, our ``likeness.step``,
+    A1111's ``step``); 0 when it does not say: a run continuing the file counts on from it."""
+    for key in ("ss_steps", "likeness.step", "step"):
+        try:
+            return max(0, int(float(meta.get(key, ""))))
+        except (TypeError, ValueError, OverflowError):
+            continue
+    return 0
+
+
 def addnet_hash(data: bytes) -> str:
     """sha256 of a safetensors file's bytes after its header: kohya's ``sshs_model_hash`` and
     A1111's ``hashes.addnet_hash_safetensors`` (what A1111 shows and matches LoRAs by)."""
@@ -194,5 +205,5 @@ def with_model_hash(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]
     return bytes(data)
 
 
-__all__ = ["SS_KEYS", "SGM", "modelspec", "embedding_metadata", "lora_metadata", "addnet_hash",
+__all__ = ["SS_KEYS", "SGM", "modelspec", "embedding_metadata", "lora_metadata", "trained_steps", "addnet_hash",
            "with_model_hash"]
