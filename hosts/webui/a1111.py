@@ -110,6 +110,8 @@ class A1111Host:
             raise ValueError("Likeness cannot train while AUTOMATIC1111 runs with --medvram or --lowvram (the "
                              "WebUI moves the model's weights between devices during every step). Restart it "
                              "without them, or train in Stable Diffusion WebUI Forge or with the `likeness` CLI.")
+        if getattr(model, "parameterization", None) not in ("eps", "v"):
+            raise ValueError(f"Likeness trains eps and v models; this one predicts {model.parameterization!r}")
         self._model, self._wrapper = model, model.cond_stage_model
         self._base = dict(deltas or {})
         self._denoiser = (kdiff.CompVisVDenoiser if model.parameterization == "v" else kdiff.CompVisDenoiser)(model)
@@ -140,14 +142,15 @@ class A1111Host:
     def _weights(self, part: str):
         """The weights of ``part`` as they compute now: the stored ones read through this host's
         deltas, then through the active patches."""
-        root = self._roots[part]
-        fns = {}
-        for name in set(self._base) | set(self._fns):
-            if not any(name.startswith(p) for p in self._prefixes(part)):
-                continue
-            d, f = self._base.get(name), self._fns.get(name)
-            fns[name] = (lambda w, d=d, f=f: (f or (lambda t: t))(w if d is None else w + d.to(w.device, w.dtype)))
-        return common.substituted_weights(root, fns)
+        def through(delta, patch):
+            def read(w):
+                w = w if delta is None else w + delta.to(w.device, w.dtype)
+                return w if patch is None else patch(w)
+            return read
+
+        names = [n for n in set(self._base) | set(self._fns) if n.startswith(self._prefixes(part))]
+        fns = {n: through(self._base.get(n), self._fns.get(n)) for n in names}
+        return common.substituted_weights(self._roots[part], fns)
 
     def _prefixes(self, part: str) -> tuple[str, ...]:
         return (self.naming.unet_prefix,) if part == "unet" else (self.naming.encoder_prefixes[part],)
