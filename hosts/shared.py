@@ -1,5 +1,6 @@
 """What more than one host does the same way, whatever program loaded the model: checking a
-placeholder's vectors against the text encoders, recomputing an LDM ``UNetModel``'s blocks in
+placeholder's vectors against the text encoders, prompts and images, broadcasting a batch's noise
+levels and context, recomputing an LDM ``UNetModel``'s blocks in
 backward (ComfyUI and both WebUIs keep that layout: ``input_blocks``, ``middle_block``,
 ``output_blocks``), and putting a saved checkpoint's untrained tensors back as the source file had
 them.  Torch and safetensors only."""
@@ -28,6 +29,35 @@ def check_vectors(encoders: Sequence, vectors: dict[str, torch.Tensor]) -> dict[
             raise ValueError(f"vectors[{enc.key!r}] must be [n, {enc.width}], got {tuple(v.shape)}")
         out[enc.key] = v
     return out
+
+
+def check_prompts(prompts, meta=None) -> list[str]:
+    """``prompts`` as a non-empty list (one string is one prompt), with ``meta`` (one
+    ``seam.ImageMeta`` per prompt) when given; ``ValueError`` otherwise."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise ValueError("encode_text needs at least one prompt")
+    if meta is not None and len(meta) != len(prompts):
+        raise ValueError(f"{len(meta)} size entries for {len(prompts)} prompts")
+    return prompts
+
+
+def check_images(images: torch.Tensor, factor: int) -> None:
+    """``images`` must be ``[B, H, W, 3+]`` with sides a multiple of the VAE's ``factor``."""
+    if images.ndim != 4 or images.shape[-1] < 3:
+        raise ValueError(f"images must be [B, H, W, 3], got {tuple(images.shape)}")
+    if images.shape[1] % factor or images.shape[2] % factor:
+        raise ValueError(f"image size {images.shape[2]}x{images.shape[1]} is not a multiple of {factor}")
+
+
+def per_sample(x: torch.Tensor, sigma, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sigma [B] float32, context [B, T, C])`` for a batch ``x``: a scalar sigma and a one-row
+    context are broadcast to every sample (the seam lets callers pass either)."""
+    sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32).reshape(-1)
+    sigma = sigma.expand(x.shape[0]) if sigma.numel() == 1 else sigma
+    if context.shape[0] != x.shape[0]:
+        context = context.expand(x.shape[0], -1, -1)
+    return sigma, context
 
 
 def keep_source_tensors(written: Path, source: Path | None) -> int:
@@ -83,4 +113,4 @@ def checkpointed_forwards(blocks: Sequence[torch.nn.Module]) -> Iterator[None]:
             b.__dict__.pop("forward", None)
 
 
-__all__ = ["check_vectors", "unet_blocks", "checkpointed_forwards"]
+__all__ = ["check_vectors", "check_prompts", "check_images", "per_sample", "unet_blocks", "checkpointed_forwards"]

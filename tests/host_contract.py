@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -169,6 +170,37 @@ class ForgeAdapter(ComfyAdapter):
             setattr(args, flag, False)
 
 
+class A1111Adapter(ComfyAdapter):
+    """The AUTOMATIC1111 host on models A1111's own loader built from the tiny checkpoints (marker
+    ``webui``; skipped without ``WEBUI_PATH``).  A1111 names parameters as ComfyUI does; it runs in
+    fp32 on the CPU (``--no-half``), so the low-precision cases skip."""
+
+    node = staticmethod(torch.no_grad)  # A1111 generates under no_grad (processing.process_images)
+    decode_atol = 0.0
+
+    @staticmethod
+    def raw(host, x_in: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+        with host._weights("unet"):
+            return host._model.model.diffusion_model(x_in, t.float(), context=cond["crossattn"]).float()
+
+    @staticmethod
+    def as_host(result, like) -> Host:
+        return result  # with_lora / with_deltas return a new A1111Host
+
+    @staticmethod
+    def in_dtype(c: "Case", host, dtype: torch.dtype) -> Host:
+        return host  # the process's A1111 computes in fp32: the test skips
+
+    @staticmethod
+    def reload(path, like, workdir) -> Host:
+        from support import a1111_runtime
+
+        from likeness.hosts.webui.a1111 import A1111Host
+
+        root = a1111_runtime.webui_path()
+        return A1111Host(a1111_runtime.load_model(a1111_runtime.with_config(path, root, "sd15")))
+
+
 @dataclass(frozen=True)
 class Case:
     id: str
@@ -197,6 +229,7 @@ CASES = [
     Case("forge-sd1", "forge_hosts:sd15", "sd1", "eps", ForgeAdapter, webui=True),
     Case("forge-sd2", "forge_hosts:sd2", "sd2", "eps", ForgeAdapter, webui=True),
     Case("forge-sdxl", "forge_hosts:sdxl", "sdxl", "eps", ForgeAdapter, webui=True),
+    Case("a1111-sd1", "a1111_hosts:sd15", "sd1", "eps", A1111Adapter, webui=True),
 ]
 
 
@@ -220,6 +253,18 @@ def comfy_hosts(comfy_root):
     return get
 
 
+def _built(make: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``make(arch)`` once per arch, kept."""
+    built = {}
+
+    def get(arch: str):
+        if arch not in built:
+            built[arch] = make(arch)
+        return built[arch]
+
+    return get
+
+
 @pytest.fixture(scope="module")
 def forge_hosts():
     """ForgeHosts over engines Forge's loader built from the tiny checkpoints, by arch, each built
@@ -229,17 +274,25 @@ def forge_hosts():
     root = forge_runtime.forge_path()
     if root is None:
         pytest.skip("FORGE_PATH is not set to a Stable Diffusion WebUI Forge checkout (tests/support/get_webui.sh)")
+    if "modules.sd_hijack" in sys.modules:
+        pytest.skip("AUTOMATIC1111 is loaded in this process; run the Forge cases on their own (-k forge)")
     forge_runtime.import_forge(root)
     from likeness.hosts.webui.forge import ForgeHost
 
-    built = {}
+    return _built(lambda arch: ForgeHost(forge_runtime.load_tiny(arch)))
 
-    def get(arch: str):
-        if arch not in built:
-            built[arch] = ForgeHost(forge_runtime.load_tiny(arch))
-        return built[arch]
 
-    return get
+@pytest.fixture(scope="module")
+def a1111_hosts():
+    """A1111Hosts over models AUTOMATIC1111's loader built from the tiny checkpoints, by arch, each
+    built on first use and kept for the module.  A1111 and Forge both name their package
+    ``modules``: one WebUI per process."""
+    from support import a1111_runtime
+
+    root = a1111_runtime.in_this_process()
+    from likeness.hosts.webui.a1111 import A1111Host
+
+    return _built(lambda arch: A1111Host(a1111_runtime.load_tiny(root, arch)))
 
 
 @pytest.fixture(params=[c.param() for c in CASES])

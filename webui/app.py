@@ -1,8 +1,9 @@
 """The running WebUI, as the run manager needs it (``runs.WebUIContext``): imported only inside a
 WebUI process (``modules.shared`` is the WebUI's own).
 
-Forge keeps the model as ``shared.sd_model.forge_objects``: runs train through the Forge host.  In
-AUTOMATIC1111 the tab loads, but a run stops at once with a message: its host is not built yet.
+Forge keeps the model as ``shared.sd_model.forge_objects``: runs train through the Forge host.
+AUTOMATIC1111 keeps one hijacked LDM model (``shared.sd_model``): runs train through the A1111 host
+(SD1.x; another family stops at once with a message saying where to train it).
 """
 from __future__ import annotations
 
@@ -30,10 +31,21 @@ def _model():
     return model
 
 
+def _a1111_model():
+    from modules import shared
+
+    model = shared.sd_model  # A1111 loads the selected checkpoint on first access
+    if model is None or not hasattr(model, "cond_stage_model"):
+        raise ValueError("No Stable Diffusion checkpoint is loaded: pick one in the checkpoint list at the top "
+                         "of the page, then start again.")
+    return model
+
+
 def _make_host():
     if not is_forge():
-        raise ValueError("This version of Likeness trains inside Stable Diffusion WebUI Forge; AUTOMATIC1111 is "
-                         "not supported yet. Use the `likeness` command line on your checkpoint meanwhile.")
+        from ..hosts.webui.a1111 import A1111Host
+
+        return A1111Host(_a1111_model())
     from ..hosts.webui.forge import ForgeHost
 
     return ForgeHost(_model())
@@ -46,12 +58,17 @@ def _text_engines(model) -> list:
 
 def refresh(kind: str) -> None:
     """The WebUI's lists after a new file: the loaded model's embedding databases and the Textual
-    Inversion page (as Forge's own API does after it writes an embedding), or the LoRA list."""
+    Inversion page (as Forge's own API does after it writes an embedding; A1111's page reads its one
+    database), or the LoRA list (the built-in LoRA extension's, in both)."""
     from modules import shared
 
     if kind == "seed":
         return  # the txt2img section lists the folder when its Refresh is pressed
-    if kind == "embedding":
+    if kind == "embedding" and not is_forge():  # A1111: one database, on the hijack
+        from modules import sd_hijack
+
+        sd_hijack.model_hijack.embedding_db.load_textual_inversion_embeddings(force_reload=True)
+    elif kind == "embedding":
         for engine in _text_engines(shared.sd_model):
             engine.embeddings.load_textual_inversion_embeddings()
         import modules.ui_extra_networks_textual_inversion as ti_page

@@ -113,7 +113,11 @@ def build(manager: RunManager):
         fields[1].change(dataset_summary, inputs=[fields[1]], outputs=[found])
         start.click(lambda m, *v: _start(manager, m, v), inputs=[method, *fields], outputs=[run_id, status])
         cancel.click(lambda r: _status(manager.cancel(r)) if r else "No run.", inputs=[run_id], outputs=[status])
-        gr.Timer(1.0).tick(lambda r: poll_view(manager, r), inputs=[run_id], outputs=[status, chart, preview, result])
+        poll = (lambda r: poll_view(manager, r)), [run_id], [status, chart, preview, result]
+        if hasattr(gr, "Timer"):  # gradio 4 (Forge)
+            gr.Timer(1.0).tick(*poll)
+        else:  # gradio 3 (AUTOMATIC1111): a periodic load event
+            tab.load(*poll, every=1.0)
     return [(tab, "Likeness", "likeness")]
 
 

@@ -40,7 +40,7 @@ from ...trainers.families import FAMILIES
 from ...trainers.formats.files import atomic_path
 from ...trainers.formats.unet_names import unet_layout_of
 from ...trainers.seam import ImageMeta, ModelInfo, ParameterNaming, TextEncoderInfo
-from ..shared import check_vectors, checkpointed_forwards, unet_blocks
+from ..shared import check_images, check_prompts, check_vectors, checkpointed_forwards, per_sample, unet_blocks
 from . import common
 
 
@@ -156,11 +156,7 @@ class ForgeHost:
     def encode_text(self, prompts: Sequence[str], placeholder: str | None = None,
                     vectors: dict[str, torch.Tensor] | None = None,
                     meta: Sequence[ImageMeta] | None = None) -> dict[str, Any]:
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompts:
-            raise ValueError("encode_text needs at least one prompt")
-        if meta is not None and len(meta) != len(prompts):
-            raise ValueError(f"{len(meta)} size entries for {len(prompts)} prompts")
+        prompts = check_prompts(prompts, meta)
         extra = None
         if placeholder and vectors is not None:
             extra = _Vectors(placeholder, check_vectors(self._encoders, vectors))
@@ -192,11 +188,7 @@ class ForgeHost:
         return self._unet.model.predictor.sigmas.detach().to(self.device, torch.float32).clone()
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        if images.ndim != 4 or images.shape[-1] < 3:
-            raise ValueError(f"images must be [B, H, W, 3], got {tuple(images.shape)}")
-        f = self.latent_scale
-        if images.shape[1] % f or images.shape[2] % f:
-            raise ValueError(f"image size {images.shape[2]}x{images.shape[1]} is not a multiple of {f}")
+        check_images(images, self.latent_scale)
         with torch.inference_mode(False), torch.no_grad():
             z = self._vae.encode(images[..., :3].float())
             return self._vae.first_stage_model.process_in(z).to(self.device, torch.float32).clone()
@@ -214,11 +206,7 @@ class ForgeHost:
     # ------------------------------------------------------------------ denoiser
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict) -> torch.Tensor:
         with torch.inference_mode(False):
-            sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32).reshape(-1)
-            sigma = sigma.expand(x.shape[0]) if sigma.numel() == 1 else sigma
-            context = cond["crossattn"]
-            if context.shape[0] != x.shape[0]:
-                context = context.expand(x.shape[0], -1, -1)
+            sigma, context = per_sample(x, sigma, cond["crossattn"])
             kwargs = {"c_crossattn": context}
             if self.info.family == "sdxl":
                 kwargs["y"] = self._size_vector(cond, x)

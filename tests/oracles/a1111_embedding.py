@@ -4,6 +4,8 @@ re-implemented from its source."""
 from __future__ import annotations
 
 import os
+import re
+import zipfile
 
 import safetensors.torch
 import torch
@@ -11,6 +13,8 @@ import torch
 # A1111's EmbeddingDatabase.expected_shape: width of encode_embedding_init_text(",", 1);
 # SDXL concatenates both encoders (1280 + 768).
 A1111_EXPECTED_SHAPE = {"sd1": 768, "sd2": 1024, "sdxl": 2048}
+# modules/safe.py's allowed_zip_names_re (v1.10.1)
+A1111_ZIP_NAMES = re.compile(r"^([^/]+)/((data/\d+)|version|byteorder|.data/serialization_id|(data\.pkl))$")
 
 
 def a1111_load_from_file(path, filename):
@@ -18,7 +22,12 @@ def a1111_load_from_file(path, filename):
     ext = ext.upper()
     if ext in (".BIN", ".PT"):
         # A1111 calls torch.load through modules/safe.py's restricted unpickler (tensors, dicts,
-        # OrderedDict and a few torch classes); weights_only=True is today's equivalent.
+        # OrderedDict and a few torch classes); weights_only=True is today's equivalent.  Before
+        # unpickling, safe.py refuses a zip holding any entry its allow-list does not name.
+        with zipfile.ZipFile(path) as z:
+            for entry in z.namelist():
+                if not A1111_ZIP_NAMES.match(entry):
+                    raise Exception(f"bad file inside {path}: {entry}")
         data = torch.load(path, map_location="cpu", weights_only=True)
     elif ext == ".SAFETENSORS":
         data = safetensors.torch.load_file(path, device="cpu")

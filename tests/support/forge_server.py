@@ -6,6 +6,7 @@ writes lies below that folder.  The log goes to ``data/server.log``; it is stopp
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -34,24 +35,28 @@ class ForgeServer:
             link(ckpt, self.data / "models" / "Stable-diffusion" / ckpt.name)
         link(REPO, self.data / "extensions" / "likeness")
 
+    def command(self) -> list[str]:
+        return [sys.executable, "launch.py", "--skip-prepare-environment", "--skip-install", "--always-cpu",
+                "--api", "--port", str(self.port), "--data-dir", str(self.data), "--no-download-sd-model",
+                "--skip-version-check", "--ckpt", str(self.data / "models" / "Stable-diffusion" / self.checkpoint.name)]
+
     def start(self, timeout: float = 900) -> "ForgeServer":
         self._layout()
-        cmd = [sys.executable, "launch.py", "--skip-prepare-environment", "--skip-install", "--always-cpu",
-               "--api", "--port", str(self.port), "--data-dir", str(self.data), "--no-download-sd-model",
-               "--skip-version-check", "--ckpt", str(self.data / "models" / "Stable-diffusion" / self.checkpoint.name)]
         log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, cwd=self.root, stdout=log, stderr=subprocess.STDOUT)
+        # no bytecode written into the checkouts (this one is linked as the extension)
+        env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+        self.proc = subprocess.Popen(self.command(), cwd=self.root, stdout=log, stderr=subprocess.STDOUT, env=env)
         t0 = time.time()
         while time.time() - t0 < timeout:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"Forge exited ({self.proc.returncode}):\n{self.log()[-4000:]}")
+                raise RuntimeError(f"{type(self).__name__} exited ({self.proc.returncode}):\n{self.log()[-4000:]}")
             if self._ready():
                 # Live previews of an SDXL generation fetch a preview decoder on first use; this
                 # machine is offline, and the previews are not what the tests look at
                 self.post("/sdapi/v1/options", {"live_previews_enable": False})
                 return self
             time.sleep(2)
-        raise RuntimeError(f"Forge did not answer in {timeout} s:\n{self.log()[-4000:]}")
+        raise RuntimeError(f"{type(self).__name__} did not answer in {timeout} s:\n{self.log()[-4000:]}")
 
     def _ready(self) -> bool:
         """The extension's routes answer (they are added after the server starts listening)."""

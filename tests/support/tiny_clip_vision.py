@@ -58,5 +58,7 @@ def hf_folder(folder: Path, seed: int = 0) -> Path:
     cfg = CLIPVisionConfig(**{k: v for k, v in CONFIG.items() if k != "model_type"})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        CLIPVisionModelWithProjection(cfg).save_pretrained(folder)
+        # safetensors whatever the transformers version's default: AUTOMATIC1111 replaces torch.load
+        # by its safe unpickler, which refuses a .bin written by a newer torch
+        CLIPVisionModelWithProjection(cfg).save_pretrained(folder, safe_serialization=True)
     return Path(folder)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import re
+import zipfile
 from pathlib import Path
 from typing import Mapping
 
@@ -94,7 +96,22 @@ def _a1111_pt_bytes(name: str, vec: torch.Tensor, step: int, info: ModelInfo) ->
         "sd_checkpoint": info.hash,
         "sd_checkpoint_name": info.name,
     }, buf)
-    return buf.getvalue()
+    return _a1111_safe_zip(buf.getvalue())
+
+
+#: the entries of a torch zip that A1111's safe unpickler (``modules/safe.py``) accepts; newer torch
+#: also writes ``.format_version`` and ``.storage_alignment``, and A1111 then refuses the whole file
+_A1111_ZIP_NAMES = re.compile(r"^[^/]+/(data\.pkl|data/\d+|version|byteorder|\.data/serialization_id)$")
+
+
+def _a1111_safe_zip(data: bytes) -> bytes:
+    """``data`` (a ``torch.save`` zip) with only the entries A1111 accepts; torch reads it the same."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(data)) as src, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as dst:
+        for entry in src.infolist():
+            if _A1111_ZIP_NAMES.match(entry.filename):
+                dst.writestr(entry, src.read(entry.filename))
+    return out.getvalue()
 
 
 def save_embedding(folder: str | os.PathLike, name: str, vectors: Mapping[str, torch.Tensor],
