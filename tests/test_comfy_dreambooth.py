@@ -236,3 +236,23 @@ def test_an_untrained_checkpoint_is_written_back_bit_identical_to_its_file(tmp_p
     trained = load_file(str(host.save_checkpoint(tmp_path / "one.safetensors", {name: torch.full_like(w, 0.5)})))
     changed = [k for k in same if not torch.equal(trained[k].to(src[k].dtype), src[k])]
     assert len(changed) == 1 and changed[0].endswith(name.rsplit(".", 3)[-3] + ".to_k.weight"), changed
+
+
+def test_lora_node_continues_from_a_lora_file_in_the_loras_folder(node_classes, folders, sd1):
+    """"Train 2 more steps on what I have": init_lora names a file LoraLoader lists; the new file has
+    the old one's layers and rank (not the node's rank input), and its step count continues."""
+    from safetensors import safe_open
+
+    lora = node_classes["LikenessTrainDreamBoothLoRA"]
+    first = dict(LORA_EXTRA, rank=2, train_text_encoder=False)
+    _run(lora, **_inputs(sd1, 64, name="lkbase", prior_weight=0.0, class_prompt="", **first))
+    out = _run(lora, **_inputs(sd1, 64, name="lkmore", prior_weight=0.0, class_prompt="",
+                               **dict(first, rank=8), init_lora="lkbase.safetensors"))
+    assert out.result[2] == "lkmore.safetensors"
+    with safe_open(str(folders["loras"] / "lkbase.safetensors"), "pt") as a, \
+            safe_open(str(folders["loras"] / "lkmore.safetensors"), "pt") as b:
+        assert set(a.keys()) == set(b.keys())
+        downs = [k for k in b.keys() if k.endswith("lora_down.weight")]
+        assert downs and all(b.get_tensor(k).shape[0] == 2 for k in downs)  # the file's rank, not 8
+        assert any(not torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in downs)  # trained on
+        assert int(b.metadata()["ss_steps"]) == int(a.metadata()["ss_steps"]) + 2
