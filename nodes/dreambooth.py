@@ -11,6 +11,8 @@ the class prompt) or are sampled by the node with the frozen model.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from comfy_api.latest import io
 
@@ -130,7 +132,10 @@ def _train(cls, kw: dict, cfg: DreamBoothConfig):
         res = train_dreambooth(host, data, cfg, class_images=class_data, progress=progress,
                                class_progress=count_reporter(node_id), encoders=NB.encoders(kw),
                                on_point=progress.on_point)
-    res.compile_notes = (path_note,) * bool(path_note) + compile_notes(compiled)  # for _report's panel
+    continued = (f"continued {os.path.basename(cfg.init_lora.strip())} (trained {res.first_step} steps before): its "
+                 "layers, ranks and alphas were trained; the rank, alpha and targets inputs were not used",)
+    res.compile_notes = ((path_note,) * bool(path_note) + continued * bool(cfg.init_lora.strip())
+                         + compile_notes(compiled))  # for _report's panel
     return host, res
 
 

@@ -249,6 +249,7 @@ def test_lora_node_continues_from_a_lora_file_in_the_loras_folder(node_classes, 
     out = _run(lora, **_inputs(sd1, 64, name="lkmore", prior_weight=0.0, class_prompt="",
                                **dict(first, rank=8), init_lora="lkbase.safetensors"))
     assert out.result[2] == "lkmore.safetensors"
+    assert "continued lkbase.safetensors" in str(out.ui) and "rank, alpha and targets inputs were not used" in str(out.ui)
     with safe_open(str(folders["loras"] / "lkbase.safetensors"), "pt") as a, \
             safe_open(str(folders["loras"] / "lkmore.safetensors"), "pt") as b:
         assert set(a.keys()) == set(b.keys())
