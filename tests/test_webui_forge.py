@@ -47,9 +47,10 @@ def test_ti_and_lora_trained_in_forge_change_forges_own_generation(forge, tmp_pa
     screenshot(forge, tmp_path, "forge-likeness-tab.png")
 
 
-def test_sdxl_embedding_trained_in_forge_changes_forges_own_generation(forge, tmp_path):
+def test_sdxl_embedding_and_lora_trained_in_forge_change_forges_own_generation(forge, tmp_path):
     """The same for SDXL, which the WebUI's own train tab never offered: both encoders' vectors
-    (clip_l + clip_g) trained on the checkpoint the user selected, then used by name."""
+    (clip_l + clip_g) trained on the checkpoint the user selected, then used by name; and a LoRA
+    that Forge's LoRA loader applies to the SDXL UNet."""
     data = tmp_path / "cat"
     write_disc_images(data, n=3)
     forge.use_checkpoint(forge_runtime.forge_checkpoint("sdxl"))
@@ -62,6 +63,11 @@ def test_sdxl_embedding_trained_in_forge_changes_forges_own_generation(forge, tm
         vectors = load_file(ti["files"][0])
         assert set(vectors) == {"clip_l", "clip_g"}, sorted(vectors)
         assert image(forge, "a photo of lk_disc_xl", 64) != image(forge, "a photo of", 64)
+        lora = train(forge, {"kind": "lora", "name": "lk_lora_xl", "images": str(data), "steps": 3, "rank": 4,
+                             "instance_prompt": "a photo of sks_lk ball", "learning_rate": 0.05,
+                             "preview_every": 0, "resolution": 64})
+        assert lora["state"] == "done", lora["error"]
+        assert image(forge, "a photo of a ball <lora:lk_lora_xl:1>", 64) != image(forge, "a photo of a ball", 64)
         assert not LOAD_ERRORS.search(forge.log()), forge.log()[-3000:]
     finally:
         forge.use_checkpoint(forge.checkpoint)
