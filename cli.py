@@ -407,7 +407,8 @@ def _run_seedselect(args) -> int:
     from .hosts.diffusers import DiffusersHost, load_clip_vision
     from .trainers import data as D
     from .trainers import seed_bank as B
-    from .trainers.seedselect import SeamSeedModel, SeedSelectConfig, check_config, fit_images, train_seedselect
+    from .trainers.seedselect import (SeamSeedModel, SeedSelectConfig, check_config, reference_batch, seed_entry,
+                                      train_seedselect)
 
     cfg = SeedSelectConfig(
         width=args.width, height=args.height, sampler=args.sampler, scheduler=args.scheduler, steps=args.steps,
@@ -424,18 +425,15 @@ def _run_seedselect(args) -> int:
         raise FileExistsError(f"{target} exists; pick another --name, pass --overwrite, or --resume to continue "
                               "the run that wrote it")
     images = D.load_image_folder(args.references)
-    refs = torch.cat([fit_images(im[None], args.height, args.width) for im in images.images])
+    refs = reference_batch(images, args.height, args.width)
     host = DiffusersHost.load(args.model, device=args.device, prediction=args.prediction)
     vision = load_clip_vision(args.clip_vision, device=host.device)
     print(images.summary(), flush=True)
     seed_model = SeamSeedModel(host, args.prompt, args.negative)
 
     def save(res):  # the result, or on a stop the best seed so far (the loop's last good state)
-        entry = B.SeedEntry(noise=res.noise, sigmas=res.sigmas, sampler=res.sampler, cfg=res.cfg,
-                            prompt=args.prompt, negative=args.negative, model_name=host.info.name,
-                            model_hash=host.info.hash, family=host.info.family, scheduler=args.scheduler,
-                            steps=args.steps, width=args.width, height=args.height, losses=res.losses)
-        return B.save_seed(args.out, args.name, entry, overwrite=replace)
+        return B.save_seed(args.out, args.name, seed_entry(res, cfg, host, args.prompt, args.negative),
+                           overwrite=replace)
 
     with _compiled(args, seed_model):
         res = train_seedselect(seed_model, vision, refs, cfg, on_cancel=save,

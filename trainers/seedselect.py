@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from . import diff_sampling as DS
-from . import loop, run_state
+from . import loop, run_state, seed_bank
 from .image_encoder import centroid
 from .seam import Host, ImageEncoder, SeedModel
 
@@ -241,6 +241,21 @@ class _Targets:
     def centroids(self, idx: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         idx = list(range(len(self.embeds))) if idx is None else list(idx)
         return F.normalize(self.embeds[idx].mean(0), dim=-1), self.latents[idx].mean(0, keepdim=True)
+
+
+def reference_batch(images, height: int, width: int) -> torch.Tensor:
+    """A ``TrainingImages``' pictures (any sizes) as one ``[n, height, width, 3]`` batch (``fit_images``)."""
+    return torch.cat([fit_images(im[None], height, width) for im in images.images])
+
+
+def seed_entry(res: "SeedSelectResult", cfg: "SeedSelectConfig", host: Host, prompt: str,
+               negative: str = "") -> "seed_bank.SeedEntry":
+    """What a seed file records of a run over ``host`` (the CLI's and the WebUIs' result, and the best
+    seed so far on a stop)."""
+    return seed_bank.SeedEntry(
+        noise=res.noise, sigmas=res.sigmas, sampler=res.sampler, cfg=res.cfg, prompt=prompt, negative=negative,
+        model_name=host.info.name, model_hash=host.info.hash, family=host.info.family, scheduler=cfg.scheduler,
+        steps=cfg.steps, width=cfg.width, height=cfg.height, losses=res.losses)
 
 
 def fit_images(images: torch.Tensor, height: int, width: int) -> torch.Tensor:

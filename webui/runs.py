@@ -305,17 +305,14 @@ def _select_seed(host, images, job: SeedJob, progress) -> _SeedResult:
     """SeedSelect on the WebUI's model; the best seed (so far, on Cancel) is written as a seed file."""
     from ..hosts.diffusers import load_clip_vision
     from ..trainers import seed_bank as B
-    from ..trainers.seedselect import SeamSeedModel, fit_images, train_seedselect
+    from ..trainers.seedselect import SeamSeedModel, reference_batch, seed_entry, train_seedselect
 
     c = job.config
-    refs = torch.cat([fit_images(im[None], c.height, c.width) for im in images.images])
+    refs = reference_batch(images, c.height, c.width)
     vision = load_clip_vision(job.clip_vision, device=host.device)
 
     def save(res):
-        entry = B.SeedEntry(noise=res.noise, sigmas=res.sigmas, sampler=res.sampler, cfg=res.cfg, prompt=job.prompt,
-                            negative=job.negative, model_name=host.info.name, model_hash=host.info.hash,
-                            family=host.info.family, scheduler=c.scheduler, steps=c.steps, width=c.width,
-                            height=c.height, losses=res.losses)
+        entry = seed_entry(res, c, host, job.prompt, job.negative)
         return B.save_seed(job.output_dir, job.name, entry, overwrite=job.overwrite)
 
     res = train_seedselect(SeamSeedModel(host, job.prompt, job.negative), vision, refs, c, progress, on_cancel=save)
