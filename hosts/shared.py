@@ -60,21 +60,24 @@ def per_sample(x: torch.Tensor, sigma, context: torch.Tensor) -> tuple[torch.Ten
     return sigma, context
 
 
-def keep_source_tensors(written: Path, source: Path | None) -> int:
+def keep_source_tensors(written: Path, source: Path | None, metadata: dict | None = None) -> int:
     """Rewrite ``written`` - a checkpoint the host's program saved from its loaded, possibly cast,
     copy of ``source`` - so that every tensor still equal to the source's as cast is the source's
     own tensor, bits and dtype: a weight nobody trained goes back exactly as it was in the user's
     file (an fp32 file loaded in fp16 would otherwise come back rounded).  Trained tensors stay as
-    written.  Only safetensors sources (read without unpickling) with the same key names; returns
-    how many tensors came from the source (0: ``written`` untouched)."""
+    written.  Only safetensors sources (read without unpickling) with the same key names.
+    ``metadata``: the file's header to write instead of the program's (one rewrite for both).
+    Returns how many tensors came from the source."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    if source is None or Path(source).suffix != ".safetensors" or not Path(source).is_file():
+    usable = source is not None and Path(source).suffix == ".safetensors" and Path(source).is_file()
+    if not usable and metadata is None:
         return 0
     out, taken = {}, 0
-    with safe_open(str(written), "pt") as w, safe_open(str(source), "pt") as s:
-        meta, known = w.metadata(), set(s.keys())
+    with safe_open(str(written), "pt") as w, contextlib.ExitStack() as stack:
+        s = stack.enter_context(safe_open(str(source), "pt")) if usable else None
+        known = set(s.keys()) if s is not None else set()
         for k in w.keys():
             t = w.get_tensor(k)
             if k in known:
@@ -82,9 +85,10 @@ def keep_source_tensors(written: Path, source: Path | None) -> int:
                 if src.shape == t.shape and torch.equal(src.to(t.dtype), t):
                     t, taken = src, taken + 1
             out[k] = t
-    if taken:
+        header = w.metadata() if metadata is None else {str(k): str(v) for k, v in metadata.items()}
+    if taken or metadata is not None:
         tmp = Path(written).with_name(Path(written).name + ".src")
-        save_file(out, str(tmp), metadata=meta)
+        save_file(out, str(tmp), metadata=header)
         os.replace(tmp, written)
     return taken
 

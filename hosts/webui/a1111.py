@@ -43,7 +43,8 @@ from ...trainers.formats.files import atomic_path
 from ...trainers.formats.kohya_lora import lora_layers, weight_delta
 from ...trainers.formats.unet_names import UNetLayout
 from ...trainers.seam import ImageMeta, ModelInfo, ParameterNaming, TextEncoderInfo
-from ..shared import check_images, check_prompts, check_vectors, checkpointed_forwards, per_sample, unet_blocks
+from ..shared import (check_images, check_prompts, check_vectors, checkpointed_forwards, keep_source_tensors,
+                      per_sample, unet_blocks)
 from . import common
 
 #: where a hijacked model's state dict names differ from the checkpoint's (A1111's wrappers)
@@ -295,7 +296,8 @@ class A1111Host:
 
     def save_checkpoint(self, path, deltas: dict[str, torch.Tensor], metadata: dict | None = None):
         """The model with this host's and ``deltas``' changes, in the checkpoint layout A1111 loads
-        (its wrappers' names undone), stamped with ``metadata``; temp file, then rename."""
+        (its wrappers' names undone), stamped with ``metadata``, the tensors nobody trained as the
+        source file has them; temp file, then rename."""
         import safetensors.torch as sf
 
         host = self.with_deltas(deltas)
@@ -310,6 +312,7 @@ class A1111Host:
                 sd[k] = v.detach().cpu().contiguous().clone()
         with atomic_path(path) as tmp:
             sf.save_file(sd, str(tmp), metadata={str(k): str(v) for k, v in (metadata or {}).items()})
+            keep_source_tensors(tmp, getattr(getattr(self._model, "sd_checkpoint_info", None), "filename", None))
         return path
 
     # ------------------------------------------------------------------ tests

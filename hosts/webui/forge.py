@@ -40,7 +40,8 @@ from ...trainers.families import FAMILIES
 from ...trainers.formats.files import atomic_path
 from ...trainers.formats.unet_names import unet_layout_of
 from ...trainers.seam import ImageMeta, ModelInfo, ParameterNaming, TextEncoderInfo
-from ..shared import check_images, check_prompts, check_vectors, checkpointed_forwards, per_sample, unet_blocks
+from ..shared import (check_images, check_prompts, check_vectors, checkpointed_forwards, keep_source_tensors,
+                      per_sample, unet_blocks)
 from . import common
 
 
@@ -309,9 +310,7 @@ class ForgeHost:
     def save_checkpoint(self, path, deltas: dict[str, torch.Tensor], metadata: dict | None = None):
         """The model with ``deltas`` added, written by the engine's own ``save_checkpoint`` (the
         file Forge's checkpoint merger writes) while the deltas are substituted in, then stamped
-        with ``metadata``; temp file, then rename."""
-        import safetensors.torch as sf
-
+        with ``metadata``, the tensors nobody trained as the source file has them; temp file, then rename."""
         fns = {k: (lambda w, d=d: w + d.to(w.device, w.dtype)) for k, d in deltas.items()}
         unet = {k: f for k, f in fns.items() if k.startswith(self.naming.unet_prefix)}
         text = {k: f for k, f in fns.items() if k not in unet}
@@ -324,8 +323,8 @@ class ForgeHost:
                 common.substituted_weights(self._clip.cond_stage_model, text):
             self._load(self._unet, self._clip.patcher)
             engine.save_checkpoint(str(tmp))
-            sd = sf.load_file(str(tmp))
-            sf.save_file(sd, str(tmp), metadata={str(k): str(v) for k, v in (metadata or {}).items()})
+            keep_source_tensors(tmp, getattr(getattr(self._engine, "sd_checkpoint_info", None), "filename", None),
+                                metadata=metadata or {})
         return path
 
     # ------------------------------------------------------------------ tests
